@@ -1,0 +1,107 @@
+"""The one interface every structured layer implements, and the name -> class registry."""
+from __future__ import annotations
+
+import math
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+LAYERS: dict[str, type["StructuredLinear"]] = {}
+
+
+def register_layer(name: str) -> Callable[[type["StructuredLinear"]], type["StructuredLinear"]]:
+    """Class decorator: make a layer type available as ``layer=<name>`` in configs and surgery."""
+
+    def add(cls: type[StructuredLinear]) -> type[StructuredLinear]:
+        if name in LAYERS and LAYERS[name] is not cls:
+            raise ValueError(f"layer type {name!r} is registered twice ({LAYERS[name].__name__}, {cls.__name__})")
+        cls.layer_type = name
+        LAYERS[name] = cls
+        return cls
+
+    return add
+
+
+def get_layer_class(name: str) -> type["StructuredLinear"]:
+    """Look a layer type up by name, with an error that lists the valid names."""
+    if name not in LAYERS:
+        raise ValueError(
+            f"unknown layer type {name!r}; choose one of {sorted(LAYERS)} "
+            f"(e.g. layer={next(iter(sorted(LAYERS)), 'lowrank')} on the command line)"
+        )
+    return LAYERS[name]
+
+
+def build_layer(name: str, in_features: int, out_features: int, **options) -> "StructuredLinear":
+    """A randomly initialised layer of type ``name`` (no pretrained weight)."""
+    return get_layer_class(name)(in_features, out_features, **options)
+
+
+def check_budget(budget: float) -> float:
+    """Validate a dense-fraction budget: the fraction of the dense layer's parameters/MACs to keep."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
+    if not 0 < budget <= 1:
+        raise ValueError(
+            f"budget must be in (0, 1] -- the fraction of the dense layer's parameters to keep -- "
+            f"got {budget}; e.g. layer.budget=0.25 keeps a quarter"
+        )
+    return float(budget)
+
+
+def check_dense_weight(weight: Tensor, bias: Tensor | None) -> None:
+    """Fail early, with shapes in the message, when a pretrained weight cannot seed a linear layer."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"from_dense expects a 2-D weight [out_features, in_features], got {shape}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {weight.shape[0]}")
+
+
+class StructuredLinear(nn.Module):
+    """``y = W x + b`` where ``W`` (out x in) is stored in a structured, cheaper form.
+
+    Subclasses implement ``from_dense`` (initialise from a pretrained weight at a dense-fraction budget),
+    ``forward`` (any leading batch dims), ``to_dense_weight``, ``num_params`` (numbers stored, bias
+    included) and ``flops_per_token`` (multiply-adds one input vector needs, bias excluded).
+    """
+
+    layer_type: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, **options):
+        raise NotImplementedError
+
+    def to_dense_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:
+        raise NotImplementedError
+
+    def structural_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters that describe the structure (not the values), e.g. Gaudi widths; they get their
+        own optimizer group. Empty for most types."""
+        return {}
+
+    def bias_params(self) -> int:
+        return 0 if self.bias is None else self.bias.numel()
+
+    def _copy_bias(self, bias: Tensor | None) -> None:
+        if bias is not None and self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias.to(self.bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

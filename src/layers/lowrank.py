@@ -1,0 +1,117 @@
+"""Low-rank layer ``W ~= A B`` with spectral (SVD) initialisation, plain or data-aware (whitened)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+
+
+def rank_for_budget(budget: float, out_features: int, in_features: int) -> int:
+    """Largest rank whose ``r (m + n)`` cost fits in ``budget * m * n``, clipped to ``[1, min(m, n)]``."""
+    check_budget(budget)
+    rank = math.floor(budget * out_features * in_features / (out_features + in_features))
+    return max(1, min(rank, min(out_features, in_features)))
+
+
+def spectral_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(U_r sqrt(S_r), sqrt(S_r) V_r^T)``: the best rank-r factors (Eckart-Young), scale split evenly."""
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def whitening_factor(gram: Tensor, eps: float = 1e-6) -> Tensor:
+    """Lower-triangular ``S`` with ``S S^T = gram`` (float64), shifting the spectrum if it is not PD."""
+    gram = gram.double()
+    gram = (gram + gram.T) / 2
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:
+        shift = -torch.linalg.eigvalsh(gram).min().clamp(max=0) + eps * gram.diagonal().mean().clamp(min=1.0)
+        chol = torch.linalg.cholesky(gram + shift * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+    return chol
+
+
+def whitened_factors(weight: Tensor, gram: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """SVD-LLM's truncation-aware factors: minimise ``||(W - A B) X||_F`` given ``gram = X X^T``."""
+    if gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"whitening needs the input Gram matrix of shape {(weight.shape[1],) * 2}, got {tuple(gram.shape)}"
+        )
+    chol = whitening_factor(gram)
+    left, right = spectral_factors(weight.double() @ chol, rank)
+    right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)  # right @ chol^-1
+    return left.to(weight.dtype), right.to(weight.dtype)
+
+
+@register_layer("lowrank")
+class LowRankLinear(StructuredLinear):
+    """``y = A (B x) + b`` with ``A`` of shape (out, r) and ``B`` of shape (r, in).
+
+    ``rank`` wins over ``budget``; with neither the layer keeps full rank. Random init draws a dense
+    Kaiming-uniform matrix and projects it, so factor scales match spectral init.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None,
+                 budget: float | None = None, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        if rank is None:
+            rank = rank_for_budget(budget, out_features, in_features) if budget is not None else min(in_features, out_features)
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}")
+        self.rank = int(rank)
+        self.left = nn.Parameter(torch.empty(out_features, self.rank))
+        self.right = nn.Parameter(torch.empty(self.rank, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        dense = torch.empty(self.out_features, self.in_features)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        left, right = spectral_factors(dense, self.rank)
+        with torch.no_grad():
+            self.left.copy_(left)
+            self.right.copy_(right)
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, rank: int | None = None,
+                   init: str = "svd", gram: Tensor | None = None) -> "LowRankLinear":
+        """Truncated SVD of ``weight`` (``init='svd'``), or of the whitened weight (``init='whiten'``,
+        needs ``gram``: the sum of ``x x^T`` over calibration inputs)."""
+        check_dense_weight(weight, bias)
+        out_features, in_features = weight.shape
+        rank = rank if rank is not None else rank_for_budget(budget, out_features, in_features)
+        layer = cls(in_features, out_features, rank=rank, bias=bias is not None).to(weight.device, weight.dtype)
+        if init == "svd":
+            left, right = spectral_factors(weight.detach(), layer.rank)
+        elif init == "whiten":
+            if gram is None:
+                raise ValueError("init='whiten' needs calibration data: pass gram= (or calibrate in compress_)")
+            left, right = whitened_factors(weight.detach(), gram.to(weight.device), layer.rank)
+        else:
+            raise ValueError(f"unknown lowrank init {init!r}; use 'svd' or 'whiten'")
+        with torch.no_grad():
+            layer.left.copy_(left)
+            layer.right.copy_(right)
+        layer._copy_bias(bias)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.right), self.left, self.bias)
+
+    def to_dense_weight(self) -> Tensor:
+        return self.left @ self.right
+
+    def num_params(self) -> int:
+        return self.rank * (self.in_features + self.out_features) + self.bias_params()
+
+    def flops_per_token(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}"

@@ -1,0 +1,270 @@
+"""Model surgery: swap ``nn.Linear`` / HF ``Conv1D`` / ``nn.Conv2d`` for structured layers, torchao style.
+
+``compress_(model, "lowrank", 0.25, include=["blocks.*"])`` replaces every matching layer in place,
+initialises it from the layer's own (pretrained) weight and returns a :class:`CompressionReport`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .layers import StructuredConv2d, StructuredLinear, check_budget, get_layer_class
+
+log = logging.getLogger(__name__)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class LayerReport:
+    """What one replacement did: sizes and MACs per token (or per output position) before and after."""
+
+    name: str
+    kind: str
+    layer_type: str
+    out_features: int
+    in_features: int
+    budget: float
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    rel_error: float
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer rows plus totals; ``model_params_*`` count the whole model."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def flops_before(self) -> int:
+        return sum(r.flops_before for r in self.layers)
+
+    @property
+    def flops_after(self) -> int:
+        return sum(r.flops_after for r in self.layers)
+
+    def summary(self) -> dict:
+        return {
+            "replaced_layers": len(self.layers),
+            "replaced_params_before": self.params_before,
+            "replaced_params_after": self.params_after,
+            "replaced_flops_per_token_before": self.flops_before,
+            "replaced_flops_per_token_after": self.flops_after,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+        }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "layers": [asdict(r) for r in self.layers]}
+
+    def format_table(self) -> str:
+        """A plain-text table, one row per replaced layer, then the totals."""
+        head = f"{'layer':<40} {'type':<8} {'shape':>11} {'params':>19} {'MACs/token':>19} {'rel.err':>8}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            rows.append(
+                f"{r.name[-40:]:<40} {r.layer_type:<8} {f'{r.out_features}x{r.in_features}':>11} "
+                f"{f'{r.params_before}->{r.params_after}':>19} {f'{r.flops_before}->{r.flops_after}':>19} "
+                f"{r.rel_error:8.4f}"
+            )
+        rows.append("-" * len(head))
+        rows.append(
+            f"{'replaced total':<40} {'':<8} {'':>11} {f'{self.params_before}->{self.params_after}':>19} "
+            f"{f'{self.flops_before}->{self.flops_after}':>19}"
+        )
+        rows.append(f"model parameters: {self.model_params_before} -> {self.model_params_after}")
+        return "\n".join(rows)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def dense_view(module: nn.Module) -> tuple[str, Tensor, Tensor | None] | None:
+    """``(kind, weight [out, in], bias)`` for a module surgery can replace, else ``None``."""
+    if isinstance(module, (StructuredLinear, StructuredConv2d)):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear", module.weight, module.bias
+    if _is_hf_conv1d(module):
+        return "conv1d", module.weight.t(), module.bias
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return "conv2d", module.weight.reshape(module.out_channels, -1), module.bias
+    return None
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every replaceable layer by qualified name (attention blocks that read ``out_proj.weight`` excluded)."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            continue
+        for child_name, child in parent.named_children():
+            if dense_view(child) is not None:
+                found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+    return found
+
+
+def _first_match(name: str, table: Mapping[str, object], what: str):
+    for pattern, value in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    raise ValueError(f"no {what} given for layer {name!r}: add a matching pattern (e.g. '*') to the {what} dict")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _as_patterns(patterns: str | Sequence[str] | None, default: Sequence[str]) -> list[str]:
+    if patterns is None:
+        return list(default)
+    if isinstance(patterns, str):
+        return [patterns]
+    return list(patterns)
+
+
+def select_layers(model: nn.Module, include: str | Sequence[str] | None = None,
+                  exclude: str | Sequence[str] | None = None, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+    """The candidate layers matching ``include`` and no ``exclude`` pattern; every include pattern must match."""
+    include, exclude = _as_patterns(include, ["*"]), _as_patterns(exclude, [])
+    candidates = candidate_layers(model)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear, HF Conv1D or nn.Conv2d layer to replace")
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+            shown = ", ".join(list(candidates)[:8]) + (", ..." if len(candidates) > 8 else "")
+            raise ValueError(
+                f"include pattern {pattern!r} matched no replaceable layer; patterns are fnmatch-style over "
+                f"qualified module names such as: {shown}"
+            )
+    return {
+        name: module for name, module in candidates.items()
+        if _matches(name, include) and not _matches(name, exclude) and (filter_fn is None or filter_fn(module, name))
+    }
+
+
+def _replace_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new)
+
+
+def _call_from_dense(cls, weight: Tensor, bias: Tensor | None, budget: float, options: dict,
+                     calibration: Mapping[str, Tensor] | None) -> StructuredLinear:
+    accepted = inspect.signature(cls.from_dense).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [k for k in options if k not in accepted and not takes_any]
+    if unknown:
+        valid = [k for k in accepted if k not in ("cls", "weight", "bias", "budget")]
+        raise ValueError(f"layer type {cls.layer_type!r} has no option(s) {unknown}; valid options: {valid}")
+    extra = {k: v for k, v in (calibration or {}).items() if k in accepted and k not in options}
+    return cls.from_dense(weight, bias, budget, **options, **extra)
+
+
+def _options_for(layer_type: str, options: Mapping | None, several_types: bool) -> dict:
+    if not options:
+        return {}
+    if several_types:
+        return dict(options.get(layer_type, {}) or {})
+    return dict(options)
+
+
+@torch.no_grad()
+def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | Mapping[str, float] = 1.0,
+              include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+              filter_fn: FilterFn | None = None, options: Mapping | None = None,
+              calibration: Mapping[str, Mapping[str, Tensor]] | None = None) -> CompressionReport:
+    """Replace matching layers of ``model`` in place by structured layers initialised from their weights.
+
+    layer: a type name (``"lowrank"``) or an ordered dict of fnmatch patterns -> type names.
+    budget: a dense fraction in (0, 1], or an ordered dict of patterns -> budget (first match wins).
+    options: keyword options for ``from_dense``; with a dict ``layer``, keyed by type name.
+    calibration: per layer name, data-aware inputs such as ``{"gram": X X^T}`` (see ``collect_input_gram``).
+    """
+    several_types = isinstance(layer, Mapping)
+    layer_table = dict(layer) if several_types else {"*": layer}
+    budget_table = dict(budget) if isinstance(budget, Mapping) else {"*": budget}
+    for type_name in layer_table.values():
+        get_layer_class(type_name)
+    for value in budget_table.values():
+        check_budget(value)
+
+    report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
+    for name, module in select_layers(model, include, exclude, filter_fn).items():
+        if not any(fnmatch.fnmatchcase(name, p) for p in layer_table):
+            continue
+        type_name = _first_match(name, layer_table, "layer type")
+        layer_budget = _first_match(name, budget_table, "budget")
+        cls = get_layer_class(type_name)
+        kind, weight, bias = dense_view(module)
+        weight = weight.detach()
+        new_linear = _call_from_dense(cls, weight, None if bias is None else bias.detach(), layer_budget,
+                                      _options_for(type_name, options, several_types), (calibration or {}).get(name))
+        new_linear.train(module.training)
+        rel_error = ((new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)).item()
+        new = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear
+        _replace_child(model, name, new)
+        out_features, in_features = weight.shape
+        report.layers.append(LayerReport(
+            name=name, kind=kind, layer_type=type_name, out_features=out_features, in_features=in_features,
+            budget=layer_budget, params_before=weight.numel() + (0 if bias is None else bias.numel()),
+            params_after=new_linear.num_params(), flops_before=weight.numel(),
+            flops_after=new_linear.flops_per_token(), rel_error=rel_error,
+        ))
+        log.debug("replaced %s (%s %dx%d) by %s", name, kind, out_features, in_features, type_name)
+    if not report.layers:
+        raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
+    report.model_params_after = sum(p.numel() for p in model.parameters())
+    return report
+
+
+@torch.no_grad()
+def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str],
+                       forward: Callable[[nn.Module, object], object] | None = None) -> dict[str, dict[str, Tensor]]:
+    """Run calibration ``batches`` through ``model`` and return, per layer name, ``{"gram": sum x x^T}``
+    (float64) over every input vector the layer sees -- the statistics data-aware SVD needs."""
+    forward = forward or (lambda m, batch: m(batch))
+    grams: dict[str, Tensor] = {}
+    hooks = []
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        kind = dense_view(module)[0]
+
+        def hook(mod, args, _name=name, _kind=kind):
+            x = args[0]
+            if _kind == "conv2d":
+                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
+            x = x.reshape(-1, x.shape[-1]).double()
+            grams[_name] = grams.get(_name, 0) + x.T @ x
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: {"gram": gram} for name, gram in grams.items()}
