@@ -1,0 +1,27 @@
+"""Entry point: ``python run.py experiment=<group>/<name> [overrides]`` (Hydra; ``-m`` for sweeps)."""
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Dispatch on ``mode`` (train | eval) and return the metric ``optimized_metric`` for sweepers."""
+    from src.eval import evaluate  # nested imports: Hydra's --help and tab completion stay fast
+    from src.train import train
+
+    entry = {"train": train, "eval": evaluate}.get(cfg.mode.name)
+    if entry is None:
+        raise ValueError(f"unknown mode={cfg.mode.name!r}; use mode=train or mode=eval")
+    metrics, _ = entry(cfg)
+    target = cfg.get("optimized_metric")
+    return metrics["metrics"].get(target) if target else None
+
+
+if __name__ == "__main__":
+    main()

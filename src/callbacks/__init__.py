@@ -1,0 +1,1 @@
+"""Lightning callbacks: FLOP counting, pretrained init, Gaudi width shrinking and sigma annealing."""

@@ -1,0 +1,1 @@
+"""Small utilities: FLOP counting, atomic file writes, run metrics."""

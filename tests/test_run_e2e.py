@@ -1,0 +1,46 @@
+"""End to end through `run.py`: the default experiment under fast_dev_run, a 2-run sweep, the table."""
+import csv
+import json
+import subprocess
+import sys
+
+from scripts.make_table import main as make_table
+
+from .conftest import ROOT, needs_fashion_mnist
+
+
+def run(args, tmp_path):
+    cmd = [sys.executable, str(ROOT / "run.py"), f"paths.log_dir={tmp_path}/logs", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@needs_fashion_mnist
+def test_default_experiment_fast_dev_run_writes_metrics(tmp_path):
+    run(["debug=fast_dev_run"], tmp_path)
+    (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["layer_type"] == "lowrank" and metrics["budget"] == 0.5
+    assert metrics["experiment"] == "fashion_mnist/vit-lowrank"
+    assert 0 <= metrics["metrics"]["test/acc"] <= 1
+    assert metrics["metrics"]["flops/linear_macs_per_sample"] > 0
+    params = metrics["params"]
+    assert params["replaced_params_after"] < params["replaced_params_before"]
+    assert params["model_params_after"] < params["model_params_before"]
+    assert len(metrics["layers"]) == params["replaced_layers"] == 16
+
+
+@needs_fashion_mnist
+def test_budget_sweep_and_table(tmp_path, capsys):
+    run(["-m", "layer.budget=0.1,0.5", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none",
+         "hydra.sweep.dir=" + str(tmp_path / "sweep")], tmp_path)
+    assert make_table([str(tmp_path / "sweep")]) == 0
+    table = capsys.readouterr().out
+    assert "layer.budget=0.1" in table and "layer.budget=0.5" in table
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
+    assert len(rows) == 2
+    small, large = sorted(rows, key=lambda r: float(r["budget"]))
+    assert int(small["params"]) < int(large["params"])
+    assert int(small["MACs/sample"]) < int(large["MACs/sample"])
