@@ -36,6 +36,7 @@ class LayerReport:
     flops_before: int
     flops_after: int
     rel_error: float
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -220,8 +221,9 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         cls = get_layer_class(type_name)
         kind, weight, bias = dense_view(module)
         weight = weight.detach()
+        layer_options = _options_for(type_name, options, several_types)
         new_linear = _call_from_dense(cls, weight, None if bias is None else bias.detach(), layer_budget,
-                                      _options_for(type_name, options, several_types), (calibration or {}).get(name))
+                                      layer_options, (calibration or {}).get(name))
         new_linear.train(module.training)
         rel_error = ((new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)).item()
         new = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear
@@ -231,7 +233,7 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
             name=name, kind=kind, layer_type=type_name, out_features=out_features, in_features=in_features,
             budget=layer_budget, params_before=weight.numel() + (0 if bias is None else bias.numel()),
             params_after=new_linear.num_params(), flops_before=weight.numel(),
-            flops_after=new_linear.flops_per_token(), rel_error=rel_error,
+            flops_after=new_linear.flops_per_token(), rel_error=rel_error, options=layer_options,
         ))
         log.debug("replaced %s (%s %dx%d) by %s", name, kind, out_features, in_features, type_name)
     if not report.layers:

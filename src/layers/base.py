@@ -90,6 +90,11 @@ class StructuredLinear(nn.Module):
     def flops_per_token(self) -> int:
         raise NotImplementedError
 
+    def config(self) -> dict:
+        """Constructor keyword arguments (besides in/out features) that rebuild this layer's structure, so a
+        saved state dict can be loaded into ``type(self)(in_features, out_features, **config())``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement config(), which saving needs")
+
     def structural_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters that describe the structure (not the values), e.g. Gaudi widths; they get their
         own optimizer group. Empty for most types."""

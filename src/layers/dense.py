@@ -42,3 +42,6 @@ class DenseLinear(StructuredLinear):
 
     def flops_per_token(self) -> int:
         return self.in_features * self.out_features
+
+    def config(self) -> dict:
+        return {"bias": self.bias is not None}

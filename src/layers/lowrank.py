@@ -113,5 +113,8 @@ class LowRankLinear(StructuredLinear):
     def flops_per_token(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
+    def config(self) -> dict:
+        return {"rank": self.rank, "bias": self.bias is not None}
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"

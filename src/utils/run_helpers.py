@@ -43,6 +43,7 @@ def apply_layer_config(task: pl.LightningModule, layer_cfg: DictConfig,
     report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
                        exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
     log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
+    task.compression_report = report  # read by InitFromPretrained and metrics.json
     return report
 
 

@@ -1,0 +1,169 @@
+"""Block-diagonal layer with an optional low-rank residual: ``W ~= blockdiag(D_1..D_b) + L R``.
+
+With ``b`` blocks the input is zero-padded to ``b p`` (``p = ceil(n/b)``) and the output to ``b s``
+(``s = ceil(m/b)``); block ``k`` maps input entries ``kp..kp+p-1`` to outputs ``ks..ks+s-1``, and the padded
+output is truncated to ``m``. Cost (parameters = MACs per token): ``b s p + r (m + n)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .lowrank import spectral_factors
+
+log = logging.getLogger(__name__)
+
+
+def blockdiag_cost(in_features: int, out_features: int, nblocks: int) -> int:
+    """Entries stored by ``nblocks`` padded diagonal blocks."""
+    return nblocks * math.ceil(out_features / nblocks) * math.ceil(in_features / nblocks)
+
+
+def residual_rank_for_budget(budget: float, residual_fraction: float, out_features: int, in_features: int) -> int:
+    """Largest rank whose ``r (m + n)`` fits in ``residual_fraction * budget * m * n``."""
+    check_budget(budget)
+    if not 0 <= residual_fraction < 1:
+        raise ValueError(f"residual_fraction must be in [0, 1) -- the share of the budget spent on the "
+                         f"low-rank residual -- got {residual_fraction}")
+    rank = math.floor(residual_fraction * budget * out_features * in_features / (out_features + in_features))
+    return min(rank, min(out_features, in_features))
+
+
+def nblocks_for_budget(budget: float, out_features: int, in_features: int, reserved: int = 0) -> int:
+    """The block count in ``[1, min(m, n)]`` whose padded cost is largest without exceeding
+    ``budget * m * n - reserved`` (ties: fewest blocks)."""
+    check_budget(budget)
+    available = budget * out_features * in_features - reserved
+    counts = range(1, min(out_features, in_features) + 1)
+    fitting = [(blockdiag_cost(in_features, out_features, b), -b) for b in counts
+               if blockdiag_cost(in_features, out_features, b) <= available]
+    if not fitting:
+        cheapest = min(blockdiag_cost(in_features, out_features, b) for b in counts)
+        raise ValueError(
+            f"budget {budget} is too small for a block-diagonal {out_features}x{in_features} layer: the cheapest "
+            f"block layout stores {cheapest} numbers{f' plus {reserved} for the residual' if reserved else ''}, "
+            f"i.e. budget >= {(cheapest + reserved) / (out_features * in_features):.4g}; raise layer.budget, "
+            f"lower residual_fraction, or use layer=lowrank"
+        )
+    return -max(fitting)[1]
+
+
+def _check_count(name: str, value, low: int, high: int, shape: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}] for a {shape} layer, got {value!r}")
+    return int(value)
+
+
+@register_layer("blockdiag")
+class BlockDiagLinear(StructuredLinear):
+    """``y = D x + L (R x) + b`` with block-diagonal ``D`` (``blocks``: ``b x s x p``) and rank-``r`` ``L R``.
+
+    Explicit ``nblocks`` / ``residual_rank`` win over ``budget``. With a budget, ``residual_fraction`` of it
+    goes to the residual and the rest to the blocks; with no budget, ``budget=1.0``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int | None = None,
+                 budget: float | None = None, residual_rank: int | None = None, residual_fraction: float = 0.0,
+                 bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        shape = f"{out_features}x{in_features}"
+        if residual_rank is None:
+            residual_rank = 0 if budget is None else residual_rank_for_budget(
+                budget, residual_fraction, out_features, in_features)
+        self.residual_rank = _check_count("residual_rank", residual_rank, 0, min(in_features, out_features), shape)
+        if nblocks is None:
+            nblocks = nblocks_for_budget(1.0 if budget is None else budget, out_features, in_features,
+                                         reserved=self.residual_rank * (in_features + out_features))
+        self.nblocks = _check_count("nblocks", nblocks, 1, min(in_features, out_features), shape)
+        self.in_block = math.ceil(in_features / self.nblocks)
+        self.out_block = math.ceil(out_features / self.nblocks)
+        self.blocks = nn.Parameter(torch.empty(self.nblocks, self.out_block, self.in_block))
+        self.left = nn.Parameter(torch.empty(out_features, self.residual_rank))
+        self.right = nn.Parameter(torch.empty(self.residual_rank, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Blocks uniform ``+-1/sqrt(p)``; the residual starts at zero (``left = 0``) so it adds nothing."""
+        with torch.no_grad():
+            bound = 1 / math.sqrt(self.in_block)
+            self.blocks.uniform_(-bound, bound)
+            nn.init.zeros_(self.left)
+            nn.init.uniform_(self.right, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+            if self.bias is not None:
+                self.bias.uniform_(-1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, nblocks: int | None = None,
+                   residual_rank: int | None = None, residual_fraction: float = 0.0,
+                   refine_steps: int = 10) -> "BlockDiagLinear":
+        """Copy the diagonal blocks of ``weight``; with a residual, fit it by truncated SVD of the off-block
+        remainder, then alternate (blocks = diag part of ``W - LR``, residual = SVD of ``W - D``).
+
+        Without a residual this is the exact Frobenius projection. With one, each of the ``refine_steps``
+        alternations can only lower the error (there is no closed form for the joint optimum).
+        """
+        check_dense_weight(weight, bias)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, nblocks=nblocks, budget=budget, residual_rank=residual_rank,
+                    residual_fraction=residual_fraction, bias=bias is not None).to(weight.device, weight.dtype)
+        target = weight.detach()
+        work = target.float() if target.dtype in (torch.float16, torch.bfloat16) else target
+        blocks = layer._diagonal_blocks(work)
+        with torch.no_grad():
+            if layer.residual_rank:
+                for step in range(refine_steps + 1):
+                    left, right = spectral_factors(work - layer._assemble(blocks), layer.residual_rank)
+                    if step < refine_steps:
+                        blocks = layer._diagonal_blocks(work - left @ right)
+                layer.left.copy_(left)
+                layer.right.copy_(right)
+            layer.blocks.copy_(blocks)
+        layer._copy_bias(bias)
+        log.debug("blockdiag %dx%d: nblocks=%d, residual_rank=%d, cost %.3f of dense", out_features, in_features,
+                  layer.nblocks, layer.residual_rank, layer.flops_per_token() / (out_features * in_features))
+        return layer
+
+    def _diagonal_blocks(self, weight: Tensor) -> Tensor:
+        """The ``b x s x p`` diagonal blocks of the zero-padded ``weight``."""
+        b, s, p = self.nblocks, self.out_block, self.in_block
+        padded = F.pad(weight, (0, b * p - self.in_features, 0, b * s - self.out_features))
+        return padded.reshape(b, s, b, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+    def _assemble(self, blocks: Tensor) -> Tensor:
+        """The ``m x n`` block-diagonal matrix with the given blocks (padding cut off)."""
+        dense = torch.block_diag(*blocks.unbind(0))
+        return dense[: self.out_features, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.nblocks
+        flat = x.reshape(-1, self.in_features)
+        chunks = F.pad(flat, (0, b * self.in_block - self.in_features)).reshape(-1, b, self.in_block)
+        y = torch.einsum("ksp,nkp->nks", self.blocks, chunks).reshape(-1, b * self.out_block)[:, : self.out_features]
+        if self.residual_rank:
+            y = y + F.linear(F.linear(flat, self.right), self.left)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense_weight(self) -> Tensor:
+        dense = self._assemble(self.blocks)
+        return dense + self.left @ self.right if self.residual_rank else dense
+
+    def num_params(self) -> int:
+        return self.flops_per_token() + self.bias_params()
+
+    def flops_per_token(self) -> int:
+        return self.blocks.numel() + self.residual_rank * (self.in_features + self.out_features)
+
+    def config(self) -> dict:
+        return {"nblocks": self.nblocks, "residual_rank": self.residual_rank, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", nblocks={self.nblocks}, block={self.out_block}x{self.in_block}, "
+                f"residual_rank={self.residual_rank}")
