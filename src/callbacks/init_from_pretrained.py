@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_state_dict(path: str | Path, hint: str = "") -> dict[str, Tensor]:
     """A flat state dict from a Lightning ``.ckpt``, a ``.safetensors``/``.pth``/``.bin`` file or an HF folder."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -24,7 +24,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
             raise FileNotFoundError(f"{path} holds none of {HF_WEIGHT_FILES}; point to a Hugging Face model folder")
         path = found[0]
     if not path.exists():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist. {hint}".strip())
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -42,14 +42,16 @@ class InitFromPretrained(pl.Callback):
     ``add_prefix`` is prepended (e.g. ``bert.`` when a base-model folder seeds a task head model).
     """
 
-    def __init__(self, path: str, prefix: str = "model.", add_prefix: str = "", strict: bool = False):
+    def __init__(self, path: str, prefix: str = "model.", add_prefix: str = "", strict: bool = False,
+                 missing_hint: str = "Set callbacks.init_from_pretrained.path to a checkpoint file or HF folder."):
         self.path, self.prefix, self.add_prefix, self.strict = path, prefix, add_prefix, strict
+        self.missing_hint = missing_hint
         self.errors: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.ckpt_path:
             return
-        state = {self.add_prefix + k.removeprefix(self.prefix): v for k, v in load_state_dict(self.path).items()}
+        state = {self.add_prefix + k.removeprefix(self.prefix): v for k, v in load_state_dict(self.path, self.missing_hint).items()}
         report = getattr(pl_module, "compression_report", None)
         rows = {row.name: row for row in (report.layers if report else [])}
         model: nn.Module = pl_module.model

@@ -1,0 +1,69 @@
+"""Forward latency of every registered layer type against dense, for one shape and budget. Prints JSON.
+
+    python benchmarks/layer_speed.py --in-features 768 --out-features 3072 --tokens 4096 --budget 0.25
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from src.layers import LAYERS
+
+
+def time_forward(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds per forward (after warm-up), synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):
+            layer(x)
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            layer(x)
+            sync()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in-features", type=int, default=768)
+    parser.add_argument("--out-features", type=int, default=3072)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--types", nargs="*", default=None, help="layer types (default: all registered)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    weight = torch.randn(args.out_features, args.in_features, device=device) / args.in_features ** 0.5
+    x = torch.randn(args.tokens, args.in_features, device=device)
+    results = []
+    for name in args.types or sorted(LAYERS):
+        start = time.perf_counter()
+        try:
+            layer = LAYERS[name].from_dense(weight, None, args.budget).to(device).eval()
+        except Exception as err:  # report and go on: one broken type should not hide the others
+            results.append({"layer": name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        init_s = time.perf_counter() - start
+        results.append({
+            "layer": name, "init_s": round(init_s, 4),
+            "forward_ms": round(1e3 * time_forward(layer, x, args.repeats), 4),
+            "params": layer.num_params(), "macs_per_token": layer.flops_per_token(),
+            "rel_error": round(((layer.to_dense_weight().float() - weight).norm() / weight.norm()).item(), 5),
+        })
+    print(json.dumps({"device": str(device), "cpu": platform.processor() or platform.machine(),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": [args.out_features, args.in_features],
+                      "tokens": args.tokens, "budget": args.budget, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
