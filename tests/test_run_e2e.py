@@ -9,8 +9,8 @@ from scripts.make_table import main as make_table
 from .conftest import ROOT, needs_fashion_mnist
 
 
-def run(args, tmp_path):
-    cmd = [sys.executable, str(ROOT / "run.py"), f"paths.log_dir={tmp_path}/logs", *args]
+def run(args, tmp_path, multirun=False):
+    cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), f"paths.log_dir={tmp_path}/logs", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -33,9 +33,9 @@ def test_default_experiment_fast_dev_run_writes_metrics(tmp_path):
 
 @needs_fashion_mnist
 def test_budget_sweep_and_table(tmp_path, capsys):
-    run(["-m", "layer.budget=0.1,0.5", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+    run(["layer.budget=0.1,0.5", "trainer.max_steps=2", "trainer.limit_val_batches=1",
          "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none",
-         "hydra.sweep.dir=" + str(tmp_path / "sweep")], tmp_path)
+         "hydra.sweep.dir=" + str(tmp_path / "sweep")], tmp_path, multirun=True)
     assert make_table([str(tmp_path / "sweep")]) == 0
     table = capsys.readouterr().out
     assert "layer.budget=0.1" in table and "layer.budget=0.5" in table

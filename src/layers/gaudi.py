@@ -1,0 +1,333 @@
+"""Gaudi-GBLR: a sum of rank-t blocks whose row and column intervals are learned (arXiv 2310.18882).
+
+Component ``i`` is ``diag(g_out_i) U_i V_i diag(g_in_i)``: ``U_i`` (m x t) and ``V_i`` (t x n) are plain
+factors, and ``g_in_i``, ``g_out_i`` are soft 0/1 interval masks, each given by a width and a location in
+units of the axis length. The masks are written in the frequency domain -- the Dirichlet kernel (the DFT of
+a box) times a Gaussian -- so the interval's size and position get gradients. Widths and locations are
+``2 x K`` tensors with rows ``[input; output]``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .gaudi_search import find_structure
+from .lowrank import rank_for_budget
+
+log = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 1e-3  # eval-time mask entries below this are zeroed; FLOPs count entries above it
+COMPUTE_MODES = ("dense", "lr")
+
+
+def _complex(amplitude: Tensor, phase: Tensor) -> Tensor:
+    """``amplitude * exp(i phase)`` for a real (possibly negative) amplitude, autograd-friendly."""
+    return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
+
+
+def _spectrum_terms(width: Tensor, location: Tensor, n: int, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(k, w, l, envelope)`` pieces shared by the mask and its closed-form derivatives:
+    ``envelope_k = exp(-k^2 / (2 sigma^2)) / sinc(k / n)`` (no Gaussian when ``sigma`` is None)."""
+    freqs = torch.arange(n // 2 + 1, device=width.device, dtype=width.dtype)
+    envelope = 1.0 / torch.sinc(freqs / n)
+    if sigma is not None:
+        sigma = torch.as_tensor(sigma, device=width.device, dtype=width.dtype)
+        envelope = envelope * torch.exp(-freqs.square() / (2 * sigma.square()))
+    return freqs, width[:, None], location[:, None], envelope
+
+
+def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma=None) -> Tensor:
+    """Half spectrum ``[K, n//2 + 1]`` of the mask:
+    ``w sinc(k w) / sinc(k/n) exp(-k^2 / (2 sigma^2)) exp(i [pi k (1/n - w) - 2 pi k l])``."""
+    freqs, w, loc, envelope = _spectrum_terms(width, location, n, sigma)
+    phase = math.pi * freqs * (1.0 / n - w) - 2 * math.pi * freqs * loc
+    return _complex(w * torch.sinc(freqs * w) * envelope, phase)
+
+
+class _GaudiMaskFunction(torch.autograd.Function):
+    """The Gaudi mask with the closed-form backward: ``dg/dw = irfft(exp(-2 pi i k w) C_k)`` with
+    ``C_k = exp(i pi (k/n - 2 k l)) envelope_k``, and ``dg/dl = irfft(-2 pi i k G_k)``. Saves autograd
+    going through the complex exponentials; the result equals the autograd gradient."""
+
+    @staticmethod
+    def forward(ctx, width: Tensor, location: Tensor, n: int, sigma) -> Tensor:
+        ctx.n, ctx.sigma = n, sigma
+        ctx.save_for_backward(width, location)
+        return torch.fft.irfft(gaudi_spectrum(width, location, n, sigma), n=n, norm="forward")
+
+    @staticmethod
+    def backward(ctx, grad_mask: Tensor):
+        width, location = ctx.saved_tensors
+        n = ctx.n
+        freqs, w, loc, envelope = _spectrum_terms(width, location, n, ctx.sigma)
+        grad_width = grad_location = None
+        if ctx.needs_input_grad[0]:
+            phase = math.pi * freqs / n - 2 * math.pi * freqs * loc - 2 * math.pi * freqs * w
+            d_width = torch.fft.irfft(_complex(envelope.expand_as(phase), phase), n=n, norm="forward")
+            grad_width = (grad_mask * d_width).sum(-1)
+        if ctx.needs_input_grad[1]:
+            spectrum = gaudi_spectrum(width, location, n, ctx.sigma)
+            d_location = torch.fft.irfft(spectrum * (-2j * math.pi * freqs), n=n, norm="forward")
+            grad_location = (grad_mask * d_location).sum(-1)
+        return grad_width, grad_location, None, None
+
+
+def gaudi_mask(width: Tensor, location: Tensor, n: int, sigma=None, custom_grad: bool = False) -> Tensor:
+    """Soft interval masks ``[K, n]`` for ``K`` widths/locations (fractions of ``n``), as in training:
+    no rounding, no shrink. ``irfft`` with forward normalisation of :func:`gaudi_spectrum`. With ``sigma``
+    None and integer ``w n``, ``l n`` it is exactly the circular indicator of ``[l n, l n + w n)``."""
+    if custom_grad:
+        return _GaudiMaskFunction.apply(width, location, n, sigma)
+    return torch.fft.irfft(gaudi_spectrum(width, location, n, sigma), n=n, norm="forward")
+
+
+def snap_to_grid(value: Tensor, n: int) -> Tensor:
+    """``round(value n) / n`` in the forward pass, identity gradient (straight-through estimator)."""
+    return torch.round(value.detach() * n) / n + (value - value.detach())
+
+
+@register_layer("gaudi")
+class GaudiGBLRLinear(StructuredLinear):
+    """``y = W x + b`` with ``W = sum_i diag(g_out_i) U_i V_i diag(g_in_i)`` (see module docstring).
+
+    ``K`` components of rank ``t``: ``t = rank_per_component`` (a float is a fraction of ``min(m, n)``);
+    ``K = floor(total_rank_ratio min(m, n)) // t`` if given, else ``min(num_components, min(m, n) // t)``,
+    else ``min(m, n) // t``. ``sigma=None`` drops the Gaussian factor. Widths and locations are snapped to
+    the grid ``1/N`` (straight-through) unless ``no_ste`` in training; in eval, widths of one element or less
+    are zeroed and mask entries below 1e-3 dropped. They stay float32 when the module is cast to bf16/fp16.
+    ``width_init``: a float, ``'unif'``, ``'splr[X]'`` or ``'lr[X]'``; default ``'splr'``, or with ``budget``
+    the low-rank pattern with as many full components as the dense fraction allows.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank_per_component: int | float = 1,
+                 num_components: int | None = None, total_rank_ratio: float | None = None, bias: bool = True,
+                 sigma: float | None = 100.0, compute_mode: str = "dense", custom_grad: bool = False,
+                 no_ste: bool = False, width_init: str | float | None = None, location_init: str | float = "unif",
+                 budget: float | None = None):
+        super().__init__(in_features, out_features, bias)
+        smaller = min(in_features, out_features)
+        if isinstance(rank_per_component, float):
+            rank_per_component = math.floor(rank_per_component * smaller)
+        if not 1 <= rank_per_component <= smaller:
+            raise ValueError(f"rank_per_component must give a rank in [1, {smaller}], got {rank_per_component}")
+        if total_rank_ratio is not None:
+            num_components = math.floor(total_rank_ratio * smaller) // rank_per_component
+        else:
+            num_components = min(num_components or smaller, smaller // rank_per_component)
+        if num_components < 1:
+            raise ValueError(f"need at least one component; got {num_components} for a "
+                             f"{out_features}x{in_features} layer")
+        if compute_mode not in COMPUTE_MODES:
+            raise ValueError(f"compute_mode must be one of {COMPUTE_MODES}, got {compute_mode!r}")
+        self.rank_per_component = int(rank_per_component)
+        self.num_components = int(num_components)
+        self.compute_mode = compute_mode
+        self.custom_grad = custom_grad
+        self.no_ste = no_ste
+        self.no_gaussian = sigma is None
+        self.register_buffer("sigma", torch.tensor(100.0 if sigma is None else float(sigma)))
+        k, t = self.num_components, self.rank_per_component
+        self.in_factors = nn.Parameter(torch.empty(k, t, in_features))  # V_i
+        self.out_factors = nn.Parameter(torch.empty(k, out_features, t))  # U_i
+        structure_dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)  # >= float32, see _apply
+        self.widths = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))  # rows [input; output], axis fractions
+        self.locations = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))
+        if width_init is None and budget is not None:
+            full = min(k, rank_for_budget(check_budget(budget), out_features, in_features) // t)
+            width_init = f"lr{full / k}"
+        self.width_init = "splr" if width_init is None else width_init
+        self.location_init = location_init
+        self.reset_parameters()
+
+    @property
+    def axis_sizes(self) -> tuple[int, int]:
+        """Lengths of the input and output axes, in the row order of ``widths``/``locations``."""
+        return self.in_features, self.out_features
+
+    def reset_parameters(self) -> None:
+        """Factors uniform(+-1/sqrt(fan_in)) with fan_in = their last dim; bias like ``nn.Linear``."""
+        with torch.no_grad():
+            bound = 1 / math.sqrt(self.in_features)
+            self.in_factors.uniform_(-bound, bound)
+            self.out_factors.uniform_(-1 / math.sqrt(self.rank_per_component), 1 / math.sqrt(self.rank_per_component))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+            self.widths.copy_(self._initial_widths(self.width_init))
+            self.locations.copy_(self._initial_locations(self.location_init))
+
+    def _storage_ratio(self) -> float:
+        """Factor storage relative to dense, ``K t (m + n) / (m n)``."""
+        m, n = self.out_features, self.in_features
+        return self.num_components * self.rank_per_component * (m + n) / (m * n)
+
+    def _initial_widths(self, scheme: str | float) -> Tensor:
+        k = self.num_components
+        if isinstance(scheme, numbers.Real) and not isinstance(scheme, bool):
+            return torch.full((2, k), float(scheme))
+        if scheme == "unif":
+            return torch.rand(2, k)
+        for prefix in ("splr", "lr"):
+            if isinstance(scheme, str) and scheme.startswith(prefix):
+                tail = scheme[len(prefix):]
+                ratio = float(tail) if tail else 1 / self._storage_ratio()
+                break
+        else:
+            raise ValueError(f"unknown width_init {scheme!r}; use a float, 'unif', 'splr[X]' or 'lr[X]'")
+        widths = torch.ones(2, k)
+        if prefix == "splr":  # half the share at full width, the rest equal so the mean width is `ratio`
+            full = min(k, math.floor(k * ratio / 2))
+            if full < k:
+                widths[:, full:] = min(1.0, (ratio / 2) / (1 - ratio / 2))
+        else:  # exact low rank: `full` components everywhere, the rest one element on one axis only
+            full = min(k, math.floor(k * ratio + 1e-9))
+            widths[:, full:] = 0.0
+            widths[0, full::2] = 1 / self.in_features
+            widths[1, full + 1::2] = 1 / self.out_features
+        return widths
+
+    def _initial_locations(self, scheme: str | float) -> Tensor:
+        k = self.num_components
+        if isinstance(scheme, numbers.Real) and not isinstance(scheme, bool):
+            return torch.full((2, k), float(scheme))
+        if scheme == "linspace":
+            return (torch.arange(k) / k).expand(2, k).clone()
+        if scheme == "unif":
+            return torch.rand(2, k)
+        raise ValueError(f"unknown location_init {scheme!r}; use a float, 'linspace' or 'unif'")
+
+    def structural_parameters(self) -> dict[str, nn.Parameter]:
+        return {"widths": self.widths, "locations": self.locations}
+
+    @torch.no_grad()
+    def project_structure_(self, min_widths=(0.0, 0.0), max_widths=(1.0, 1.0)) -> None:
+        """Clamp widths per axis to ``[min, max]`` and wrap locations into ``[0, 1)``."""
+        for axis in range(2):
+            self.widths[axis].clamp_(min_widths[axis], max_widths[axis])
+        wrapped = self.locations - self.locations.floor()
+        self.locations.copy_(torch.where(wrapped >= 1, torch.zeros_like(wrapped), wrapped))  # -tiny wraps to 1.0
+
+    def _snapped(self, param: Tensor, axis: int) -> Tensor:
+        """Row ``axis`` of a structural parameter in float64, on the grid ``1/N`` unless training with ``no_ste``."""
+        value = param[axis].double()
+        return value if self.training and self.no_ste else snap_to_grid(value, self.axis_sizes[axis])
+
+    def effective_width(self, axis: int) -> Tensor:
+        """The widths the forward uses: snapped, and in eval hard-shrunk (one element or less -> 0)."""
+        width = self._snapped(self.widths, axis)
+        return width if self.training else width * (width.abs() > 1.0 / self.axis_sizes[axis])
+
+    def component_masks(self) -> tuple[Tensor, Tensor]:
+        """Float64 ``(input masks [K, n], output masks [K, m])`` as the forward uses them in this mode."""
+        sigma = None if self.no_gaussian else self.sigma
+        masks = []
+        for axis, size in enumerate(self.axis_sizes):
+            mask = gaudi_mask(self.effective_width(axis), self._snapped(self.locations, axis), size, sigma,
+                              custom_grad=self.custom_grad)
+            masks.append(mask if self.training else mask * (mask.abs() >= MASK_THRESHOLD))
+        return masks[0], masks[1]
+
+    def masked_factors(self) -> tuple[Tensor, Tensor]:
+        """``W1 = stack_i(V_i g_in_i)`` of shape (K t, n) and ``W2 = concat_i(U_i g_out_i)`` of shape (m, K t)."""
+        mask_in, mask_out = self.component_masks()
+        dtype = self.in_factors.dtype
+        inner = self.num_components * self.rank_per_component
+        in_weight = (self.in_factors * mask_in.to(dtype)[:, None, :]).reshape(inner, self.in_features)
+        out_weight = (self.out_factors * mask_out.to(dtype)[:, :, None]).transpose(0, 1)
+        out_weight = out_weight.reshape(self.out_features, inner)
+        return in_weight, out_weight
+
+    def to_dense_weight(self) -> Tensor:
+        in_weight, out_weight = self.masked_factors()
+        return out_weight @ in_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        in_weight, out_weight = self.masked_factors()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.compute_mode == "lr":
+            return F.linear(F.linear(x, in_weight.to(x.dtype)), out_weight.to(x.dtype), bias)
+        return F.linear(x, (out_weight @ in_weight).to(x.dtype), bias)
+
+    def num_params(self) -> int:
+        """Stored numbers: factors ``K t (m + n)``, widths and locations ``4 K``, and the bias (the factors
+        stay full length; only an export step would trim them to the intervals)."""
+        return self.num_components * (self.rank_per_component * (self.in_features + self.out_features) + 4) \
+            + self.bias_params()
+
+    @torch.no_grad()
+    def flops_per_token(self) -> int:
+        """Effective MACs ``sum_i min(t (u_i + v_i), u_i v_i)``: ``u_i``/``v_i`` count mask entries above
+        1e-3 of components wider than one element on both axes (current train/eval behaviour)."""
+        active = (self.effective_width(0) > 1.0 / self.in_features) \
+            & (self.effective_width(1) > 1.0 / self.out_features)
+        mask_in, mask_out = self.component_masks()
+        cols = (mask_in > MASK_THRESHOLD).sum(-1) * active
+        rows = (mask_out > MASK_THRESHOLD).sum(-1) * active
+        return int(torch.minimum(self.rank_per_component * (rows + cols), rows * cols).sum())
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep widths/locations at float32 when cast to a 16-bit dtype: the ``1/N`` grid needs the bits."""
+        saved = {name: p.detach().clone() for name, p in self.structural_parameters().items()}
+        super()._apply(fn, recurse)
+        for name, value in saved.items():
+            param = getattr(self, name)
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = value.to(device=param.device)
+        return self
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, *,
+                   num_components: int | None = None, find_mask: bool = True, lowrank_start: bool = True,
+                   niter: int = 200, row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
+                   weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
+                   sigma: float | None = None, compute_mode: str = "dense", custom_grad: bool = False,
+                   no_ste: bool = False, location_init: str | float = "unif") -> "GaudiGBLRLinear":
+        """Fit rank-1 components to ``weight`` at dense fraction ``budget`` with the structure search of
+        :mod:`.gaudi_search` (cost target ``budget m n`` in rows+cols units), on ``weight``'s device.
+
+        Components at most one element wide on an axis (eval mode zeroes them) get zero width, so train and
+        eval outputs agree; ``drop_empty`` removes them, which shrinks storage. Starts, errors and time are
+        logged. ``sigma`` defaults to None (no Gaussian), as fine-tuning recipes use.
+        """
+        check_dense_weight(weight, bias)
+        budget = check_budget(budget)
+        out_features, in_features = weight.shape
+        work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        target = weight.detach().to(work_dtype)
+        search = cls(in_features, out_features, num_components=num_components, bias=False, sigma=None,
+                     width_init=1.0, location_init=location_init).to(weight.device, work_dtype)
+        report = find_structure(search, target, budget * out_features * in_features, find_mask=find_mask,
+                                lowrank_start=lowrank_start, niter=niter, row_thresholds=row_thresholds,
+                                col_thresholds=col_thresholds, filter_std=filter_std, weight_lr=weight_lr,
+                                structure_lr_base=structure_lr_base)
+        sizes = torch.tensor(search.axis_sizes, device=weight.device, dtype=work_dtype)[:, None]
+        live = (torch.round(search.widths.detach() * sizes) > 1).all(0)  # as `active` in flops_per_token
+        keep = live.clone() if drop_empty else torch.ones_like(live)
+        keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero below
+        layer = cls(in_features, out_features, num_components=int(keep.sum()), bias=bias is not None, sigma=sigma,
+                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=1.0,
+                    location_init=0.0).to(weight.device, work_dtype)
+        with torch.no_grad():
+            search.widths[:, ~live] = 0.0  # eval mode zeroes them anyway; now training mode agrees
+            for name in ("in_factors", "out_factors"):
+                getattr(layer, name).copy_(getattr(search, name)[keep])
+            for name in ("widths", "locations"):
+                getattr(layer, name).copy_(getattr(search, name)[:, keep])
+        layer.to(dtype=weight.dtype)
+        layer._copy_bias(bias)
+        log.info("gaudi %dx%d budget %.3f: %s start, %d/%d components, rel. error %.4f, op-norm error %.4f, %.1fs",
+                 out_features, in_features, budget, report.start, layer.num_components, search.num_components,
+                 report.rel_error, report.op_error, report.seconds)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", num_components={self.num_components}, "
+                f"rank_per_component={self.rank_per_component}, compute_mode={self.compute_mode}, "
+                f"sigma={None if self.no_gaussian else float(self.sigma)}")

@@ -1,0 +1,97 @@
+"""Symmetric integer quantization with per-row or per-group scales, and int4/int8 byte packing.
+
+Quantized values are stored as ``uint8`` bytes: int8 as its two's-complement bytes, int4 as two values per
+byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (4, 8)
+_FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): keeps a stored scale from rounding to 0
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude of a symmetric ``bits``-bit code: 127 for int8, 7 for int4."""
+    return 2 ** (bits - 1) - 1
+
+
+def num_groups(cols: int, group_size: int | None) -> int:
+    """Scale groups per row: one per ``group_size`` consecutive entries (the last may be short), or 1."""
+    if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (one scale per row), got {group_size!r}")
+    return 1 if group_size is None else math.ceil(cols / group_size)
+
+
+def _grouped(x: Tensor, group_size: int | None) -> Tensor:
+    """``rows x cols`` -> ``rows x groups x g``, zero-padding the last group."""
+    rows, cols = x.shape
+    size = cols if group_size is None else group_size
+    groups = num_groups(cols, group_size)
+    padded = torch.nn.functional.pad(x, (0, groups * size - cols))
+    return padded.reshape(rows, groups, size)
+
+
+def quantize(weight: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric quantization of a 2-D tensor along its rows.
+
+    Returns ``(codes, scales)``: int8 codes in ``[-qmax, qmax]`` with ``weight``'s shape and fp16 scales of
+    shape ``rows x groups``. Codes are computed against the fp16-rounded scales, so ``dequantize`` of the
+    stored pair is exactly what the search evaluated.
+    """
+    check_bits(bits)
+    rows, cols = weight.shape
+    grouped = _grouped(weight.detach().float(), group_size)
+    scales = (grouped.abs().amax(dim=-1) / qmax(bits)).clamp(min=_FP16_TINY).half()
+    codes = torch.round(grouped / scales.float()[..., None]).clamp(-qmax(bits), qmax(bits))
+    codes = codes.reshape(rows, -1)[:, :cols].to(torch.int8)
+    return codes, scales
+
+
+def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None) -> Tensor:
+    """Float32 ``codes * scale`` with the group layout of :func:`quantize`."""
+    rows, cols = codes.shape
+    grouped = _grouped(codes.float(), group_size) * scales.float()[..., None]
+    return grouped.reshape(rows, -1)[:, :cols]
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes occupy once packed."""
+    return numel if check_bits(bits) == 8 else (numel + 1) // 2
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Flatten int8 codes into a ``uint8`` byte buffer (int4: two per byte, odd lengths padded by one 0)."""
+    flat = codes.reshape(-1).to(torch.int8)
+    if check_bits(bits) == 8:
+        return flat.view(torch.uint8).clone()
+    if flat.numel() and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError("int4 packing needs codes in [-8, 7]")
+    nibbles = (flat.to(torch.int16) + 8).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_full((1,), 8)])
+    pairs = nibbles.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack`: int8 codes of ``shape``."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != packed_numel(numel, bits):
+        raise ValueError(
+            f"packed buffer holds {packed.numel()} {packed.dtype} bytes; {numel} int{bits} codes need "
+            f"{packed_numel(numel, bits)} uint8 bytes"
+        )
+    if bits == 8:
+        return packed.view(torch.int8).reshape(shape)
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:numel]
+    return (nibbles.to(torch.int16) - 8).to(torch.int8).reshape(shape)

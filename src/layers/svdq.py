@@ -1,0 +1,196 @@
+"""SVD + integer quantization: ``W ~= Q(U_k) diag(s) Q(V_k)`` with int8/int4 factors and float ``s``.
+
+The rank comes from the budget, or -- given ``max_error`` and calibration ``inputs`` -- from a binary search
+for the smallest rank whose relative output error, measured with the quantized factors, meets the bound.
+Three storage modes share the class:
+
+* ``factored``: packed quantized ``U_k`` (out x k) and ``V_k`` (k x in), fp16 group scales, float ``s``;
+* ``qdense``: the whole weight quantized with the same quantizer, used when no rank meets the bound or when
+  the factored form would take at least as many bytes (so a kept factored form is always the smaller one);
+* ``dense``: the float weight, when even the quantized dense weight misses ``max_error``.
+
+fp16 scales are kept as their int16 bit patterns so ``model.half()``/``.to(dtype)`` cannot round them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import StructuredLinear, check_dense_weight, register_layer
+from .lowrank import rank_for_budget
+from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, unpack
+
+log = logging.getLogger(__name__)
+
+MODES = ("factored", "qdense", "dense")
+
+
+def max_useful_rank(out_features: int, in_features: int) -> int:
+    """``floor(mn / (m + n))``: beyond it the factors hold more numbers than the weight (at least 1)."""
+    return max(1, (out_features * in_features) // (out_features + in_features))
+
+
+def search_rank(error_of: Callable[[int], float], k_max: int, max_error: float) -> int | None:
+    """Smallest ``k`` in ``[1, k_max]`` with ``error_of(k) <= max_error`` by binary search (assumes the error
+    is non-increasing in k), or ``None`` when even ``k_max`` misses the bound."""
+    if error_of(k_max) > max_error:
+        return None
+    low, high = 1, k_max
+    while low < high:
+        mid = (low + high) // 2
+        if error_of(mid) <= max_error:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def fake_quantize(matrix: Tensor, bits: int, group_size: int | None) -> Tensor:
+    """``dequantize(quantize(matrix))``: what the stored factor will be."""
+    return dequantize(*quantize(matrix, bits, group_size), group_size)
+
+
+@register_layer("svdq")
+class SVDQuantLinear(StructuredLinear):
+    """``y = U (s * (V x)) + b`` with quantized, packed ``U``/``V`` (or a quantized/float dense weight).
+
+    The constructor allocates zero buffers for the given mode and rank (``rank`` defaults to the largest
+    useful one); ``from_dense`` fills them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None, bits: int = 8,
+                 group_size: int | None = None, mode: str = "factored", bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        if mode not in MODES:
+            raise ValueError(f"svdq mode must be one of {MODES}, got {mode!r}")
+        self.bits, self.group_size, self.mode = check_bits(bits), group_size, mode
+        self.rank: int | None = None
+        self._shapes: dict[str, tuple[int, int]] = {}
+        if mode == "factored":
+            rank = max_useful_rank(out_features, in_features) if rank is None else int(rank)
+            if not 1 <= rank <= min(in_features, out_features):
+                raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+            self.rank = rank
+            self._register_quantized("u", out_features, rank)
+            self._register_quantized("v", rank, in_features)
+            self.register_buffer("s", torch.zeros(rank))
+        elif mode == "qdense":
+            self._register_quantized("w", out_features, in_features)
+        else:
+            self.register_buffer("weight", torch.zeros(out_features, in_features))
+
+    def _register_quantized(self, name: str, rows: int, cols: int) -> None:
+        self._shapes[name] = (rows, cols)
+        self.register_buffer(f"{name}_packed", torch.zeros(packed_numel(rows * cols, self.bits), dtype=torch.uint8))
+        self.register_buffer(f"{name}_scales", torch.zeros(rows, num_groups(cols, self.group_size), dtype=torch.int16))
+
+    def _store(self, name: str, matrix: Tensor) -> None:
+        codes, scales = quantize(matrix, self.bits, self.group_size)
+        getattr(self, f"{name}_packed").copy_(pack(codes, self.bits))
+        getattr(self, f"{name}_scales").copy_(scales.view(torch.int16))
+
+    def _load(self, name: str) -> Tensor:
+        codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
+        return dequantize(codes, getattr(self, f"{name}_scales").view(torch.float16), self.group_size)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, bits: int = 8,
+                   group_size: int | None = None, max_error: float | None = None, inputs: Tensor | None = None,
+                   rank: int | None = None) -> "SVDQuantLinear":
+        """Quantized truncated SVD of ``weight``.
+
+        rank: ``rank``, else the smallest rank meeting ``max_error`` on ``inputs`` (N x in_features, the
+        layer's calibration inputs; relative error ``||W_hat x - W x|| / ||W x + b||`` over all of them), else
+        ``rank_for_budget(budget)``. The result falls back to ``qdense``/``dense`` as the module doc says.
+        """
+        check_dense_weight(weight, bias)
+        check_bits(bits)
+        out_features, in_features = weight.shape
+        dense = weight.detach().float()
+        kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None}
+        error_of = None
+        if max_error is not None:
+            if inputs is None:
+                raise ValueError("svdq max_error needs calibration inputs (N x in_features): pass inputs= "
+                                 "or calibrate the layer in compress_")
+            error_of = _output_error_fn(dense, bias, inputs.to(dense.device).reshape(-1, in_features).float())
+        u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
+
+        def reconstruction(k: int) -> Tensor:
+            return (fake_quantize(u[:, :k], bits, group_size) * sv[:k]) @ fake_quantize(vh[:k], bits, group_size)
+
+        if rank is None and error_of is not None:
+            rank = search_rank(lambda k: error_of(reconstruction(k)), max_useful_rank(out_features, in_features),
+                               max_error)
+        elif rank is None:
+            rank = rank_for_budget(budget, out_features, in_features)
+
+        qdense = cls(in_features, out_features, mode="qdense", **kwargs).to(weight.device)
+        qdense._store("w", dense)
+        if rank is not None:
+            layer = cls(in_features, out_features, rank=rank, mode="factored", **kwargs).to(weight.device)
+            layer._store("u", u[:, :rank])
+            layer._store("v", vh[:rank])
+            layer.s.copy_(sv[:rank])
+            if layer.storage_bytes() < qdense.storage_bytes():
+                return _finish(layer, bias, weight.dtype)
+            log.debug("svdq %dx%d: rank %d is not smaller than quantized dense", out_features, in_features, rank)
+        if error_of is None or error_of(qdense.to_dense_weight()) <= max_error:
+            return _finish(qdense, bias, weight.dtype)
+        log.info("svdq %dx%d: even the int%d dense weight misses max_error=%g; keeping it in float",
+                 out_features, in_features, bits, max_error)
+        layer = cls(in_features, out_features, mode="dense", **kwargs).to(weight.device)
+        layer.weight.copy_(dense)
+        return _finish(layer, bias, weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "factored":
+            hidden = F.linear(x, self._load("v").to(x.dtype)) * self.s.to(x.dtype)
+            return F.linear(hidden, self._load("u").to(x.dtype), self.bias)
+        weight = self.weight if self.mode == "dense" else self._load("w")
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def to_dense_weight(self) -> Tensor:
+        if self.mode == "factored":
+            return (self._load("u") * self.s.float()) @ self._load("v")
+        return self.weight if self.mode == "dense" else self._load("w")
+
+    def num_params(self) -> int:
+        """Numbers stored: integer codes (or floats in ``dense`` mode), scales, ``s`` and the bias."""
+        return sum(t.numel() for name, t in self.state_dict().items() if not name.endswith("_packed")) + sum(
+            rows * cols for rows, cols in self._shapes.values())
+
+    def flops_per_token(self) -> int:
+        if self.mode == "factored":
+            return self.rank * (self.in_features + self.out_features)
+        return self.in_features * self.out_features
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored state: packed codes, scales, ``s``, float weight (dense mode) and bias."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def config(self) -> dict:
+        return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
+                "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode}, rank={self.rank}, bits={self.bits}"
+
+
+def _output_error_fn(weight: Tensor, bias: Tensor | None, inputs: Tensor) -> Callable[[Tensor], float]:
+    """``approx -> ||inputs (approx - W)^T||_F / ||inputs W^T + b||_F`` (the bias cancels in the numerator)."""
+    reference = F.linear(inputs, weight, None if bias is None else bias.detach().float()).norm().clamp(min=1e-30)
+    return lambda approx: (F.linear(inputs, approx - weight).norm() / reference).item()
+
+
+def _finish(layer: SVDQuantLinear, bias: Tensor | None, dtype: torch.dtype) -> SVDQuantLinear:
+    """Copy the bias and give the float state (``s``, bias, dense weight) the pretrained weight's dtype."""
+    layer.to(dtype)
+    layer._copy_bias(bias)
+    log.debug("svdq %dx%d -> %s rank=%s, %d bytes", layer.out_features, layer.in_features, layer.mode,
+              layer.rank, layer.storage_bytes())
+    return layer

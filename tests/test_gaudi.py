@@ -1,0 +1,308 @@
+"""Gaudi-GBLR: the published mask formula, its custom gradient, the layer, the structure search, callbacks."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from src.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
+from src.layers import build_layer, get_layer_class
+from src.layers.gaudi import GaudiGBLRLinear, gaudi_mask
+from src.layers.gaudi_search import greedy_intervals, longest_circular_run, project_widths_
+from src.layers.lowrank import LowRankLinear
+from src.surgery import compress_
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and steady on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def published_mask(width: np.ndarray, location: np.ndarray, n: int, sigma: float | None) -> np.ndarray:
+    """Direct float64 evaluation of the paper's spectrum, then a forward-normalised inverse real FFT."""
+    k = np.arange(n // 2 + 1)[None, :]
+    w, loc = width[:, None], location[:, None]
+    spectrum = w * np.sinc(k * w) / np.sinc(k / n)
+    if sigma is not None:
+        spectrum = spectrum * np.exp(-k ** 2 / (2 * sigma ** 2))
+    spectrum = spectrum * np.exp(1j * (np.pi * k * (1 / n - w) - 2 * np.pi * k * loc))
+    return np.fft.irfft(spectrum, n=n, axis=-1, norm="forward")
+
+
+def circular_indicator(start: int, length: int, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.float64)
+    mask[(start + torch.arange(length)) % n] = 1.0
+    return mask
+
+
+def set_structure(layer: GaudiGBLRLinear, widths, locations) -> None:
+    with torch.no_grad():
+        layer.widths.copy_(torch.as_tensor(widths, dtype=layer.widths.dtype))
+        layer.locations.copy_(torch.as_tensor(locations, dtype=layer.locations.dtype))
+
+
+# --- the mask ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [7, 8, 33, 64])
+@pytest.mark.parametrize("sigma", [None, 0.7, 3.0, 100.0])
+def test_mask_matches_published_formula(n, sigma):
+    gen = torch.Generator().manual_seed(n)
+    width = torch.rand(6, generator=gen, dtype=torch.float64) * 1.2 - 0.1
+    location = torch.rand(6, generator=gen, dtype=torch.float64) * 2 - 0.5
+    expected = published_mask(width.numpy(), location.numpy(), n, sigma)
+    for custom_grad in (False, True):
+        got = gaudi_mask(width, location, n, sigma, custom_grad=custom_grad)
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    got32 = gaudi_mask(width.float(), location.float(), n, sigma)
+    np.testing.assert_allclose(got32.numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, sigma", [(9, None), (16, 2.0)])
+def test_custom_gradient_matches_autograd(n, sigma):
+    gen = torch.Generator().manual_seed(3)
+    width = torch.rand(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    location = torch.rand(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    auto = torch.autograd.grad((gaudi_mask(width, location, n, sigma) * upstream).sum(), (width, location))
+    custom = torch.autograd.grad((gaudi_mask(width, location, n, sigma, custom_grad=True) * upstream).sum(),
+                                 (width, location))
+    for a, c in zip(auto, custom):
+        torch.testing.assert_close(c, a, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda w, l: gaudi_mask(w, l, n, sigma, custom_grad=True), (width, location))
+
+
+def test_full_width_is_all_ones_at_any_location():
+    for n in (5, 8, 31):
+        location = torch.tensor([0.0, 0.3, 0.77], dtype=torch.float64)
+        mask = gaudi_mask(torch.ones(3, dtype=torch.float64), location, n, None)
+        torch.testing.assert_close(mask, torch.ones(3, n, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n", [7, 8, 9, 16])
+def test_grid_widths_without_gaussian_give_exact_circular_indicator(n):
+    counts = torch.arange(n + 1)
+    for start in range(n):
+        mask = gaudi_mask(counts.double() / n, torch.full((n + 1,), start / n, dtype=torch.float64), n, None)
+        expected = torch.stack([circular_indicator(start, int(c), n) for c in counts])
+        torch.testing.assert_close(mask, expected, atol=1e-12, rtol=0)
+
+
+def test_eval_hard_shrink_and_threshold_give_exact_zeros_outside_blocks():
+    layer = GaudiGBLRLinear(40, 24, num_components=3, sigma=None)
+    # component 0: columns 30..39 + 0..4 (wraps), rows 6..13; component 1 is one column wide; 2 is a full row block
+    set_structure(layer, [[15 / 40, 1 / 40, 1.0], [8 / 24, 5 / 24, 1.0]], [[30 / 40, 0.5, 0.0], [6 / 24, 0.1, 0.0]])
+    layer.eval()
+    mask_in, mask_out = layer.component_masks()
+    inside_in, inside_out = circular_indicator(30, 15, 40).bool(), circular_indicator(6, 8, 24).bool()
+    assert torch.all(mask_in[0][~inside_in] == 0) and torch.all(mask_out[0][~inside_out] == 0)
+    torch.testing.assert_close(mask_in[0][inside_in], torch.ones(15, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.all(mask_in[1] == 0)  # one element wide: hard-shrunk away in eval
+    layer.train()
+    assert mask_in.shape == (3, 40) and layer.component_masks()[0][1].abs().max() > 0.5
+
+
+# --- the layer ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compute_mode", ["dense", "lr"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_dense_weight_for_any_batch_shape(compute_mode, bias):
+    torch.manual_seed(0)
+    layer = build_layer("gaudi", 12, 10, compute_mode=compute_mode, bias=bias, rank_per_component=2,
+                        width_init="unif")
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        weight = layer.to_dense_weight()
+        for shape in [(12,), (5, 12), (2, 3, 12), (2, 1, 3, 12)]:
+            x = torch.randn(*shape)
+            expected = x @ weight.T + (layer.bias if bias else 0)
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_weights_keep_float32_structure():
+    torch.manual_seed(0)
+    layer = GaudiGBLRLinear(16, 8, width_init="unif").to(torch.bfloat16)
+    assert layer.in_factors.dtype == torch.bfloat16 and layer.widths.dtype == torch.float32
+    out = layer(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert layer.widths.grad is not None and layer.in_factors.grad is not None
+    assert set(layer.structural_parameters()) == {"widths", "locations"}
+
+
+def test_num_params_and_flops_by_hand():
+    layer = GaudiGBLRLinear(10, 6, rank_per_component=2, num_components=3, bias=True, sigma=None)
+    assert layer.num_params() == 3 * (2 * (10 + 6) + 4) + 6
+    # block 0: 4 cols x 3 rows -> min(2*7, 12) = 12; block 1: all 10 cols x 6 rows -> min(2*16, 60) = 32;
+    # block 2: 1 col wide -> inactive (0); rounding: 0.42*10 -> 4 columns
+    set_structure(layer, [[0.42, 1.0, 0.1], [0.5, 1.0, 1.0]], [[0.9, 0.0, 0.3], [0.5, 0.2, 0.0]])
+    assert layer.flops_per_token() == 12 + 32
+    layer.eval()
+    assert layer.flops_per_token() == 12 + 32
+    lowrank_pattern = GaudiGBLRLinear(32, 32, num_components=8, width_init="lr0.5", sigma=None)
+    assert lowrank_pattern.flops_per_token() == 4 * (32 + 32)
+
+
+def test_width_inits():
+    layer = GaudiGBLRLinear(32, 16, width_init="splr0.5", location_init="linspace")
+    assert layer.num_components == 16
+    torch.testing.assert_close(layer.widths.mean(), torch.tensor(0.5))
+    torch.testing.assert_close(layer.locations[0], torch.arange(16) / 16)
+    lr = GaudiGBLRLinear(32, 16, width_init="lr0.25")
+    assert torch.all(lr.widths[:, :4] == 1) and lr.widths[0, 4] == 1 / 32 and lr.widths[1, 4] == 0
+    budgeted = GaudiGBLRLinear(32, 32, budget=0.25)
+    assert budgeted.flops_per_token() == 4 * 64
+    with pytest.raises(ValueError, match="width_init"):
+        GaudiGBLRLinear(8, 8, width_init="rand")
+
+
+# --- structure search --------------------------------------------------------------------------------------
+
+def test_longest_circular_run_edge_cases():
+    def run(bits):
+        return longest_circular_run(torch.tensor(bits, dtype=torch.bool))
+    assert run([0, 1, 1, 1, 0, 0]) == (1, 3)  # the reference reported start 2 here
+    assert run([1, 1, 0, 0, 0, 1, 1]) == (5, 4)  # odd length, wraps around
+    assert run([1, 0, 1, 0, 1]) == (4, 2)
+    assert run([0, 1, 0, 1, 0]) == (1, 1)  # tie: smallest start
+    assert run([1] * 5) == (0, 5) and run([0] * 5) == (0, 0)
+
+
+def test_width_projection_meets_rows_plus_cols_budget_exactly():
+    widths = torch.tensor([[1.2, 0.5, 0.1, 0.0], [0.9, 0.3, -0.2, 0.05]])
+    project_widths_(widths, (10, 30), 20.0)  # (input, output) axis lengths
+    assert widths.min() >= 0 and widths.max() <= 1
+    torch.testing.assert_close(10 * widths[0].sum() + 30 * widths[1].sum(), torch.tensor(20.0))
+    cheap = torch.tensor([[0.1, 0.2], [0.1, 0.0]])
+    project_widths_(cheap, (10, 30), 20.0)  # already within budget: unchanged
+    torch.testing.assert_close(cheap, torch.tensor([[0.1, 0.2], [0.1, 0.0]]))
+
+
+def test_all_full_widths_equal_lowrank_of_same_total_rank():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(20, 14), torch.randn(20)
+    layer = GaudiGBLRLinear.from_dense(weight, bias, 0.5, num_components=5, find_mask=False, niter=0,
+                                       lowrank_start=False)
+    lowrank = LowRankLinear.from_dense(weight, bias, rank=5)
+    assert torch.all(layer.widths == 1)
+    for mode in (layer.train, layer.eval):
+        mode()
+        torch.testing.assert_close(layer.to_dense_weight(), lowrank.to_dense_weight(), atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 14)
+    torch.testing.assert_close(layer(x), lowrank(x), atol=1e-4, rtol=1e-4)
+
+
+def relative_error(layer: GaudiGBLRLinear, weight: torch.Tensor) -> float:
+    layer.eval()
+    return float((layer.to_dense_weight() - weight).norm() / weight.norm())
+
+
+def test_from_dense_error_decreases_with_budget_and_respects_it():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 20)
+    errors = []
+    for budget in (0.15, 0.3, 0.6):
+        layer = GaudiGBLRLinear.from_dense(weight, None, budget, niter=20)
+        errors.append(relative_error(layer, weight))
+        assert layer.flops_per_token() <= 1.1 * budget * weight.numel()
+    assert errors[0] > errors[1] > errors[2]
+
+
+def rolled_block_diagonal(blocks: int = 4, size: int = 8, shift: int = 3) -> torch.Tensor:
+    """Rank-1 diagonal blocks (factor entries bounded away from 0), rows rolled so the last block wraps."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(blocks * size, blocks * size)
+    for block in range(blocks):
+        u, v = [(torch.rand(size, generator=gen) + 0.5) * torch.sign(torch.randn(size, generator=gen))
+                for _ in range(2)]
+        weight[block * size:(block + 1) * size, block * size:(block + 1) * size] = torch.outer(u, v)
+    return weight.roll(shift, 0)
+
+
+def test_greedy_search_finds_block_intervals_including_wrapped_ones():
+    weight = rolled_block_diagonal()
+    widths, locations = greedy_intervals(weight, weight.numel(), 32, 0.1, 0.1, filter_std=0.3)
+    live = widths.prod(0) > 0
+    found = {(round(float(c) * 32), round(float(r) * 32)) for c, r in locations[:, live].T}
+    assert found == {(0, 3), (8, 11), (16, 19), (24, 27)}  # (column start, row start); rows 27..31,0..2 wrap
+    assert live.all() and torch.all(widths == 8 / 32)  # 32 blocks of cost 16 fit in the budget
+
+
+def test_from_dense_is_never_worse_than_lowrank_at_the_same_budget():
+    weight = rolled_block_diagonal()
+    layer = GaudiGBLRLinear.from_dense(weight, None, 0.15, niter=40)
+    lowrank = LowRankLinear.from_dense(weight, None, 0.15)
+    lowrank_error = float((lowrank.to_dense_weight() - weight).norm() / weight.norm())
+    assert relative_error(layer, weight) <= lowrank_error + 1e-5
+    assert layer.flops_per_token() <= 0.15 * weight.numel()
+    eval_weight = layer.to_dense_weight()
+    layer.train()  # no component lives only in training mode
+    torch.testing.assert_close(layer.to_dense_weight(), eval_weight)
+
+
+def test_surgery_and_bfloat16_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4, bias=False)).to(torch.bfloat16)
+    report = compress_(model, "gaudi", 0.5, options={"niter": 5})
+    assert get_layer_class("gaudi") is GaudiGBLRLinear and len(report.layers) == 2
+    assert isinstance(model[0], GaudiGBLRLinear) and model[0].in_factors.dtype == torch.bfloat16
+    assert model[2].bias is None and model(torch.randn(2, 16, dtype=torch.bfloat16)).shape == (2, 4)
+
+
+# --- callbacks ---------------------------------------------------------------------------------------------
+
+class TinyGaudiModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = GaudiGBLRLinear(16, 16, num_components=8, width_init=0.9, sigma=None)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum() * 0.0  # no gradient: the widths move by the shrink step only
+
+    def configure_optimizers(self):
+        structure = list(self.layer.structural_parameters().values())
+        return torch.optim.SGD([{"params": [self.layer.in_factors, self.layer.out_factors, self.layer.bias], "lr": 0.0},
+                                {"params": structure, "lr": 0.05, "name": "structure"}])
+
+
+def test_gaudi_shrink_reaches_target_and_stops():
+    torch.manual_seed(0)
+    module = TinyGaudiModule()
+    shrink = GaudiShrink(thres=1.0, mode="targeted", target_width=0.5, freeze=True)
+    sigma = SigmaAnnealing(start_sigma=1.0, end_sigma=9.0, start_epoch=0, end_epoch=4)
+    trainer = pl.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[shrink, sigma, WidthMonitor(every_n_steps=5)])
+    data = torch.utils.data.DataLoader(torch.randn(40, 16), batch_size=4)
+    trainer.fit(module, data)
+    widths, locations = module.layer.widths.detach(), module.layer.locations.detach()
+    mean_width = mean_active_width([module.layer])
+    assert 0.5 - 0.05 - 1e-6 <= mean_width < 0.5  # shrinks by 0.05 a step and stops once below the target
+    assert widths.min() >= 0 and widths.max() <= 1
+    assert locations.min() >= 0 and locations.max() < 1
+    assert shrink.frozen and not module.layer.widths.requires_grad and not module.layer.locations.requires_grad
+    assert float(module.layer.sigma) == 7.0  # 10 batches an epoch: epochs 0..3 ran, sigma(3) = 1 + 8 * 3/4
+    assert 0 < float(trainer.callback_metrics["gaudi/flops_fraction"]) < 1
+
+
+def test_shrink_schedules_and_sigma_ramp():
+    adaptive = GaudiShrink(thres=0.04, mode="adaptive", init_thres=0.2, target_width=0.3, start_epoch=2, end_epoch=4)
+    def at(epoch, batch):
+        return SimpleNamespace(current_epoch=epoch, num_training_batches=10), batch
+    assert adaptive.threshold(*at(0, 5), mean_width=0.9) == 0.2
+    assert adaptive.threshold(*at(3, 0), mean_width=0.9) == pytest.approx(0.2 + (0.04 - 0.2) * 0.5)
+    assert adaptive.threshold(*at(4, 0), mean_width=0.9) == 0.04
+    assert adaptive.threshold(*at(5, 0), mean_width=0.2) == 0.0  # below the target: no shrinking
+    continuous = GaudiShrink(thres=0.1, target_width=0.5, cont=True, power=2.0)
+    assert continuous.threshold(*at(0, 0), mean_width=0.75) == pytest.approx(0.1 * 0.5 ** 2)
+    assert GaudiShrink(thres=0.1, mode="plain", target_width=0.5).threshold(*at(0, 0), mean_width=0.1) == 0.1
+    ramp = SigmaAnnealing(start_sigma=1.0, end_sigma=100.0, start_epoch=5, end_epoch=300)
+    assert [ramp.sigma_at(e, 300) for e in (0, 5, 300, 310)] == [1.0, 1.0, 100.0, 100.0]
+    assert ramp.sigma_at(152, 300) == pytest.approx(1 + 99 * 147 / 295)
