@@ -11,13 +11,14 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Dispatch on ``mode`` (train | eval) and return the metric ``optimized_metric`` for sweepers."""
-    from src.eval import evaluate  # nested imports: Hydra's --help and tab completion stay fast
+    """Dispatch on ``mode`` (train | eval | compress) and return the metric ``optimized_metric`` for sweepers."""
+    from src.compress import compress  # nested imports: Hydra's --help and tab completion stay fast
+    from src.eval import evaluate
     from src.train import train
 
-    entry = {"train": train, "eval": evaluate}.get(cfg.mode.name)
+    entry = {"train": train, "eval": evaluate, "compress": compress}.get(cfg.mode.name)
     if entry is None:
-        raise ValueError(f"unknown mode={cfg.mode.name!r}; use mode=train or mode=eval")
+        raise ValueError(f"unknown mode={cfg.mode.name!r}; use mode=train, mode=eval or mode=compress")
     metrics, _ = entry(cfg)
     target = cfg.get("optimized_metric")
     return metrics["metrics"].get(target) if target else None

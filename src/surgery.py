@@ -250,11 +250,14 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
 
 @torch.no_grad()
 def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str],
-                       forward: Callable[[nn.Module, object], object] | None = None) -> dict[str, dict[str, Tensor]]:
+                       forward: Callable[[nn.Module, object], object] | None = None,
+                       max_inputs: int = 4096) -> dict[str, dict[str, Tensor]]:
     """Run calibration ``batches`` through ``model`` and return, per layer name, ``{"gram": sum x x^T}``
-    (float64) over every input vector the layer sees -- the statistics data-aware SVD needs."""
+    (float64, over every input vector the layer sees) and ``{"inputs": up to max_inputs of those vectors}``
+    -- what data-aware SVD (``gram``) and error-bounded rank search (``inputs``) need."""
     forward = forward or (lambda m, batch: m(batch))
     grams: dict[str, Tensor] = {}
+    samples: dict[str, list[Tensor]] = {}
     hooks = []
     modules = dict(model.named_modules())
     for name in names:
@@ -265,8 +268,11 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
             x = args[0]
             if _kind == "conv2d":
                 x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
-            x = x.reshape(-1, x.shape[-1]).double()
-            grams[_name] = grams.get(_name, 0) + x.T @ x
+            x = x.reshape(-1, x.shape[-1])
+            grams[_name] = grams.get(_name, 0) + x.double().T @ x.double()
+            kept = sum(len(t) for t in samples.get(_name, []))
+            if kept < max_inputs:
+                samples.setdefault(_name, []).append(x[: max_inputs - kept].detach().clone())
 
         hooks.append(module.register_forward_pre_hook(hook))
     try:
@@ -275,4 +281,4 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
     finally:
         for h in hooks:
             h.remove()
-    return {name: {"gram": gram} for name, gram in grams.items()}
+    return {name: {"gram": gram, "inputs": torch.cat(samples[name])} for name, gram in grams.items()}

@@ -44,3 +44,17 @@ def test_budget_sweep_and_table(tmp_path, capsys):
     small, large = sorted(rows, key=lambda r: float(r["budget"]))
     assert int(small["params"]) < int(large["params"])
     assert int(small["MACs/sample"]) < int(large["MACs/sample"])
+
+
+@needs_fashion_mnist
+def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path):
+    run(["mode=compress", "layer=svdq", "layer.include=[blocks.*]", "+layer.options.max_error=0.05",
+         "layer.calibration_batches=1", "datamodule.batch_size=16", "trainer.limit_test_batches=1",
+         "logger=none", "callbacks=none"], tmp_path)
+    (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["layer_type"] == "svdq"
+    assert 0 < metrics["bytes_on_disk"] < metrics["dense_fp32_bytes"]
+    assert metrics["ratio_vs_fp32"] > 1
+    assert "test/acc" in metrics["metrics"] and "test/acc" in metrics["baseline_metrics"]
+    assert (metrics_file.parent / "compressed" / "manifest.json").exists()
