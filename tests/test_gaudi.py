@@ -17,14 +17,6 @@ from src.layers.lowrank import LowRankLinear
 from src.surgery import compress_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def published_mask(width: np.ndarray, location: np.ndarray, n: int, sigma: float | None) -> np.ndarray:
     """Direct float64 evaluation of the paper's spectrum, then a forward-normalised inverse real FFT."""

