@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -8,30 +8,17 @@ sentence embeddings (compressed vs original) on real English Wikipedia sentences
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import pathlib
-import tempfile
-import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from codec_suite import CODECS, round_trip  # noqa: E402
 from src.compress import dense_bytes  # noqa: E402
 from src.datamodules.wiki_offline import packaged_summaries, read_articles  # noqa: E402
-from src.io import load_compressed, save_compressed  # noqa: E402
-from src.surgery import collect_input_gram, compress_, select_layers  # noqa: E402
-
-CODECS = {  # name -> (layer type, budget, from_dense options, needs calibration inputs)
-    "lowrank-0.5": ("lowrank", 0.5, {}, False),
-    "lowrank-whiten-0.5": ("lowrank", 0.5, {"init": "whiten"}, True),
-    "svdq-int8-e0.05": ("svdq", 1.0, {"bits": 8, "max_error": 0.05}, True),
-    "svdq-int4-g64-e0.1": ("svdq", 1.0, {"bits": 4, "group_size": 64, "max_error": 0.1}, True),
-    "hyper": ("hyper", 1.0, {}, False),
-    "tsvd-0.05": ("tsvd", 1.0, {"tolerance": 0.05}, False),
-}
 
 
 def minilm_dir() -> pathlib.Path:
@@ -74,25 +61,11 @@ def main() -> None:
     reference = embed(original, evaluation)
     results = []
     for name in args.codecs:
-        layer_type, budget, options, calibrate = CODECS[name]
-        model = copy.deepcopy(original)
-        start = time.perf_counter()
-        stats = None
-        if calibrate:
-            names = select_layers(model, ["encoder.*"])
-            stats = collect_input_gram(model, [calibration], names, forward=lambda m, b: m(**b))
-        report = compress_(model, layer_type, budget, include=["encoder.*"], options=options, calibration=stats)
-        seconds = time.perf_counter() - start
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_compressed(model, pathlib.Path(tmp) / "minilm")
-            size = sum(f.stat().st_size for f in folder.iterdir())
-            restored = load_compressed(folder, AutoModel.from_pretrained(minilm_dir()).eval())
+        restored, stats = round_trip(original, CODECS[name], ["encoder.*"], [calibration],
+                                     forward=lambda m, b: m(**b), skeleton=lambda: AutoModel.from_pretrained(minilm_dir()))
         cosine = torch.nn.functional.cosine_similarity(embed(restored, evaluation), reference, dim=-1)
-        results.append({"codec": name, "compress_s": round(seconds, 2), "bytes_on_disk": size,
-                        "ratio_vs_fp32": round(dense_bytes(original, 4) / size, 3),
-                        "ratio_vs_fp16": round(dense_bytes(original, 2) / size, 3),
-                        "cosine_mean": round(cosine.mean().item(), 5), "cosine_min": round(cosine.min().item(), 5),
-                        "replaced_layers": len(report.layers)})
+        results.append({"codec": name, **stats, "cosine_mean": round(cosine.mean().item(), 5),
+                        "cosine_min": round(cosine.min().item(), 5)})
     print(json.dumps({"model": "all-MiniLM-L6-v2", "threads": torch.get_num_threads(),
                       "dense_fp32_bytes": dense_bytes(original, 4), "dense_fp16_bytes": dense_bytes(original, 2),
                       "sentences": args.sentences, "results": results}, indent=2))

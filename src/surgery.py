@@ -253,7 +253,8 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
                        forward: Callable[[nn.Module, object], object] | None = None,
                        max_inputs: int = 4096) -> dict[str, dict[str, Tensor]]:
     """Run calibration ``batches`` through ``model`` and return, per layer name, ``{"gram": sum x x^T}``
-    (float64, over every input vector the layer sees) and ``{"inputs": up to max_inputs of those vectors}``
+    (float64, over every input vector the layer sees) and ``{"inputs": up to max_inputs of those vectors}``,
+    spread evenly over every batch
     -- what data-aware SVD (``gram``) and error-bounded rank search (``inputs``) need."""
     forward = forward or (lambda m, batch: m(batch))
     grams: dict[str, Tensor] = {}
@@ -270,9 +271,7 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
                 x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
             x = x.reshape(-1, x.shape[-1])
             grams[_name] = grams.get(_name, 0) + x.double().T @ x.double()
-            kept = sum(len(t) for t in samples.get(_name, []))
-            if kept < max_inputs:
-                samples.setdefault(_name, []).append(x[: max_inputs - kept].detach().clone())
+            samples.setdefault(_name, []).append(evenly_spaced_rows(x.detach(), max_inputs).clone())
 
         hooks.append(module.register_forward_pre_hook(hook))
     try:
@@ -281,4 +280,13 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
     finally:
         for h in hooks:
             h.remove()
-    return {name: {"gram": gram, "inputs": torch.cat(samples[name])} for name, gram in grams.items()}
+    return {name: {"gram": gram, "inputs": evenly_spaced_rows(torch.cat(samples[name]), max_inputs)}
+            for name, gram in grams.items()}
+
+
+def evenly_spaced_rows(rows: Tensor, count: int) -> Tensor:
+    """At most ``count`` rows spread evenly over ``rows`` (deterministic), so a conv's sample covers every
+    image and position and a batch's sample covers every sequence, not only the first ones."""
+    if len(rows) <= count:
+        return rows
+    return rows[torch.linspace(0, len(rows) - 1, count, device=rows.device).long()]

@@ -89,3 +89,18 @@ def test_whitened_svd_minimises_output_error_on_calibration_data():
 def test_whiten_without_calibration_is_a_clear_error():
     with pytest.raises(ValueError, match="calibration"):
         LowRankLinear.from_dense(random_matrix(8, 8), None, budget=0.5, init="whiten")
+
+
+def test_from_dense_runs_one_svd_and_no_random_init(monkeypatch):
+    """The constructor's random init (a dense Kaiming draw + SVD) must not run when pretrained weights
+    overwrite it: for large layers it doubled the decomposition time."""
+    def no_random_init(self):
+        if self.left.device.type != "meta":  # on the meta device it allocates and computes nothing
+            raise AssertionError("from_dense ran the random init on real storage")
+
+    monkeypatch.setattr(LowRankLinear, "reset_parameters", no_random_init)
+    weight, bias = torch.randn(12, 20, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    layer = LowRankLinear.from_dense(weight, bias, rank=12)
+    assert layer.left.dtype == torch.float64 and layer.left.device == weight.device
+    torch.testing.assert_close(layer.to_dense_weight(), weight)
+    torch.testing.assert_close(layer.bias.detach(), bias)

@@ -1,6 +1,7 @@
 """End to end through `run.py`: the default experiment under fast_dev_run, a 2-run sweep, the table."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,10 @@ from .conftest import ROOT, needs_fashion_mnist
 
 
 def run(args, tmp_path, multirun=False):
-    cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), f"paths.log_dir={tmp_path}/logs", *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """run.py with PROJECT_ROOT=tmp_path, so logs land in tmp_path/logs as they would in a checkout."""
+    cmd = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []), *args]
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -34,12 +37,13 @@ def test_default_experiment_fast_dev_run_writes_metrics(tmp_path):
 @needs_fashion_mnist
 def test_budget_sweep_and_table(tmp_path, capsys):
     run(["layer.budget=0.1,0.5", "trainer.max_steps=2", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none",
-         "hydra.sweep.dir=" + str(tmp_path / "sweep")], tmp_path, multirun=True)
-    assert make_table([str(tmp_path / "sweep")]) == 0
+         "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none"],
+        tmp_path, multirun=True)
+    (sweep,) = (tmp_path / "logs" / "train" / "multirun").iterdir()  # the default sweep dir, as users get it
+    assert make_table([str(sweep)]) == 0
     table = capsys.readouterr().out
     assert "layer.budget=0.1" in table and "layer.budget=0.5" in table
-    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
     assert len(rows) == 2
     small, large = sorted(rows, key=lambda r: float(r["budget"]))
     assert int(small["params"]) < int(large["params"])

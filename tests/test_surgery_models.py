@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from src.layers import StructuredConv2d
-from src.surgery import compress_
+from src.surgery import collect_input_gram, compress_
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -185,3 +185,23 @@ def test_include_matching_nothing_shows_valid_names():
 def test_unknown_option_lists_valid_options():
     with pytest.raises(ValueError, match=r"has no option\(s\) \['rank'\]; valid options: \['nblocks'\]"):
         compress_(small_model(), "monarch", 0.5, options={"rank": 2})
+
+
+def test_calibration_gram_is_exact_and_inputs_cover_every_batch():
+    """The Gram matrix sums x x^T over every input the layer sees (conv: unfolded patches); the kept inputs
+    are real rows spread over all batches, not the first max_inputs of the first batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(2), nn.Linear(36, 5))
+    batches = [torch.randn(3, 2, 6, 6) for _ in range(2)]
+    stats = collect_input_gram(model, batches, ["0", "2"], max_inputs=20)
+    patches = torch.cat([nn.functional.unfold(b, 3, padding=1).transpose(1, 2).reshape(-1, 18) for b in batches])
+    torch.testing.assert_close(stats["0"]["gram"], patches.double().T @ patches.double())
+    hidden = torch.cat([model[1](model[0](b)).reshape(-1, 36) for b in batches]).detach()
+    torch.testing.assert_close(stats["2"]["gram"], hidden.double().T @ hidden.double())
+    kept = stats["0"]["inputs"]
+    assert kept.shape == (20, 18)
+    rows = {tuple(r.tolist()) for r in patches}
+    assert all(tuple(r.tolist()) in rows for r in kept)
+    second_batch = {tuple(r.tolist()) for r in patches[len(patches) // 2:]}
+    assert any(tuple(r.tolist()) in second_batch for r in kept)
+    assert stats["2"]["inputs"].shape == (20, 36)  # 24 inputs (2 batches x 3 x 4 rows), 20 kept

@@ -81,6 +81,16 @@ class StructuredLinear(nn.Module):
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, **options):
         raise NotImplementedError
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None, **options) -> "StructuredLinear":
+        """The layer with uninitialised storage: built on the meta device, so no random init (which can cost
+        as much as the decomposition) runs, then materialised. ``from_dense`` must fill every tensor."""
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, **options)
+        layer = layer.to_empty(device=device or "cpu")
+        return layer if dtype is None else layer.to(dtype)
+
     def to_dense_weight(self) -> Tensor:
         raise NotImplementedError
 

@@ -86,7 +86,7 @@ class LowRankLinear(StructuredLinear):
         check_dense_weight(weight, bias)
         out_features, in_features = weight.shape
         rank = rank if rank is not None else rank_for_budget(budget, out_features, in_features)
-        layer = cls(in_features, out_features, rank=rank, bias=bias is not None).to(weight.device, weight.dtype)
+        layer = cls.empty(in_features, out_features, weight.device, weight.dtype, rank=rank, bias=bias is not None)
         if init == "svd":
             left, right = spectral_factors(weight.detach(), layer.rank)
         elif init == "whiten":

@@ -1,0 +1,67 @@
+"""What the compression benchmarks share: the named codecs, and one compress -> save -> reload round trip that
+measures time and true bytes on disk (``compress_minilm.py``, ``compress_efficientnet.py``)."""
+from __future__ import annotations
+
+import copy
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from src.compress import dense_bytes
+from src.io import load_compressed, save_compressed
+from src.io.compressed_format import structured_layers
+from src.surgery import collect_input_gram, compress_, select_layers
+
+
+@dataclass(frozen=True)
+class Codec:
+    layer: str
+    budget: float = 1.0
+    options: dict = field(default_factory=dict)
+    calibrate: bool = False  # data-aware: needs the layers' calibration inputs / Gram matrices
+
+
+CODECS = {
+    "lowrank-0.5": Codec("lowrank", 0.5),
+    "lowrank-whiten-0.5": Codec("lowrank", 0.5, {"init": "whiten"}, calibrate=True),
+    "svdq-int8-e0.05": Codec("svdq", options={"bits": 8, "max_error": 0.05}, calibrate=True),
+    "svdq-int4-g64-e0.1": Codec("svdq", options={"bits": 4, "group_size": 64, "max_error": 0.1}, calibrate=True),
+    "hyper": Codec("hyper"),
+    "tsvd-0.05": Codec("tsvd", options={"tolerance": 0.05}),
+}
+
+
+def layer_bytes(model: nn.Module) -> int:
+    """Bytes of the structured layers' stored state (what the codec is responsible for)."""
+    return sum(t.numel() * t.element_size() for layer in structured_layers(model).values()
+               for t in layer.state_dict().values())
+
+
+def round_trip(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
+               forward: Callable[[nn.Module, object], object], skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    """Compress a copy of ``original`` with ``codec`` (timed, calibration included), save it, load it into
+    ``skeleton()`` and return ``(restored model, stats)``; stats hold time, bytes on disk and ratios."""
+    model = copy.deepcopy(original)
+    start = time.perf_counter()
+    stats = None
+    if codec.calibrate:
+        stats = collect_input_gram(model, calibration_batches, select_layers(model, include), forward=forward)
+    report = compress_(model, codec.layer, codec.budget, include=include, options=codec.options, calibration=stats)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_compressed(model, pathlib.Path(tmp) / "model")
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        restored = load_compressed(folder, skeleton()).eval()
+    replaced_fp32, replaced = report.params_before * 4, layer_bytes(model)
+    return restored, {
+        "compress_s": round(seconds, 2), "threads": torch.get_num_threads(), "bytes_on_disk": size,
+        "ratio_vs_fp32": round(dense_bytes(original, 4) / size, 3),
+        "ratio_vs_fp16": round(dense_bytes(original, 2) / size, 3),
+        "replaced_layers": len(report.layers), "replaced_fp32_bytes": replaced_fp32,
+        "replaced_bytes": replaced, "replaced_ratio_vs_fp32": round(replaced_fp32 / replaced, 3),
+    }
