@@ -12,9 +12,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from src.compress import dense_bytes
+from src.compress import dense_bytes, structured_bytes
 from src.io import load_compressed, save_compressed
-from src.io.compressed_format import structured_layers
 from src.surgery import collect_input_gram, compress_, select_layers
 
 
@@ -36,12 +35,6 @@ CODECS = {
 }
 
 
-def layer_bytes(model: nn.Module) -> int:
-    """Bytes of the structured layers' stored state (what the codec is responsible for)."""
-    return sum(t.numel() * t.element_size() for layer in structured_layers(model).values()
-               for t in layer.state_dict().values())
-
-
 def round_trip(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
                forward: Callable[[nn.Module, object], object], skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
     """Compress a copy of ``original`` with ``codec`` (timed, calibration included), save it, load it into
@@ -57,7 +50,7 @@ def round_trip(original: nn.Module, codec: Codec, include: list[str], calibratio
         folder = save_compressed(model, pathlib.Path(tmp) / "model")
         size = sum(f.stat().st_size for f in folder.iterdir())
         restored = load_compressed(folder, skeleton()).eval()
-    replaced_fp32, replaced = report.params_before * 4, layer_bytes(model)
+    replaced_fp32, replaced = report.params_before * 4, structured_bytes(model)
     return restored, {
         "compress_s": round(seconds, 2), "threads": torch.get_num_threads(), "bytes_on_disk": size,
         "ratio_vs_fp32": round(dense_bytes(original, 4) / size, 3),

@@ -42,18 +42,29 @@ def to_rows(runs: list[dict], metric_names: list[str]) -> list[dict]:
                                   if params else None)
         macs = metrics.get("flops/linear_macs_per_sample")
         row["MACs/sample"] = None if macs is None else int(macs)
+        if "bytes_on_disk" in run:  # mode=compress
+            row["MB on disk"] = round(run["bytes_on_disk"] / 1e6, 2)
+            row["x vs fp32"] = run.get("ratio_vs_fp32")
+            row["replaced MB"] = round(run["replaced_bytes"] / 1e6, 2)
+            row["replaced x vs fp32"] = run.get("replaced_ratio_vs_fp32")
+            row["compress (s)"] = run.get("compress_time_s")
         row["time (s)"] = run.get("wall_time_s")
         rows.append(row)
     return rows
 
 
+def columns_of(rows: list[dict]) -> list[str]:
+    """Every column any row has, in first-seen order (train and compress runs can share a table)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
-    columns = list(rows[0])
+    columns = columns_of(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join("" if row[c] is None else str(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     csv_path = args.csv or args.sweep_dir / "results.csv"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns_of(rows))
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nCSV written to {csv_path}", file=sys.stderr)

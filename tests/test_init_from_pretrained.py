@@ -34,6 +34,22 @@ def test_checkpoint_is_decomposed_into_replaced_layers(tmp_path):
     assert set(callback.errors) == {"0", "2"} and all(0 < e < 1 for e in callback.errors.values())
 
 
+def test_layer_whose_structure_changes_is_swapped(tmp_path):
+    """Types whose tensor shapes depend on the weights (Gaudi drops empty components) cannot be loaded into
+    the layer surgery built from random weights; the decomposed layer replaces it instead."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Sequential(nn.Linear(12, 20)))
+    ckpt = tmp_path / "dense.pt"
+    torch.save(pretrained.state_dict(), ckpt)
+    task = SimpleNamespace(model=nn.Sequential(nn.Sequential(nn.Linear(12, 20))))
+    task.compression_report = compress_(task.model, "lowrank", 0.5)
+    task.model[0][0] = LowRankLinear(12, 20, rank=1)  # a different structure than from_dense gives (rank 3)
+    InitFromPretrained(str(ckpt), prefix="", strict=True).setup(SimpleNamespace(ckpt_path=None, logger=None), task, "fit")
+    expected = LowRankLinear.from_dense(pretrained[0][0].weight, pretrained[0][0].bias, 0.5)
+    assert task.model[0][0].rank == expected.rank == 3
+    torch.testing.assert_close(task.model[0][0].to_dense_weight(), expected.to_dense_weight())
+
+
 def test_resume_skips_initialisation(tmp_path):
     task = SimpleNamespace(model=make_model())
     task.compression_report = compress_(task.model, "lowrank", 0.5)

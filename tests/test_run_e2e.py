@@ -59,6 +59,7 @@ def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path):
     metrics = json.loads(metrics_file.read_text())
     assert metrics["layer_type"] == "svdq"
     assert 0 < metrics["bytes_on_disk"] < metrics["dense_fp32_bytes"]
+    assert 0 < metrics["replaced_bytes"] < metrics["replaced_fp32_bytes"]
     assert metrics["ratio_vs_fp32"] > 1
     assert "test/acc" in metrics["metrics"] and "test/acc" in metrics["baseline_metrics"]
     assert (metrics_file.parent / "compressed" / "manifest.json").exists()

@@ -62,7 +62,7 @@ class InitFromPretrained(pl.Callback):
                 continue
             bias = state.get(f"{name}.bias")
             consumed.update({f"{name}.weight", f"{name}.bias"})
-            self.errors[name] = self._decompose_into(model.get_submodule(name), row, weight, bias)
+            self.errors[name] = self._decompose_into(model, name, row, weight, bias)
         rest = {k: v for k, v in state.items() if k not in consumed}
         missing, unexpected = model.load_state_dict(rest, strict=False)
         structured = {f"{n}." for n in rows}
@@ -78,13 +78,23 @@ class InitFromPretrained(pl.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def _decompose_into(module: nn.Module, row, weight: Tensor, bias: Tensor | None) -> float:
-        """Decompose ``weight`` as surgery did for this layer and copy the result into ``module``."""
-        linear: StructuredLinear = module.linear if isinstance(module, StructuredConv2d) else module
+    def _decompose_into(model: nn.Module, name: str, row, weight: Tensor, bias: Tensor | None) -> float:
+        """Decompose ``weight`` as surgery did for layer ``name`` and put the result in its place: values are
+        copied when the structure's tensor shapes match, else the layer is swapped (e.g. Gaudi dropping a
+        different number of empty components). Runs in ``setup``, before the optimizer sees the parameters."""
+        module = model.get_submodule(name)
+        owner, attr = (module, "linear") if isinstance(module, StructuredConv2d) else (
+            model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2])
+        linear: StructuredLinear = getattr(owner, attr)
         ref = next(linear.parameters())
         weight = weight.to(ref.device, ref.dtype)
         weight = weight.t() if row.kind == "conv1d" else weight.reshape(weight.shape[0], -1)
         bias = None if bias is None else bias.to(ref.device, ref.dtype)
         fresh = type(linear).from_dense(weight, bias, row.budget, **row.options)
-        linear.load_state_dict(fresh.state_dict())
+        current = linear.state_dict()
+        if {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in current.items()}:
+            linear.load_state_dict(fresh.state_dict())
+        else:
+            setattr(owner, attr, fresh.train(linear.training))
+            linear = fresh
         return ((linear.to_dense_weight() - weight).norm() / weight.norm().clamp(min=1e-30)).item()
