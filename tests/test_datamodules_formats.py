@@ -13,6 +13,7 @@ from PIL import Image
 from src.datamodules.cifar import CIFARDataModule
 from src.datamodules.common import DatasetNotFoundError
 from src.datamodules.glue import GlueDataModule
+from src.datamodules.image_classification import build_transforms
 from src.datamodules.imagenet import ImageNetDataModule, ImageNetHFDataModule
 from src.datamodules.language_modeling import tokenize_joined
 from src.datamodules.wikitext import WikiTextDataModule
@@ -46,6 +47,16 @@ def test_imagenet_folder_layout_with_mixup(tmp_path):
     assert torch.allclose(targets.sum(1), torch.ones(4))
     images, labels = next(iter(dm.test_dataloader()))
     assert images.shape == (3, 3, 32, 32) and labels.dtype == torch.long
+
+
+def test_default_rand_augment_survives_the_top_posterize_magnitude():
+    """m9 mstd0.5 draws magnitude 10 now and then; timm maps it to 0 posterize bits, which Pillow rejects."""
+    transform = build_transforms(32, True, rand_augment="rand-m9-mstd0.5-inc1")
+    (rand_augment,) = [t for t in transform.transforms if type(t).__name__ == "RandAugment"]
+    (posterize,) = [op for op in rand_augment.ops if op.name == "PosterizeIncreasing"]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10.0, 0.0
+    out = posterize(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getpixel((0, 0)) == (128, 0, 0)  # 1 bit kept
 
 
 def test_imagenet_missing_and_wrong_class_count(tmp_path):

@@ -21,10 +21,29 @@ def build_transforms(img_size: int, training: bool, rand_augment: str | None = N
     from timm.data import create_transform
 
     if training:
-        return create_transform(img_size, is_training=True, auto_augment=rand_augment, re_prob=re_prob,
-                                interpolation=interpolation, mean=mean, std=std, scale=scale)
+        transform = create_transform(img_size, is_training=True, auto_augment=rand_augment, re_prob=re_prob,
+                                     interpolation=interpolation, mean=mean, std=std, scale=scale)
+        return keep_one_posterize_bit(transform)
     return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
                             mean=mean, std=std)
+
+
+def _posterize_bits_at_least_one(level_fn):
+    return lambda magnitude, hparams: (max(1, level_fn(magnitude, hparams)[0]),)
+
+
+def keep_one_posterize_bit(transform):
+    """timm's increasing posterize maps magnitude 10 (reached by ``mstd`` sampling, ~2 % of draws at m9 mstd0.5)
+    to 0 bits, which Pillow >= 10 rejects ("bits must be between 1 and 8") and which would black the image out;
+    clamp it to 1 bit so a long run cannot die on one unlucky draw."""
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name == "PosterizeIncreasing" and op.level_fn is not None:
+                    op.level_fn = _posterize_bits_at_least_one(op.level_fn)
+    return transform
 
 
 class MixupCollate:
