@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a multirun (or run) directory holding metrics.json files")
     parser.add_argument("--csv", type=Path, default=None, help="CSV path (default: <sweep_dir>/results.csv)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as a JSON list here")
     parser.add_argument("--metrics", nargs="*", default=None, help="metric names to show (default: those present)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nCSV written to {csv_path}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"JSON written to {args.json}", file=sys.stderr)
     return 0
 
 

@@ -40,7 +40,8 @@ def test_budget_sweep_and_table(tmp_path, capsys):
          "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none"],
         tmp_path, multirun=True)
     (sweep,) = (tmp_path / "logs" / "train" / "multirun").iterdir()  # the default sweep dir, as users get it
-    assert make_table([str(sweep)]) == 0
+    assert make_table([str(sweep), "--json", str(tmp_path / "rows.json")]) == 0
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
     table = capsys.readouterr().out
     assert "layer.budget=0.1" in table and "layer.budget=0.5" in table
     rows = list(csv.DictReader(open(sweep / "results.csv")))
@@ -51,7 +52,7 @@ def test_budget_sweep_and_table(tmp_path, capsys):
 
 
 @needs_fashion_mnist
-def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path):
+def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path, capsys):
     run(["mode=compress", "layer=svdq", "layer.include=[blocks.*]", "+layer.options.max_error=0.05",
          "layer.calibration_batches=1", "datamodule.batch_size=16", "trainer.limit_test_batches=1",
          "logger=none", "callbacks=none"], tmp_path)
@@ -63,3 +64,5 @@ def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path):
     assert metrics["ratio_vs_fp32"] > 1
     assert "test/acc" in metrics["metrics"] and "test/acc" in metrics["baseline_metrics"]
     assert (metrics_file.parent / "compressed" / "manifest.json").exists()
+    assert make_table([str(metrics_file.parent)]) == 0
+    assert "| MB on disk |" in capsys.readouterr().out

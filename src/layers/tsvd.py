@@ -18,7 +18,7 @@ from .base import StructuredLinear, check_budget, check_dense_weight, register_l
 
 log = logging.getLogger(__name__)
 
-EXACT_SVD_MAX_NUMEL = 1024 ** 2  # above this, a seeded randomized SVD of rank 5 * stride
+EXACT_SVD_MAX_NUMEL = 128 ** 2  # at or below this, always the exact SVD
 _RANDOMIZED_SVD_SEED = 0
 _DAMPING = 1e-5
 
@@ -82,15 +82,18 @@ def fit_scales(target: Tensor, t_u: Tensor, t_v: Tensor) -> tuple[Tensor, Tensor
 
 
 def top_singular(matrix: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top ``count`` singular triplets ``(U [m, k], S [k], V [n, k])``: exact, or seeded randomized SVD
-    (rank ``5 * count``) for matrices above ``EXACT_SVD_MAX_NUMEL`` entries; the global RNG is left untouched."""
-    if matrix.numel() <= EXACT_SVD_MAX_NUMEL:
+    """The top ``count`` singular triplets ``(U [m, k], S [k], V [n, k])``: a seeded randomized SVD of rank
+    ``q = 5 * count`` when ``q`` is under half the smaller side (each greedy step then costs O(m n q) instead
+    of a full SVD), else exact (also for matrices of at most ``EXACT_SVD_MAX_NUMEL`` entries). The global
+    RNG is left untouched."""
+    sketch = 5 * count
+    if matrix.numel() <= EXACT_SVD_MAX_NUMEL or 2 * sketch > min(matrix.shape):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :count], s[:count], vh[:count].T
     devices = [matrix.device] if matrix.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_RANDOMIZED_SVD_SEED)
-        u, s, v = torch.svd_lowrank(matrix, q=min(5 * count, min(matrix.shape)), niter=2)
+        u, s, v = torch.svd_lowrank(matrix, q=sketch, niter=2)
     return u[:, :count], s[:count], v[:, :count]
 
 
