@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from .io import save_compressed
 from .io.compressed_format import structured_layers
+from .layers import StructuredConv2d
 from .utils.run_helpers import apply_layer_config, collect_run_metrics, instantiate_list, write_metrics_json
 
 
@@ -32,8 +33,8 @@ def dense_bytes(model: torch.nn.Module, bytes_per_value: int) -> int:
 def structured_bytes(model: torch.nn.Module) -> int:
     """Bytes of the structured layers' stored state: what the codec is responsible for (embeddings, norms and
     untouched layers excluded)."""
-    return sum(t.numel() * t.element_size() for layer in structured_layers(model).values()
-               for t in layer.state_dict().values())
+    return sum((layer.linear if isinstance(layer, StructuredConv2d) else layer).storage_bytes()
+               for layer in structured_layers(model).values())
 
 
 def compress(cfg: DictConfig) -> tuple[dict, dict]:

@@ -1,13 +1,17 @@
 """Saving a compressed model to one safetensors file + manifest and loading it into a dense skeleton."""
 import copy
+import hashlib
 import json
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from src import load_compressed, save_compressed
 from src.io.compressed_format import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from src.layers.quant import pack_ternary, unpack_ternary
 from src.layers.tsvd import TernarySVDLinear
 from src.surgery import compress_
 
@@ -68,12 +72,52 @@ def test_roundtrip_outputs_are_bit_identical(saved):
 def test_manifest_records_layers_and_hash(saved):
     _, path = saved
     manifest = read_manifest(path)
-    assert manifest["version"] == 1 and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["version"] == 2 and len(manifest["weights"]["sha256"]) == 64
     assert manifest["weights"]["bytes"] == (path / WEIGHTS_FILE).stat().st_size
     recorded = {entry["name"]: entry for entry in manifest["layers"]}
     assert {name: entry["type"] for name, entry in recorded.items()} == LAYERS
     assert recorded["conv"]["conv"]["kernel_size"] == [3, 3]
     assert recorded["a"]["config"]["bits"] == 4 and recorded["a"]["out_features"] == 48
+
+
+def test_ternary_factors_are_stored_at_two_bits(saved):
+    """tsvd's int8 {-1, 0, 1} factors go to disk four per byte and come back as the same int8 values."""
+    model, path = saved
+    manifest = read_manifest(path)
+    assert manifest["ternary_packed"] == {"c.u": list(model.c.u.shape), "c.v": list(model.c.v.shape)}
+    with safe_open(path / WEIGHTS_FILE, "pt") as stored:
+        assert stored.get_tensor("c.u").numel() == (model.c.u.numel() + 3) // 4
+    loaded = load_compressed(path, skeleton())
+    assert loaded.c.u.dtype == torch.int8 and torch.equal(loaded.c.u, model.c.u) and torch.equal(loaded.c.v, model.c.v)
+    assert model.c.storage_bytes() < model.c.u.numel() + model.c.v.numel()
+
+
+@pytest.mark.parametrize("numel", [1, 4, 5, 7, 1001])
+def test_ternary_pack_roundtrip(numel):
+    values = torch.randint(-1, 2, (numel,), generator=torch.Generator().manual_seed(numel), dtype=torch.int8)
+    packed = pack_ternary(values)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 3) // 4
+    assert torch.equal(unpack_ternary(packed, (numel,)), values)
+    with pytest.raises(ValueError, match="ternary"):
+        pack_ternary(torch.tensor([2], dtype=torch.int8))
+
+
+def test_version_1_saves_still_load(saved, tmp_path):
+    """A version-1 manifest (before ternary packing) with int8 factors in the file loads unchanged."""
+    model, _ = saved
+    path = tmp_path / "v1"
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(tensors)
+    (path).mkdir()
+    (path / WEIGHTS_FILE).write_bytes(data)
+    manifest = read_manifest(saved[1])
+    manifest.update(version=1, aliases={}, weights={"file": WEIGHTS_FILE, "bytes": len(data),
+                                                    "sha256": hashlib.sha256(data).hexdigest()})
+    del manifest["ternary_packed"]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(load_compressed(path, skeleton())(x), model(x))
 
 
 def test_truncated_file_is_rejected(saved, tmp_path):

@@ -3,10 +3,11 @@ factors, the untouched dense parts) and a JSON manifest that says how to rebuild
 
 Layout of the directory ``path``::
 
-    model.safetensors   the model's state dict (tensors that share memory are stored once)
+    model.safetensors   the model's state dict (tensors that share memory are stored once; int8 tensors whose
+                        entries are all in {-1, 0, 1}, e.g. ternary SVD factors, packed four per byte)
     manifest.json       format name and version, size and sha256 of model.safetensors, per structured layer
                         its qualified name, type, shape and ``config()`` (constructor options), tensor aliases,
-                        and optionally the compression report
+                        the shapes of the 2-bit packed tensors, and optionally the compression report
 
 Both files are written atomically (temp file + rename), the manifest last. Loading rebuilds each layer in a
 dense skeleton from its constructor -- no decomposition runs -- and loads the tensors as saved (dtype
@@ -25,12 +26,14 @@ import torch
 from torch import nn
 
 from ..layers import StructuredConv2d, StructuredLinear, get_layer_class
+from ..layers.quant import pack_ternary, unpack_ternary
 from ..surgery import dense_view
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "structured-compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added 2-bit packing of ternary tensors ("ternary_packed")
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 1 << 20
@@ -96,6 +99,17 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return tensors, aliases
 
 
+def _pack_ternaries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Replace, in place, every int8 tensor with entries in {-1, 0, 1} by its 2-bit packing; returns the
+    original shapes by key (lossless: loading unpacks them to the same int8 values)."""
+    shapes = {}
+    for key, tensor in tensors.items():
+        if tensor.dtype == torch.int8 and tensor.numel() >= 4 and bool((tensor.abs() <= 1).all()):
+            shapes[key] = list(tensor.shape)
+            tensors[key] = pack_ternary(tensor)
+    return shapes
+
+
 def save_compressed(model: nn.Module, path: str | Path, report=None) -> Path:
     """Write ``model`` (after ``compress_``) to the directory ``path``; returns it.
 
@@ -110,6 +124,7 @@ def save_compressed(model: nn.Module, path: str | Path, report=None) -> Path:
         _check_rebuildable(entry, module)
         layers.append(entry)
     tensors, aliases = _unique_tensors(model.state_dict())
+    ternary_shapes = _pack_ternaries(tensors)
     data = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
     manifest = {
         "format": FORMAT_NAME,
@@ -117,6 +132,7 @@ def save_compressed(model: nn.Module, path: str | Path, report=None) -> Path:
         "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "layers": layers,
         "aliases": aliases,
+        "ternary_packed": ternary_shapes,
         "report": report.to_dict() if hasattr(report, "to_dict") else report,
     }
     atomic_write_bytes(directory / WEIGHTS_FILE, data)
@@ -136,9 +152,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not valid JSON (truncated or corrupted): {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{file} is not a {FORMAT_NAME!r} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{file} has format version {manifest.get('version')!r}; this reader supports "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {READABLE_VERSIONS} (a newer save needs a newer structured-compress)")
     return manifest
 
 
@@ -194,6 +210,11 @@ def load_compressed(path: str | Path, model_skeleton: nn.Module, device: str | t
         tensors = safetensors.torch.load_file(weights, device=str(device))
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    try:
+        for key, shape in manifest.get("ternary_packed", {}).items():
+            tensors[key] = unpack_ternary(tensors[key], tuple(shape))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{weights}: a 2-bit packed tensor does not match the manifest: {err}") from err
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
     with torch.random.fork_rng(devices=[]):  # constructors may draw random inits; keep the caller's RNG

@@ -100,6 +100,10 @@ class StructuredLinear(nn.Module):
     def flops_per_token(self) -> int:
         raise NotImplementedError
 
+    def storage_bytes(self) -> int:
+        """Bytes this layer takes in a saved file (types that pack their state on disk override it)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
     def config(self) -> dict:
         """Constructor keyword arguments (besides in/out features) that rebuild this layer's structure, so a
         saved state dict can be loaded into ``type(self)(in_features, out_features, **config())``."""

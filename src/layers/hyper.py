@@ -223,10 +223,6 @@ class HyperCompressedLinear(StructuredLinear):
             return 8.0 * self.raw_weight.element_size()
         return (self.index_bits * self.num_pairs + 32 * SIDE_FIELDS) / numel
 
-    def storage_bytes(self) -> int:
-        """Bytes of the stored state (packed codes, side information or raw weight, bias)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
     def config(self) -> dict:
         return {"bias": self.bias is not None, "codebook_size": self.codebook_size, "classes": self.classes,
                 "index_bits": self.index_bits, "raw": self.raw}

@@ -95,3 +95,22 @@ def unpack(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
         return packed.view(torch.int8).reshape(shape)
     nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:numel]
     return (nibbles.to(torch.int16) - 8).to(torch.int8).reshape(shape)
+
+
+def pack_ternary(values: Tensor) -> Tensor:
+    """Entries in {-1, 0, 1} (any dtype) -> ``uint8`` bytes holding four 2-bit codes each (padded with zeros)."""
+    flat = values.reshape(-1).to(torch.int16) + 1
+    if flat.numel() and (flat.min() < 0 or flat.max() > 2):
+        raise ValueError("ternary packing needs entries in {-1, 0, 1}")
+    flat = torch.cat([flat, flat.new_ones((-flat.numel()) % 4)]).to(torch.uint8).reshape(-1, 4)
+    return flat[:, 0] | (flat[:, 1] << 2) | (flat[:, 2] << 4) | (flat[:, 3] << 6)
+
+
+def unpack_ternary(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_ternary`: int8 entries in {-1, 0, 1} of ``shape``."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 3) // 4:
+        raise ValueError(f"packed buffer holds {packed.numel()} {packed.dtype} bytes; {numel} ternary entries need "
+                         f"{(numel + 3) // 4} uint8 bytes")
+    codes = torch.stack([(packed >> shift) & 0b11 for shift in (0, 2, 4, 6)], dim=-1).reshape(-1)[:numel]
+    return (codes.to(torch.int8) - 1).reshape(shape)

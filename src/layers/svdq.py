@@ -169,10 +169,6 @@ class SVDQuantLinear(StructuredLinear):
             return self.rank * (self.in_features + self.out_features)
         return self.in_features * self.out_features
 
-    def storage_bytes(self) -> int:
-        """Bytes of the stored state: packed codes, scales, ``s``, float weight (dense mode) and bias."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
     def config(self) -> dict:
         return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
                 "bias": self.bias is not None}

@@ -222,8 +222,9 @@ class TernarySVDLinear(StructuredLinear):
         return self.muls_per_token() + self.adds_per_token()
 
     def storage_bytes(self) -> int:
-        """Bytes of the stored state (ternaries as int8; 2-bit packing would need a quarter of that)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes saved on disk: ternaries at 2 bits (``save_compressed`` packs them four per byte), ``s``, bias."""
+        ternary = sum((t.numel() + 3) // 4 for t in (self.u, self.v))
+        return ternary + sum(t.numel() * t.element_size() for n, t in self.state_dict().items() if n not in ("u", "v"))
 
     def config(self) -> dict:
         return {"rank": self.rank, "bias": self.bias is not None, "tolerance": self.tolerance,
