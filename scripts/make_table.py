@@ -37,7 +37,9 @@ def to_rows(runs: list[dict], metric_names: list[str]) -> list[dict]:
         for name in metric_names:
             value = metrics.get(name)
             row[name] = None if value is None else round(value, 4)
-        row["params"] = params.get("model_params_after")
+        # numbers stored (codes in buffers included), also for metrics.json written before surgery counted them
+        row["params"] = (params["model_params_before"] - params["replaced_params_before"] + params["replaced_params_after"]
+                         if params else None)
         row["replaced params"] = (f"{params.get('replaced_params_before')}->{params.get('replaced_params_after')}"
                                   if params else None)
         macs = metrics.get("flops/linear_macs_per_sample")

@@ -244,7 +244,8 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         log.debug("replaced %s (%s %dx%d) by %s", name, kind, out_features, in_features, type_name)
     if not report.layers:
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
-    report.model_params_after = sum(p.numel() for p in model.parameters())
+    # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers
+    report.model_params_after = report.model_params_before - report.params_before + report.params_after
     return report
 
 

@@ -205,3 +205,13 @@ def test_calibration_gram_is_exact_and_inputs_cover_every_batch():
     second_batch = {tuple(r.tolist()) for r in patches[len(patches) // 2:]}
     assert any(tuple(r.tolist()) in second_batch for r in kept)
     assert stats["2"]["inputs"].shape == (20, 36)  # 24 inputs (2 batches x 3 x 4 rows), 20 kept
+
+
+@pytest.mark.parametrize("layer_type", ["lowrank", "svdq"])
+def test_model_params_after_counts_numbers_stored_in_buffers_too(layer_type):
+    """svdq keeps its codes in buffers; the model count must still include them (num_params of each layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.LayerNorm(48), nn.Linear(48, 16))
+    report = compress_(model, layer_type, 0.5, include=["0", "2"])
+    expected = sum(p.numel() for p in model[1].parameters()) + model[0].num_params() + model[2].num_params()
+    assert report.model_params_after == expected
