@@ -53,7 +53,7 @@ def test_budget_sweep_and_table(tmp_path, capsys):
 
 @needs_fashion_mnist
 def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path, capsys):
-    run(["mode=compress", "layer=svdq", "layer.include=[blocks.*]", "+layer.options.max_error=0.05",
+    run(["mode=compress", "layer=svdq", "layer.include=[blocks.*]", "layer.max_error=0.05",
          "layer.calibration_batches=1", "datamodule.batch_size=16", "trainer.limit_test_batches=1",
          "logger=none", "callbacks=none"], tmp_path)
     (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")

@@ -116,7 +116,7 @@ class SVDQuantLinear(StructuredLinear):
         if max_error is not None:
             if inputs is None:
                 raise ValueError("svdq max_error needs calibration inputs (N x in_features): pass inputs= "
-                                 "or calibrate the layer in compress_")
+                                 "or calibrate the layer in compress_ (command line: layer.calibration_batches=8)")
             error_of = _output_error_fn(dense, bias, inputs.to(dense.device).reshape(-1, in_features).float())
         u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
 
