@@ -44,10 +44,15 @@ def test_layer_whose_structure_changes_is_swapped(tmp_path):
     task = SimpleNamespace(model=nn.Sequential(nn.Sequential(nn.Linear(12, 20))))
     task.compression_report = compress_(task.model, "lowrank", 0.5)
     task.model[0][0] = LowRankLinear(12, 20, rank=1)  # a different structure than from_dense gives (rank 3)
+    row = task.compression_report.layers[0]
+    row.params_after, row.flops_after = task.model[0][0].num_params(), task.model[0][0].flops_per_token()
+    task.compression_report.model_params_after = task.model[0][0].num_params()
     InitFromPretrained(str(ckpt), prefix="", strict=True).setup(SimpleNamespace(ckpt_path=None, logger=None), task, "fit")
     expected = LowRankLinear.from_dense(pretrained[0][0].weight, pretrained[0][0].bias, 0.5)
     assert task.model[0][0].rank == expected.rank == 3
     torch.testing.assert_close(task.model[0][0].to_dense_weight(), expected.to_dense_weight())
+    assert (row.params_after, row.flops_after) == (expected.num_params(), expected.flops_per_token())
+    assert task.compression_report.model_params_after == expected.num_params()
 
 
 def test_resume_skips_initialisation(tmp_path):

@@ -62,7 +62,7 @@ class InitFromPretrained(pl.Callback):
                 continue
             bias = state.get(f"{name}.bias")
             consumed.update({f"{name}.weight", f"{name}.bias"})
-            self.errors[name] = self._decompose_into(model, name, row, weight, bias)
+            self.errors[name] = self._decompose_into(model, name, row, weight, bias, report)
         rest = {k: v for k, v in state.items() if k not in consumed}
         missing, unexpected = model.load_state_dict(rest, strict=False)
         structured = {f"{n}." for n in rows}
@@ -78,7 +78,7 @@ class InitFromPretrained(pl.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def _decompose_into(model: nn.Module, name: str, row, weight: Tensor, bias: Tensor | None) -> float:
+    def _decompose_into(model: nn.Module, name: str, row, weight: Tensor, bias: Tensor | None, report=None) -> float:
         """Decompose ``weight`` as surgery did for layer ``name`` and put the result in its place: values are
         copied when the structure's tensor shapes match, else the layer is swapped (e.g. Gaudi dropping a
         different number of empty components). Runs in ``setup``, before the optimizer sees the parameters."""
@@ -97,4 +97,8 @@ class InitFromPretrained(pl.Callback):
         else:
             setattr(owner, attr, fresh.train(linear.training))
             linear = fresh
+            params_after = fresh.num_params()
+            if report is not None:  # keep metrics.json's counts true to the swapped-in layer
+                report.model_params_after += params_after - row.params_after
+            row.params_after, row.flops_after = params_after, fresh.flops_per_token()
         return ((linear.to_dense_weight() - weight).norm() / weight.norm().clamp(min=1e-30)).item()
