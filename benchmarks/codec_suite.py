@@ -36,7 +36,8 @@ CODECS = {
 
 
 def round_trip(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
-               forward: Callable[[nn.Module, object], object], skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+               forward: Callable[[nn.Module, object], object],
+               skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
     """Compress a copy of ``original`` with ``codec`` (timed, calibration included), save it, load it into
     ``skeleton()`` and return ``(restored model, stats)``; stats hold time, bytes on disk and ratios."""
     model = copy.deepcopy(original)

@@ -61,8 +61,8 @@ def main() -> None:
     reference = embed(original, evaluation)
     results = []
     for name in args.codecs:
-        restored, stats = round_trip(original, CODECS[name], ["encoder.*"], [calibration],
-                                     forward=lambda m, b: m(**b), skeleton=lambda: AutoModel.from_pretrained(minilm_dir()))
+        restored, stats = round_trip(original, CODECS[name], ["encoder.*"], [calibration], forward=lambda m, b: m(**b),
+                                     skeleton=lambda: AutoModel.from_pretrained(minilm_dir()))
         cosine = torch.nn.functional.cosine_similarity(embed(restored, evaluation), reference, dim=-1)
         results.append({"codec": name, **stats, "cosine_mean": round(cosine.mean().item(), 5),
                         "cosine_min": round(cosine.min().item(), 5)})

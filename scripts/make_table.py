@@ -38,8 +38,8 @@ def to_rows(runs: list[dict], metric_names: list[str]) -> list[dict]:
             value = metrics.get(name)
             row[name] = None if value is None else round(value, 4)
         # numbers stored (codes in buffers included), also for metrics.json written before surgery counted them
-        row["params"] = (params["model_params_before"] - params["replaced_params_before"] + params["replaced_params_after"]
-                         if params else None)
+        row["params"] = (params["model_params_before"] - params["replaced_params_before"]
+                         + params["replaced_params_after"] if params else None)
         row["replaced params"] = (f"{params.get('replaced_params_before')}->{params.get('replaced_params_after')}"
                                   if params else None)
         macs = metrics.get("flops/linear_macs_per_sample")
