@@ -94,6 +94,18 @@ def test_falls_back_to_float_dense_when_even_quantized_dense_misses():
     assert torch.equal(layer(inputs), torch.nn.functional.linear(inputs, weight, bias))
 
 
+def test_int4_layer_that_misses_the_bound_falls_back_to_int8_before_float():
+    gen = torch.Generator().manual_seed(4)
+    weight, inputs = torch.randn(32, 24, generator=gen), torch.randn(64, 24, generator=gen)  # flat spectrum
+    without = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=0.05, inputs=inputs)
+    layer = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=0.05, inputs=inputs, fallback_bits=8)
+    assert without.mode == "dense"  # int4 misses 5 % even as a whole matrix
+    assert (layer.mode, layer.bits) == ("qdense", 8) and layer.config()["bits"] == 8
+    assert ((layer(inputs) - inputs @ weight.T).norm() / (inputs @ weight.T).norm()) <= 0.05
+    strict = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=1e-6, inputs=inputs, fallback_bits=8)
+    assert strict.mode == "dense"  # int8 misses too: float
+
+
 def test_factors_bigger_than_quantized_dense_are_not_kept():
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(6))
     full = SVDQuantLinear.from_dense(weight, budget=1.0)  # rank floor(mn/(m+n)): more bytes than int8 dense

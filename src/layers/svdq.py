@@ -9,6 +9,9 @@ Three storage modes share the class:
   the factored form would take at least as many bytes (so a kept factored form is always the smaller one);
 * ``dense``: the float weight, when even the quantized dense weight misses ``max_error``.
 
+With ``fallback_bits`` (e.g. 8 for an int4 codec) a layer that misses the bound at ``bits`` is searched again at
+``fallback_bits`` before it is kept in float: a mixed-precision model, each layer's bit width in its config.
+
 fp16 scales are kept as their int16 bit patterns so ``model.half()``/``.to(dtype)`` cannot round them.
 """
 from __future__ import annotations
@@ -100,12 +103,13 @@ class SVDQuantLinear(StructuredLinear):
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, bits: int = 8,
                    group_size: int | None = None, max_error: float | None = None, inputs: Tensor | None = None,
-                   rank: int | None = None) -> "SVDQuantLinear":
+                   rank: int | None = None, fallback_bits: int | None = None) -> "SVDQuantLinear":
         """Quantized truncated SVD of ``weight``.
 
         rank: ``rank``, else the smallest rank meeting ``max_error`` on ``inputs`` (N x in_features, the
         layer's calibration inputs; relative error ``||W_hat x - W x|| / ||W x + b||`` over all of them), else
-        ``rank_for_budget(budget)``. The result falls back to ``qdense``/``dense`` as the module doc says.
+        ``rank_for_budget(budget)``. The result falls back to ``qdense``, then ``fallback_bits``, then ``dense``
+        as the module doc says.
         """
         check_dense_weight(weight, bias)
         check_bits(bits)
@@ -141,6 +145,11 @@ class SVDQuantLinear(StructuredLinear):
             log.debug("svdq %dx%d: rank %d is not smaller than quantized dense", out_features, in_features, rank)
         if error_of is None or error_of(qdense.to_dense_weight()) <= max_error:
             return _finish(qdense, bias, weight.dtype)
+        if fallback_bits is not None and fallback_bits != bits:
+            log.info("svdq %dx%d: int%d misses max_error=%g; trying int%d", out_features, in_features, bits,
+                     max_error, fallback_bits)
+            return cls.from_dense(weight, bias, budget, bits=fallback_bits, group_size=group_size,
+                                  max_error=max_error, inputs=inputs)
         log.info("svdq %dx%d: even the int%d dense weight misses max_error=%g; keeping it in float",
                  out_features, in_features, bits, max_error)
         layer = cls(in_features, out_features, mode="dense", **kwargs).to(weight.device)
