@@ -14,20 +14,23 @@ import torch
 from src.layers import LAYERS
 
 
-def time_forward(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median seconds per forward (after warm-up), synchronising CUDA around each call."""
+def time_forwards(layers: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward of each layer, timed round-robin (every round runs each layer once, after a
+    warm-up) so that drift in clock speed or machine load hits all types alike; CUDA is synchronised per call."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in layers}
     with torch.inference_mode():
-        for _ in range(3):
-            layer(x)
-        times = []
+        for layer in layers.values():
+            for _ in range(3):
+                layer(x)
         for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            layer(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            for name, layer in layers.items():
+                sync()
+                start = time.perf_counter()
+                layer(x)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def main() -> None:
@@ -45,24 +48,27 @@ def main() -> None:
     device = torch.device(args.device)
     weight = torch.randn(args.out_features, args.in_features, device=device) / args.in_features ** 0.5
     x = torch.randn(args.tokens, args.in_features, device=device)
-    results = []
+    results, layers, init_seconds = [], {}, {}
     for name in args.types or sorted(LAYERS):
         start = time.perf_counter()
         try:
-            layer = LAYERS[name].from_dense(weight, None, args.budget).to(device).eval()
+            layers[name] = LAYERS[name].from_dense(weight, None, args.budget).to(device).eval()
         except Exception as err:  # report and go on: one broken type should not hide the others
             results.append({"layer": name, "error": f"{type(err).__name__}: {err}"})
             continue
-        init_s = time.perf_counter() - start
+        init_seconds[name] = time.perf_counter() - start
+    forward_seconds = time_forwards(layers, x, args.repeats)
+    for name, layer in layers.items():
         results.append({
-            "layer": name, "init_s": round(init_s, 4),
-            "forward_ms": round(1e3 * time_forward(layer, x, args.repeats), 4),
+            "layer": name, "init_s": round(init_seconds[name], 4),
+            "forward_ms": round(1e3 * forward_seconds[name], 4),
             "params": layer.num_params(), "macs_per_token": layer.flops_per_token(),
             "rel_error": round(((layer.to_dense_weight().float() - weight).norm() / weight.norm()).item(), 5),
         })
     print(json.dumps({"device": str(device), "cpu": platform.processor() or platform.machine(),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__, "shape": [args.out_features, args.in_features],
-                      "tokens": args.tokens, "budget": args.budget, "results": results}, indent=2))
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "shape": [args.out_features, args.in_features], "tokens": args.tokens, "budget": args.budget,
+                      "repeats": args.repeats, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
