@@ -54,12 +54,13 @@ def compress(cfg: DictConfig) -> tuple[dict, dict]:
 
     out_dir = save_compressed(task.model, Path(cfg.paths.output_dir) / "compressed", report)
     disk_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    replaced_bytes = structured_bytes(task.model)
     metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {
         "baseline_metrics": {k: float(v) for k, v in baseline.items()},
         "bytes_on_disk": disk_bytes, "dense_fp32_bytes": fp32_bytes, "dense_fp16_bytes": fp16_bytes,
         "ratio_vs_fp32": round(fp32_bytes / disk_bytes, 3), "ratio_vs_fp16": round(fp16_bytes / disk_bytes, 3),
-        "replaced_fp32_bytes": report.params_before * 4, "replaced_bytes": structured_bytes(task.model),
-        "replaced_ratio_vs_fp32": round(report.params_before * 4 / max(1, structured_bytes(task.model)), 3),
+        "replaced_fp32_bytes": report.params_before * 4, "replaced_bytes": replaced_bytes,
+        "replaced_ratio_vs_fp32": round(report.params_before * 4 / max(1, replaced_bytes), 3),
         "compress_time_s": round(compress_seconds, 2), "wall_time_s": round(time.perf_counter() - start, 2),
         "compressed_path": str(out_dir.resolve()), "experiment": cfg.get("experiment_name"),
     })
