@@ -1,6 +1,7 @@
 """Forward latency of every registered layer type against dense, for one shape and budget. Prints JSON.
 
     python benchmarks/layer_speed.py --in-features 768 --out-features 3072 --tokens 4096 --budget 0.25
+    python benchmarks/layer_speed.py --option gaudi.compute_mode=lr     # from_dense options per type
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import time
 
 import torch
+import yaml
 
 from src.layers import LAYERS
 
@@ -42,7 +44,16 @@ def main() -> None:
     parser.add_argument("--types", nargs="*", default=None, help="layer types (default: all registered)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--option", action="append", default=[], metavar="TYPE.KEY=VALUE",
+                        help="a from_dense option for one type (YAML value), e.g. gaudi.compute_mode=lr")
     args = parser.parse_args()
+    options: dict[str, dict] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        layer_type, dot, name = key.partition(".")
+        if not (sep and dot and name):
+            parser.error(f"--option {item!r}: expected TYPE.KEY=VALUE, e.g. gaudi.compute_mode=lr")
+        options.setdefault(layer_type, {})[name] = yaml.safe_load(value)
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -52,7 +63,7 @@ def main() -> None:
     for name in args.types or sorted(LAYERS):
         start = time.perf_counter()
         try:
-            layers[name] = LAYERS[name].from_dense(weight, None, args.budget).to(device).eval()
+            layers[name] = LAYERS[name].from_dense(weight, None, args.budget, **options.get(name, {})).to(device).eval()
         except Exception as err:  # report and go on: one broken type should not hide the others
             results.append({"layer": name, "error": f"{type(err).__name__}: {err}"})
             continue
@@ -60,7 +71,7 @@ def main() -> None:
     forward_seconds = time_forwards(layers, x, args.repeats)
     for name, layer in layers.items():
         results.append({
-            "layer": name, "init_s": round(init_seconds[name], 4),
+            "layer": name, "options": options.get(name, {}), "init_s": round(init_seconds[name], 4),
             "forward_ms": round(1e3 * forward_seconds[name], 4),
             "params": layer.num_params(), "macs_per_token": layer.flops_per_token(),
             "rel_error": round(((layer.to_dense_weight().float() - weight).norm() / weight.norm()).item(), 5),
