@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from src.compress import dense_bytes, structured_bytes
+from src.compress import dense_bytes, size_metrics
 from src.io import load_compressed, save_compressed
 from src.surgery import collect_input_gram, compress_, select_layers
 
@@ -49,13 +49,7 @@ def round_trip(original: nn.Module, codec: Codec, include: list[str], calibratio
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, pathlib.Path(tmp) / "model")
-        size = sum(f.stat().st_size for f in folder.iterdir())
+        sizes = size_metrics(dense_bytes(original, 4), dense_bytes(original, 2), model, report, folder)
         restored = load_compressed(folder, skeleton()).eval()
-    replaced_fp32, replaced = report.params_before * 4, structured_bytes(model)
-    return restored, {
-        "compress_s": round(seconds, 2), "threads": torch.get_num_threads(), "bytes_on_disk": size,
-        "ratio_vs_fp32": round(dense_bytes(original, 4) / size, 3),
-        "ratio_vs_fp16": round(dense_bytes(original, 2) / size, 3),
-        "replaced_layers": len(report.layers), "replaced_fp32_bytes": replaced_fp32,
-        "replaced_bytes": replaced, "replaced_ratio_vs_fp32": round(replaced_fp32 / replaced, 3),
-    }
+    return restored, {"compress_s": round(seconds, 2), "threads": torch.get_num_threads(),
+                      "replaced_layers": len(report.layers), **sizes}

@@ -37,6 +37,18 @@ def structured_bytes(model: torch.nn.Module) -> int:
                for layer in structured_layers(model).values())
 
 
+def size_metrics(dense_fp32_bytes: int, dense_fp16_bytes: int, compressed: torch.nn.Module, report,
+                 saved_dir: str | Path) -> dict:
+    """True bytes on disk of a ``save_compressed`` folder and its ratios: the whole save against the dense
+    model at fp32/fp16 (``dense_bytes`` taken before surgery), the replaced layers against their fp32 weights."""
+    disk = sum(f.stat().st_size for f in Path(saved_dir).iterdir() if f.is_file())
+    replaced_fp32, replaced = report.params_before * 4, structured_bytes(compressed)
+    return {"bytes_on_disk": disk, "dense_fp32_bytes": dense_fp32_bytes, "dense_fp16_bytes": dense_fp16_bytes,
+            "ratio_vs_fp32": round(dense_fp32_bytes / disk, 3), "ratio_vs_fp16": round(dense_fp16_bytes / disk, 3),
+            "replaced_fp32_bytes": replaced_fp32, "replaced_bytes": replaced,
+            "replaced_ratio_vs_fp32": round(replaced_fp32 / max(1, replaced), 3)}
+
+
 def compress(cfg: DictConfig) -> tuple[dict, dict]:
     """Post-training compression run; returns ``(metrics, objects)``."""
     start = time.perf_counter()
@@ -53,14 +65,9 @@ def compress(cfg: DictConfig) -> tuple[dict, dict]:
     trainer.test(task, datamodule=datamodule)
 
     out_dir = save_compressed(task.model, Path(cfg.paths.output_dir) / "compressed", report)
-    disk_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    replaced_bytes = structured_bytes(task.model)
     metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {
         "baseline_metrics": {k: float(v) for k, v in baseline.items()},
-        "bytes_on_disk": disk_bytes, "dense_fp32_bytes": fp32_bytes, "dense_fp16_bytes": fp16_bytes,
-        "ratio_vs_fp32": round(fp32_bytes / disk_bytes, 3), "ratio_vs_fp16": round(fp16_bytes / disk_bytes, 3),
-        "replaced_fp32_bytes": report.params_before * 4, "replaced_bytes": replaced_bytes,
-        "replaced_ratio_vs_fp32": round(report.params_before * 4 / max(1, replaced_bytes), 3),
+        **size_metrics(fp32_bytes, fp16_bytes, task.model, report, out_dir),
         "compress_time_s": round(compress_seconds, 2), "wall_time_s": round(time.perf_counter() - start, 2),
         "compressed_path": str(out_dir.resolve()), "experiment": cfg.get("experiment_name"),
     })

@@ -166,7 +166,8 @@ def select_layers(model: nn.Module, include: str | Sequence[str] | None = None,
     }
 
 
-def _replace_child(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) is."""
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new)
@@ -233,7 +234,7 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         new_linear.train(module.training)
         rel_error = ((new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)).item()
         new = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear
-        _replace_child(model, name, new)
+        replace_child(model, name, new)
         out_features, in_features = weight.shape
         report.layers.append(LayerReport(
             name=name, kind=kind, layer_type=type_name, out_features=out_features, in_features=in_features,
@@ -254,9 +255,9 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
                        forward: Callable[[nn.Module, object], object] | None = None,
                        max_inputs: int = 4096) -> dict[str, dict[str, Tensor]]:
     """Run calibration ``batches`` through ``model`` and return, per layer name, ``{"gram": sum x x^T}``
-    (float64, over every input vector the layer sees) and ``{"inputs": up to max_inputs of those vectors}``,
-    spread evenly over every batch
-    -- what data-aware SVD (``gram``) and error-bounded rank search (``inputs``) need."""
+    (float64, over every input vector the layer sees) and ``{"inputs": up to max_inputs of those vectors,
+    spread evenly over all batches}``: what data-aware SVD (``gram``) and the error-bounded rank search
+    (``inputs``) need."""
     forward = forward or (lambda m, batch: m(batch))
     grams: dict[str, Tensor] = {}
     samples: dict[str, list[Tensor]] = {}

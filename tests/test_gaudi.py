@@ -17,7 +17,6 @@ from src.layers.lowrank import LowRankLinear
 from src.surgery import compress_
 
 
-
 def published_mask(width: np.ndarray, location: np.ndarray, n: int, sigma: float | None) -> np.ndarray:
     """Direct float64 evaluation of the paper's spectrum, then a forward-normalised inverse real FFT."""
     k = np.arange(n // 2 + 1)[None, :]

@@ -7,7 +7,6 @@ from src.layers.blockdiag import BlockDiagLinear, nblocks_for_budget as blockdia
 from src.layers.monarch import MonarchLinear, nblocks_for_budget as monarch_nblocks
 
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

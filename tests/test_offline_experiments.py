@@ -15,7 +15,6 @@ slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow (minutes 
 FAST = ["debug=fast_dev_run", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
-
 @needs_tweets
 def test_tweets_minilm_lowrank_fast_dev_run(tmp_path):
     cfg = compose_config(["experiment=tweets/minilm-lowrank", *FAST, "datamodule.max_train_samples=64",

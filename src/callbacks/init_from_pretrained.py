@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import StructuredConv2d, StructuredLinear
+from ..surgery import replace_child
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,8 @@ class InitFromPretrained(pl.Callback):
         """Decompose ``weight`` as surgery did for layer ``name`` and put the result in its place: values are
         copied when the structure's tensor shapes match, else the layer is swapped (e.g. Gaudi dropping a
         different number of empty components). Runs in ``setup``, before the optimizer sees the parameters."""
-        module = model.get_submodule(name)
-        owner, attr = (module, "linear") if isinstance(module, StructuredConv2d) else (
-            model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2])
-        linear: StructuredLinear = getattr(owner, attr)
+        path = f"{name}.linear" if isinstance(model.get_submodule(name), StructuredConv2d) else name
+        linear: StructuredLinear = model.get_submodule(path)
         ref = next(linear.parameters())
         weight = weight.to(ref.device, ref.dtype)
         weight = weight.t() if row.kind == "conv1d" else weight.reshape(weight.shape[0], -1)
@@ -95,7 +94,7 @@ class InitFromPretrained(pl.Callback):
         if {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in current.items()}:
             linear.load_state_dict(fresh.state_dict())
         else:
-            setattr(owner, attr, fresh.train(linear.training))
+            replace_child(model, path, fresh.train(linear.training))
             linear = fresh
             params_after = fresh.num_params()
             if report is not None:  # keep metrics.json's counts true to the swapped-in layer

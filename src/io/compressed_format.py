@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..layers import StructuredConv2d, StructuredLinear, get_layer_class
-from ..layers.quant import pack_ternary, unpack_ternary
-from ..surgery import dense_view
+from ..layers.quant import is_ternary_int8, pack_ternary, unpack_ternary
+from ..surgery import dense_view, replace_child
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _pack_ternaries(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     original shapes by key (lossless: loading unpacks them to the same int8 values)."""
     shapes = {}
     for key, tensor in tensors.items():
-        if tensor.dtype == torch.int8 and tensor.numel() >= 4 and bool((tensor.abs() <= 1).all()):
+        if is_ternary_int8(tensor):
             shapes[key] = list(tensor.shape)
             tensors[key] = pack_ternary(tensor)
     return shapes
@@ -193,9 +193,7 @@ def _install(model: nn.Module, entry: dict[str, Any]) -> None:
     if shape != (entry["out_features"], entry["in_features"]):
         raise ValueError(f"shape mismatch for layer {name!r}: the manifest records "
                          f"{entry['out_features']}x{entry['in_features']}, the skeleton has {shape[0]}x{shape[1]}")
-    new = _build(entry)
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
+    replace_child(model, name, _build(entry))
 
 
 def load_compressed(path: str | Path, model_skeleton: nn.Module, device: str | torch.device = "cpu") -> nn.Module:

@@ -7,6 +7,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .quant import stored_nbytes
+
 LAYERS: dict[str, type["StructuredLinear"]] = {}
 
 
@@ -101,8 +103,8 @@ class StructuredLinear(nn.Module):
         raise NotImplementedError
 
     def storage_bytes(self) -> int:
-        """Bytes this layer takes in a saved file (types that pack their state on disk override it)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes this layer's state takes in a saved file (``save_compressed`` packs ternary tensors)."""
+        return sum(stored_nbytes(t) for t in self.state_dict().values())
 
     def config(self) -> dict:
         """Constructor keyword arguments (besides in/out features) that rebuild this layer's structure, so a

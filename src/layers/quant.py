@@ -1,7 +1,8 @@
 """Symmetric integer quantization with per-row or per-group scales, and int4/int8 byte packing.
 
 Quantized values are stored as ``uint8`` bytes: int8 as its two's-complement bytes, int4 as two values per
-byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one).
+byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one). Ternary int8 tensors
+({-1, 0, 1}) pack four entries per byte; that is how saved files store them.
 """
 from __future__ import annotations
 
@@ -95,6 +96,16 @@ def unpack(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
         return packed.view(torch.int8).reshape(shape)
     nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:numel]
     return (nibbles.to(torch.int16) - 8).to(torch.int8).reshape(shape)
+
+
+def is_ternary_int8(tensor: Tensor) -> bool:
+    """int8 with every entry in {-1, 0, 1} (at least 4 of them): saved files store it at 2 bits per entry."""
+    return tensor.dtype == torch.int8 and tensor.numel() >= 4 and bool((tensor.abs() <= 1).all())
+
+
+def stored_nbytes(tensor: Tensor) -> int:
+    """Bytes ``tensor`` takes in a saved file: a quarter byte per entry if :func:`is_ternary_int8`, else raw."""
+    return (tensor.numel() + 3) // 4 if is_ternary_int8(tensor) else tensor.numel() * tensor.element_size()
 
 
 def pack_ternary(values: Tensor) -> Tensor:

@@ -221,11 +221,6 @@ class TernarySVDLinear(StructuredLinear):
         than a multiply-add. Use ``muls_per_token``/``adds_per_token`` for the split."""
         return self.muls_per_token() + self.adds_per_token()
 
-    def storage_bytes(self) -> int:
-        """Bytes saved on disk: ternaries at 2 bits (``save_compressed`` packs them four per byte), ``s``, bias."""
-        ternary = sum((t.numel() + 3) // 4 for t in (self.u, self.v))
-        return ternary + sum(t.numel() * t.element_size() for n, t in self.state_dict().items() if n not in ("u", "v"))
-
     def config(self) -> dict:
         return {"rank": self.rank, "bias": self.bias is not None, "tolerance": self.tolerance,
                 "cos_thresh": self.cos_thresh, "steps": self.steps, "max_rank": self.max_rank,
