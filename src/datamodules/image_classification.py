@@ -34,8 +34,8 @@ def _posterize_bits_at_least_one(level_fn):
 
 def keep_one_posterize_bit(transform):
     """timm's increasing posterize maps magnitude 10 (reached by ``mstd`` sampling, ~2 % of draws at m9 mstd0.5)
-    to 0 bits, which Pillow >= 10 rejects ("bits must be between 1 and 8") and which would black the image out;
-    clamp it to 1 bit so a long run cannot die on one unlucky draw."""
+    to 0 bits, which Pillow 13 (the pinned stack's) rejects ("bits must be between 1 and 8") and which would
+    black the image out; clamp it to 1 bit so a long run cannot die on one unlucky draw."""
     from timm.data.auto_augment import RandAugment
 
     for step in getattr(transform, "transforms", []):
