@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -24,8 +25,16 @@ def main(cfg: DictConfig) -> float | None:
         raise ValueError(f"unknown mode={cfg.mode.name!r}; use mode=train, mode=eval or mode=compress")
     metrics, _ = entry(cfg)
     target = cfg.get("optimized_metric")
-    return metrics["metrics"].get(target) if target else None
+    if not target:
+        return None
+    if target not in metrics["metrics"]:
+        raise ValueError(f"optimized_metric={target!r} is not among this run's metrics "
+                         f"{sorted(metrics['metrics'])}; set optimized_metric to one of them")
+    return metrics["metrics"][target]
 
 
 if __name__ == "__main__":
+    from src.utils.run_dir import continue_in_run_dir
+
+    sys.argv[1:] = continue_in_run_dir(sys.argv[1:], Path(os.environ["PROJECT_ROOT"]))
     main()

@@ -13,10 +13,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from . import pipeline
 from .io import save_compressed
 from .io.compressed_format import structured_layers
 from .layers import StructuredConv2d
-from .utils.run_helpers import apply_layer_config, collect_run_metrics, instantiate_list, write_metrics_json
+from .utils.run_helpers import collect_run_metrics, instantiate_list, make_trainer, seed_run, write_metrics_json
 
 
 def dense_bytes(model: torch.nn.Module, bytes_per_value: int) -> int:
@@ -52,24 +53,25 @@ def size_metrics(dense_fp32_bytes: int, dense_fp16_bytes: int, compressed: torch
 def compress(cfg: DictConfig) -> tuple[dict, dict]:
     """Post-training compression run; returns ``(metrics, objects)``."""
     start = time.perf_counter()
+    seed_run(cfg)
     datamodule = instantiate(cfg.datamodule)
-    task = instantiate(cfg.task, model=instantiate(cfg.model))
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
-                          logger=instantiate_list(cfg.get("logger")) or False)
+    task = pipeline.build_pretrained_task(cfg)
+    trainer = make_trainer(cfg, instantiate_list(cfg.get("callbacks")), instantiate_list(cfg.get("logger")))
     baseline = trainer.test(task, datamodule=datamodule)[0] if cfg.mode.get("eval_baseline", True) else {}
     fp32_bytes, fp16_bytes = dense_bytes(task.model, 4), dense_bytes(task.model, 2)
 
     compress_start = time.perf_counter()
-    report = apply_layer_config(task, cfg.layer, datamodule)
+    report = pipeline.compress_task_model(task, cfg.layer, datamodule)
     compress_seconds = time.perf_counter() - compress_start
     trainer.test(task, datamodule=datamodule)
 
-    out_dir = save_compressed(task.model, Path(cfg.paths.output_dir) / "compressed", report)
     metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {
         "baseline_metrics": {k: float(v) for k, v in baseline.items()},
-        **size_metrics(fp32_bytes, fp16_bytes, task.model, report, out_dir),
-        "compress_time_s": round(compress_seconds, 2), "wall_time_s": round(time.perf_counter() - start, 2),
-        "compressed_path": str(out_dir.resolve()), "experiment": cfg.get("experiment_name"),
+        "compress_time_s": round(compress_seconds, 2), "experiment": cfg.get("experiment_name"),
     })
-    write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    if trainer.is_global_zero:
+        out_dir = save_compressed(task.model, Path(cfg.paths.output_dir) / "compressed", report)
+        metrics.update(size_metrics(fp32_bytes, fp16_bytes, task.model, report, out_dir),
+                       compressed_path=str(out_dir.resolve()), wall_time_s=round(time.perf_counter() - start, 2))
+        write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     return metrics, {"cfg": cfg, "task": task, "trainer": trainer, "report": report}

@@ -77,6 +77,12 @@ class CompressionReport:
     def to_dict(self) -> dict:
         return {**self.summary(), "layers": [asdict(r) for r in self.layers]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressionReport":
+        """The report :meth:`to_dict` wrote (as stored in checkpoints)."""
+        return cls([LayerReport(**row) for row in data["layers"]], data["model_params_before"],
+                   data["model_params_after"])
+
     def format_table(self) -> str:
         """A plain-text table, one row per replaced layer, then the totals."""
         head = f"{'layer':<40} {'type':<8} {'shape':>11} {'params':>19} {'MACs/token':>19} {'rel.err':>8}"

@@ -1,47 +1,45 @@
-"""``train(cfg)``: instantiate datamodule, model, surgery, task, callbacks, loggers and trainer; fit and test."""
+"""``train(cfg)``: build the compressed model through the pipeline, fit (or resume), test, write metrics.json."""
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .utils.run_helpers import apply_layer_config, collect_run_metrics, instantiate_list, write_metrics_json
-
-log = logging.getLogger(__name__)
+from . import pipeline
+from .utils.resume import resume_checkpoint
+from .utils.run_helpers import (collect_run_metrics, instantiate_list, make_trainer, seed_run, tested_checkpoint,
+                                write_metrics_json)
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train (optionally) and test the compressed model; returns ``(metrics, objects)``."""
     start = time.perf_counter()
-    if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
-
+    seed_run(cfg)
+    resume_from = resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
     datamodule = instantiate(cfg.datamodule)
-    task = instantiate(cfg.task, model=instantiate(cfg.model))
-    report = apply_layer_config(task, cfg.layer, datamodule)
+    built = pipeline.build(cfg, datamodule, checkpoint=resume_from)
     callbacks = instantiate_list(cfg.get("callbacks"))
-    loggers = instantiate_list(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = make_trainer(cfg, callbacks + pipeline.run_callbacks(cfg, built.report), instantiate_list(cfg.get("logger")),
+                           resume_from)
 
     fit_metrics = {}
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(built.task, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
         fit_metrics = dict(trainer.callback_metrics)  # trainer.test() clears them
     train_seconds = time.perf_counter() - start
+    tested = {}
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        ckpt = best if cfg.get("train", True) and best else (None if cfg.get("train", True) else cfg.get("ckpt_path"))
-        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        tested = tested_checkpoint(trainer, fallback=None if cfg.get("train", True) else resume_from)
+        trainer.test(built.task, datamodule=datamodule, ckpt_path=tested["tested_checkpoint"], weights_only=False)
 
-    metrics = collect_run_metrics({**fit_metrics, **trainer.callback_metrics}, report, cfg.layer, {
+    metrics = collect_run_metrics({**fit_metrics, **trainer.callback_metrics}, built.report, cfg.layer, {
         "wall_time_s": round(time.perf_counter() - start, 2), "train_time_s": round(train_seconds, 2),
         "experiment": cfg.get("experiment_name"), "output_dir": str(Path(cfg.paths.output_dir).resolve()),
+        "resumed_from": str(resume_from) if resume_from else None, **tested,
     })
-    write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-    return metrics, {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer, "report": report}
+    if trainer.is_global_zero:
+        write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "task": built.task, "trainer": trainer,
+                     "report": built.report}

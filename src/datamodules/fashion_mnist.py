@@ -8,9 +8,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import Dataset, random_split
 
 from .common import DatasetNotFoundError, first_dir_with, network_available
+from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +122,14 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.test_set = ImageTensorDataset(images("test_images"), torch.from_numpy(arrays["test_labels"].astype(np.int64)))
         log.info("Fashion-MNIST from %s: %d train / %d val / %d test", root, len(self.train_set), len(self.val_set), len(self.test_set))
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0, drop_last=False)
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> ResumableDataLoader:
+        return make_loader(dataset, batch_size, train=shuffle, num_workers=self.hparams.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.train_set, True, self.hparams.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.val_set, False, self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.test_set, False, self.hparams.eval_batch_size)

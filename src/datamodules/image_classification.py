@@ -5,7 +5,9 @@ import logging
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
+
+from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +85,17 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             log.info("%s: %d train / %d val / %d test images, %d classes", type(self).__name__,
                      len(self.train_set), len(self.val_set), len(self.test_set), self.num_classes)
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int, collate=None, drop_last: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=drop_last,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+    def _loader(self, dataset, shuffle: bool, batch_size: int, collate=None, drop_last: bool = False) -> ResumableDataLoader:
+        return make_loader(dataset, batch_size, train=shuffle, num_workers=self.hparams.num_workers,
+                           collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         mixup = self.hparams.mixup
         collate = MixupCollate(self.num_classes, **mixup) if mixup else None
         return self._loader(self.train_set, True, self.hparams.batch_size, collate, drop_last=bool(mixup))
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.val_set, False, self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.test_set, False, self.hparams.eval_batch_size)

@@ -6,9 +6,10 @@ import logging
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..models.hf_sources import load_tokenizer
+from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,15 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         log.info("%s: %s windows (train block %d, eval window %d tokens)", type(self).__name__,
                  {k: tuple(v.shape) for k, v in self.windows.items()}, hp.block_size, hp.eval_length)
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(WindowDataset(self.windows[split]), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> ResumableDataLoader:
+        return make_loader(WindowDataset(self.windows[split]), batch_size, train=shuffle,
+                           num_workers=self.hparams.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader("train", True, self.hparams.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableDataLoader:
         return self._loader("val", False, self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableDataLoader:
         return self._loader("test", False, self.hparams.eval_batch_size)

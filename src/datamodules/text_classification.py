@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
 
 from ..models.hf_sources import load_tokenizer
+from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
         log.info("%s: %d train, %s val, %s test examples", type(self).__name__, len(self.splits["train"][0]),
                  [len(d) for d in self.splits["val"]], [len(d) for d in self.splits["test"]])
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collator,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> ResumableDataLoader:
+        return make_loader(dataset, batch_size, train=shuffle, num_workers=self.hparams.num_workers,
+                           collate_fn=self.collator)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.splits["train"][0], True, self.hparams.batch_size)
 
     def val_dataloader(self):

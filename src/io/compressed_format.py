@@ -52,7 +52,7 @@ def structured_layers(model: nn.Module) -> dict[str, StructuredLinear | Structur
     return found
 
 
-def _layer_entry(name: str, module: StructuredLinear | StructuredConv2d) -> dict[str, Any]:
+def layer_entry(name: str, module: StructuredLinear | StructuredConv2d) -> dict[str, Any]:
     linear = module.linear if isinstance(module, StructuredConv2d) else module
     conv = None
     if isinstance(module, StructuredConv2d):
@@ -62,7 +62,7 @@ def _layer_entry(name: str, module: StructuredLinear | StructuredConv2d) -> dict
             "in_features": linear.in_features, "config": linear.config(), "conv": conv}
 
 
-def _build(entry: dict[str, Any]) -> nn.Module:
+def build_layer_from_entry(entry: dict[str, Any]) -> nn.Module:
     """The layer an entry describes, freshly constructed (no weights yet)."""
     linear = get_layer_class(entry["type"])(entry["in_features"], entry["out_features"], **entry["config"])
     conv = entry.get("conv")
@@ -75,7 +75,7 @@ def _build(entry: dict[str, Any]) -> nn.Module:
 def _check_rebuildable(entry: dict[str, Any], module: nn.Module) -> None:
     """Fail at save time if ``config()`` does not rebuild the layer's state layout (e.g. QAT still on)."""
     with torch.device("meta"):
-        rebuilt = _build(entry).state_dict()
+        rebuilt = build_layer_from_entry(entry).state_dict()
     saved = module.state_dict()
     layout = {k: tuple(v.shape) for k, v in saved.items()}
     if layout != {k: tuple(v.shape) for k, v in rebuilt.items()}:
@@ -120,7 +120,7 @@ def save_compressed(model: nn.Module, path: str | Path, report=None) -> Path:
     directory = Path(path)
     layers = []
     for name, module in structured_layers(model).items():
-        entry = _layer_entry(name, module)
+        entry = layer_entry(name, module)
         _check_rebuildable(entry, module)
         layers.append(entry)
     tensors, aliases = _unique_tensors(model.state_dict())
@@ -193,7 +193,7 @@ def _install(model: nn.Module, entry: dict[str, Any]) -> None:
     if shape != (entry["out_features"], entry["in_features"]):
         raise ValueError(f"shape mismatch for layer {name!r}: the manifest records "
                          f"{entry['out_features']}x{entry['in_features']}, the skeleton has {shape[0]}x{shape[1]}")
-    replace_child(model, name, _build(entry))
+    replace_child(model, name, build_layer_from_entry(entry))
 
 
 def load_compressed(path: str | Path, model_skeleton: nn.Module, device: str | torch.device = "cpu") -> nn.Module:

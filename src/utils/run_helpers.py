@@ -1,20 +1,26 @@
-"""Glue between Hydra configs and the library: layer surgery from the ``layer`` group, metrics.json."""
+"""Glue between Hydra configs and Lightning: seeding, the trainer, which checkpoint is tested, metrics.json."""
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..surgery import CompressionReport, collect_input_gram, compress_, select_layers
+from ..surgery import CompressionReport
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+def seed_run(cfg: DictConfig) -> None:
+    """Seed every generator (and the data order, through ``PL_GLOBAL_SEED``) from ``cfg.seed``."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
 
 def instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -24,27 +30,36 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return [instantiate(cfg) for cfg in group.values() if isinstance(cfg, DictConfig) and "_target_" in cfg]
 
 
-def apply_layer_config(task: pl.LightningModule, layer_cfg: DictConfig,
-                       datamodule: pl.LightningDataModule | None = None) -> CompressionReport:
-    """Run :func:`compress_` on ``task.model`` as the ``layer`` config says (incl. calibration batches)."""
-    cfg = OmegaConf.to_container(layer_cfg, resolve=True)
-    calibration = None
-    n_batches = int(cfg.get("calibration_batches", 0) or 0)
-    if n_batches > 0:
-        if datamodule is None:
-            raise ValueError("layer.calibration_batches > 0 needs a datamodule to draw calibration batches from")
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        names = select_layers(task.model, cfg.get("include"), cfg.get("exclude"))
-        batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
-        task.model.eval()
-        calibration = collect_input_gram(task.model, batches, names, forward=lambda m, b: m(task.model_inputs(b)))
-        task.model.train()
-    report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
-                       exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
-    log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
-    task.compression_report = report  # read by InitFromPretrained and metrics.json
-    return report
+def make_trainer(cfg: DictConfig, callbacks: list, loggers: list, resume_from: str | Path | None = None) -> pl.Trainer:
+    """The Lightning trainer of ``cfg.trainer``; sync BatchNorm only where it can run (CUDA), loggers told
+    where a resumed run continues so their history stays one unbroken record."""
+    overrides = {}
+    if cfg.trainer.get("sync_batchnorm") and not torch.cuda.is_available():
+        overrides["sync_batchnorm"] = False
+        log.info("sync_batchnorm needs CUDA; BatchNorm statistics stay per process on this machine")
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    if resume_from is not None:
+        step = int(torch.load(str(resume_from), map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        for logger in loggers:
+            if hasattr(logger, "resume_at"):
+                logger.resume_at(step)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer
+
+
+def tested_checkpoint(trainer: pl.Trainer, fallback: str | Path | None = None) -> dict[str, Any]:
+    """Which weights ``trainer.test`` should score, and why: the best checkpoint by the monitored validation
+    metric (saved only right after validation, so its score is current), else the final weights."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.monitor and callback.best_model_path:
+        score = callback.best_model_score
+        return {"tested_checkpoint": callback.best_model_path,
+                "tested_because": f"best {callback.monitor} ({float(score):.4f}) among validated checkpoints"
+                                  if score is not None else f"best {callback.monitor}"}
+    if fallback is not None:
+        return {"tested_checkpoint": str(fallback), "tested_because": "the checkpoint given (ckpt_path)"}
+    return {"tested_checkpoint": None, "tested_because": "final weights (no validated checkpoint)"}
 
 
 def collect_run_metrics(logged: dict, report: CompressionReport | None, layer_cfg: DictConfig,

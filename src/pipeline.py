@@ -1,0 +1,228 @@
+"""The one path from a config to a ready model, shared by train, eval and compress.
+
+Fresh run:  build the dense model -> load its pretrained weights (``model.pretrained_path``) -> collect
+calibration inputs when the layer type is data-aware -> ``compress_`` (each pretrained weight is decomposed
+exactly once) -> the task.
+
+From a checkpoint (eval, resume): build the dense skeleton -> re-create the structured layers recorded in the
+checkpoint (type, shape, ``config()``; nothing is decomposed) -> the task; Lightning then loads the weights.
+:class:`StructureRecord` writes that record into every checkpoint this pipeline's runs save.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .callbacks.random_state import RandomState
+from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
+from .surgery import CompressionReport, collect_input_gram, compress_, replace_child, select_layers
+
+log = logging.getLogger(__name__)
+
+# keys of a model config that the pipeline handles itself (the model factories never see them)
+PIPELINE_MODEL_KEYS = ("pretrained_path",)
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+STRUCTURE_KEY = "structure"
+
+
+@dataclass
+class Built:
+    """What :func:`build` returns: the Lightning task (``task.model`` is the compressed model) and the
+    surgery report (``None`` when nothing was replaced)."""
+
+    task: pl.LightningModule
+    report: CompressionReport | None
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved model config as a plain dict (what a checkpoint records and eval compares)."""
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def build_dense_model(cfg: DictConfig) -> nn.Module:
+    """The model as its config describes it, before any pretrained file or surgery."""
+    factory_cfg = {k: v for k, v in model_config(cfg).items() if k not in PIPELINE_MODEL_KEYS}
+    return instantiate(factory_cfg)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a Lightning ``.ckpt``, a ``.safetensors`` / ``.pth`` / ``.bin`` file or a
+    Hugging Face folder; raises ``ValueError`` naming the file when it is not readable."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / name for name in HF_WEIGHT_FILES if (path / name).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds none of {HF_WEIGHT_FILES}; point to a weights file or a "
+                                    f"Hugging Face model folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # pickle, zip and safetensors each raise their own types for a bad file
+        raise ValueError(f"{path} is not a readable weights file ({type(err).__name__}: {err}); it may be "
+                         f"truncated or not a checkpoint -- re-export it or point to another file") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = state.get("state_dict", state)
+    if state and all(k.startswith("model.") for k in state):  # a Lightning checkpoint of this project's tasks
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return state
+
+
+def load_dense_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy a dense pretrained state dict into ``model``; every key must fit (no layer silently stays random)."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        modules = dict(model.named_modules())
+        structured = any(k.rpartition(".")[0].rpartition(".")[0] in modules or k.rpartition(".")[0] in modules
+                         for k in unexpected)  # tensors of a replaced layer under a dense layer's name
+        hint = (" It holds a compressed model's weights: evaluate or resume it with ckpt_path=<that file> instead."
+                if structured else " Point model.pretrained_path to weights of this exact architecture.")
+        raise ValueError(f"model.pretrained_path={path} does not fit {type(model).__name__}: "
+                         f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}, "
+                         f"{len(wrong_shape)} of another shape {wrong_shape[:3]}.{hint}")
+    model.load_state_dict(state, strict=True)
+    log.info("loaded pretrained weights from %s (%d tensors)", path, len(state))
+
+
+def calibration_inputs(task: pl.LightningModule, layer_cfg: dict, datamodule: pl.LightningDataModule | None):
+    """Per replaced layer, the inputs data-aware types need (``layer.calibration_batches`` train batches)."""
+    n_batches = int(layer_cfg.get("calibration_batches") or 0)
+    if n_batches <= 0:
+        return None
+    if datamodule is None:
+        raise ValueError("layer.calibration_batches > 0 needs a datamodule to draw calibration batches from")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    names = select_layers(task.model, layer_cfg.get("include"), layer_cfg.get("exclude"))
+    batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
+    was_training = task.model.training
+    task.model.eval()
+    try:
+        return collect_input_gram(task.model, batches, names, forward=lambda m, b: m(task.model_inputs(b)))
+    finally:
+        task.model.train(was_training)
+
+
+def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
+                        datamodule: pl.LightningDataModule | None = None) -> CompressionReport:
+    """Run :func:`compress_` on ``task.model`` as the ``layer`` config says (calibrating first if asked)."""
+    cfg = OmegaConf.to_container(layer_cfg, resolve=True)
+    calibration = calibration_inputs(task, cfg, datamodule)
+    report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
+                       exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
+    log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
+    return report
+
+
+def build_pretrained_task(cfg: DictConfig) -> pl.LightningModule:
+    """The task around the dense model with its pretrained weights, before surgery."""
+    model = build_dense_model(cfg)
+    if cfg.model.get("pretrained_path"):
+        load_dense_weights(model, cfg.model.pretrained_path)
+    return instantiate(cfg.task, model=model)
+
+
+def build(cfg: DictConfig, datamodule: pl.LightningDataModule | None, checkpoint: str | Path | None = None) -> Built:
+    """The task ready to train or test: from ``checkpoint``'s recorded structure when given, else fresh."""
+    if checkpoint is not None:
+        return restore_structure(cfg, checkpoint)
+    task = build_pretrained_task(cfg)
+    return Built(task, compress_task_model(task, cfg.layer, datamodule))
+
+
+def run_callbacks(cfg: DictConfig, report: CompressionReport | None) -> list[pl.Callback]:
+    """Callbacks every training run needs to be resumable: the structure record and the RNG states."""
+    return [StructureRecord(report, model_config(cfg)), RandomState()]
+
+
+# ---------------------------------------------------------------- structure in checkpoints
+
+class StructureRecord(pl.Callback):
+    """Adds to every checkpoint what rebuilding the model needs: each structured layer's name, type, shape
+    and ``config()``, the surgery report and the model config."""
+
+    def __init__(self, report: CompressionReport | None, model_cfg: dict[str, Any]):
+        self.report, self.model_cfg = report, model_cfg
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[STRUCTURE_KEY] = {
+            "layers": [layer_entry(name, module) for name, module in structured_layers(pl_module.model).items()],
+            "report": self.report.to_dict() if self.report is not None else None,
+            "model": self.model_cfg,
+        }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint (memory-mapped), with a ``ValueError`` naming the file when it is unusable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give ckpt_path=<run dir>/checkpoints/last.ckpt")
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} is not readable ({type(err).__name__}: {err}): truncated, empty or "
+                         f"not a Lightning checkpoint; use an earlier one from the same checkpoints/ folder") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
+                         f"from, use model.pretrained_path={path}")
+    return checkpoint
+
+
+def _check_same_model(recorded: dict, current: dict, path: Path) -> None:
+    differing = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    if differing:
+        shown = ", ".join(f"model.{k}={recorded.get(k)!r} (this run: {current.get(k)!r})" for k in differing[:4])
+        raise ValueError(f"checkpoint {path} was trained with a different model: {shown}; run with the "
+                         f"experiment and overrides that produced it")
+
+
+def _fill_optional_parameters(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Create parameters a layer registers as ``None`` until used (e.g. a QAT latent weight) when the
+    checkpoint holds them, so the state dict loads strictly."""
+    for name, sub in module.named_modules():
+        for key, value in list(sub._parameters.items()):
+            full = ".".join(p for p in (prefix, name, key) if p)
+            if value is None and full in state:
+                sub._parameters[key] = nn.Parameter(torch.empty_like(state[full], device="cpu"))
+
+
+def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
+    """Rebuild the checkpoint's model: dense skeleton + the recorded structured layers, no decomposition."""
+    path = Path(checkpoint_path).expanduser()
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get(STRUCTURE_KEY)
+    if record is None:
+        raise ValueError(f"checkpoint {path} has no structure record (it was not written by this project's "
+                         f"train mode); start from its weights with model.pretrained_path={path}")
+    _check_same_model(record["model"], model_config(cfg), path)
+    model = build_dense_model(cfg)
+    with torch.random.fork_rng(devices=[]):  # layer constructors may draw random inits; keep the run's RNG
+        for entry in record["layers"]:
+            layer = build_layer_from_entry(entry)
+            replace_child(model, entry["name"], layer)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    for entry in record["layers"]:
+        _fill_optional_parameters(model.get_submodule(entry["name"]), state, entry["name"])
+    report = CompressionReport.from_dict(record["report"]) if record.get("report") else None
+    log.info("rebuilt %d structured layers from %s", len(record["layers"]), path)
+    return Built(instantiate(cfg.task, model=model), report)

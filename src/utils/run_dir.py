@@ -1,0 +1,62 @@
+"""Resuming in place: a run continued from a checkpoint writes into the folder that checkpoint belongs to.
+
+``run.py`` rewrites its command line before Hydra creates an output folder: with ``ckpt_path=<run>/checkpoints/
+x.ckpt`` (train mode) the run folder is ``<run>``; with ``resume=auto`` it is the newest unfinished run (no
+metrics.json) whose recorded overrides equal this command's. An explicit ``hydra.run.dir=`` always wins.
+Pure Python (no torch import): it runs before every command.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+IGNORED_KEYS = ("resume", "ckpt_path", "hydra.")
+
+
+def _override(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+~") == key and "=" in a]
+    return values[-1] if values else None
+
+
+def _comparable(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(IGNORED_KEYS))
+
+
+def _recorded_overrides(run_dir: Path) -> list[str] | None:
+    file = run_dir / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return None
+    lines = [line[2:].strip() for line in file.read_text().splitlines() if line.startswith("- ")]
+    return [line.strip("'\"") for line in lines]
+
+
+def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest folder under ``runs_dir`` with checkpoints, no metrics.json and the same overrides."""
+    if not runs_dir.is_dir():
+        return None
+    wanted = _comparable(overrides)
+    for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), reverse=True):
+        recorded = _recorded_overrides(run_dir)
+        if (recorded is not None and _comparable(recorded) == wanted and not (run_dir / "metrics.json").exists()
+                and any((run_dir / "checkpoints").glob("*.ckpt"))):
+            return run_dir
+    return None
+
+
+def continue_in_run_dir(args: list[str], project_root: Path) -> list[str]:
+    """``args`` plus ``hydra.run.dir=<folder>`` when this command continues an earlier run (see module doc)."""
+    if "-m" in args or "--multirun" in args or any(a.startswith("-") for a in args):
+        return args  # sweeps and Hydra's own flags (--help, -c, ...) keep Hydra's folders
+    if _override(args, "hydra.run.dir") is not None or _override(args, "mode") not in (None, "train"):
+        return args
+    ckpt_path = _override(args, "ckpt_path")
+    if ckpt_path not in (None, "", "null"):
+        checkpoint = Path(ckpt_path).expanduser().resolve()
+        if checkpoint.parent.name == "checkpoints":
+            return [*args, f"hydra.run.dir={checkpoint.parent.parent}"]
+        return args
+    if _override(args, "resume") == "auto":
+        log_dir = Path(_override(args, "paths.log_dir") or project_root / "logs")
+        previous = unfinished_run(log_dir / "train" / "runs", args)
+        if previous is not None:
+            return [*args, f"hydra.run.dir={previous}"]
+    return args
