@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .callbacks.random_state import RandomState
+from .callbacks.resume_state import ResumeState
 from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
 from .surgery import CompressionReport, collect_input_gram, compress_, replace_child, select_layers
 
@@ -152,7 +152,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule | None, checkpoint
 
 def run_callbacks(cfg: DictConfig, report: CompressionReport | None) -> list[pl.Callback]:
     """Callbacks every training run needs to be resumable: the structure record and the RNG states."""
-    return [StructureRecord(report, model_config(cfg)), RandomState()]
+    return [StructureRecord(report, model_config(cfg)), ResumeState()]
 
 
 # ---------------------------------------------------------------- structure in checkpoints

@@ -17,9 +17,13 @@ import math
 import os
 from typing import Any, Iterator
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -83,6 +87,7 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, EpochSampler):
             raise ValueError("only loaders built by make_loader can resume mid-epoch")
         self.sampler.skip_next(int(state["epoch"]), int(state["batches"]) * int(self.batch_size))
+        log.info("data loader resumes epoch %d after %d batches", state["epoch"], state["batches"])
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int | None = None, num_workers: int = 0,
@@ -94,5 +99,8 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int | None
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
     sampler = EpochSampler(dataset, shuffle=train, seed=seed, pad_to_equal=train)
+    # its own generator: creating an iterator would otherwise draw from the global RNG, so a resumed run (one
+    # iterator more) would see other dropout masks than an uninterrupted one
+    generator = torch.Generator().manual_seed(seed)
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                               persistent_workers=num_workers > 0, **kwargs)
+                               persistent_workers=num_workers > 0, generator=generator, **kwargs)

@@ -1,4 +1,4 @@
-"""Random number generator states in checkpoints, so a resumed run draws what the uninterrupted one would."""
+"""What a resumed run needs beyond Lightning's own state to continue exactly as an uninterrupted run would."""
 from __future__ import annotations
 
 import random
@@ -8,9 +8,18 @@ import numpy as np
 import torch
 
 
-class RandomState(pl.Callback):
+class ResumeState(pl.Callback):
     """Saves the Python, NumPy, torch CPU and CUDA generator states with every checkpoint and restores them
-    when training resumes from it (dropout masks, augmentations and random inits then continue unchanged)."""
+    when training resumes from it (dropout masks, augmentations and random inits then continue unchanged),
+    and hands the train loader its saved position (``ResumableDataLoader``).
+
+    Lightning restores loader positions only if the train loader is built after the checkpoint is loaded;
+    a task whose ``configure_optimizers`` asks for ``estimated_stepping_batches`` builds it earlier, so the
+    position is handed over again here, before the first batch is drawn.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.fit_loop._load_combined_loader_states()
 
     def state_dict(self) -> dict:
         state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
