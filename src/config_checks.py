@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import math
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -415,6 +416,9 @@ def check_checkpoint_file(key: str, path: Any) -> None:
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80" and not file.suffix == ".safetensors":
         fail(key, path, "not a PyTorch checkpoint (neither a torch.save zip nor a pickle)",
              "give a .ckpt written by a training run")
+    if head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(file):  # reads only the end record
+        fail(key, path, "the checkpoint is truncated (its zip directory is missing)",
+             "use an earlier checkpoint from the same folder, e.g. the previous epoch_*.ckpt")
 
 
 # --------------------------------------------------------------------------------- callbacks and paths
