@@ -33,7 +33,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
                          f"{_what_to_do(path)}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, AttributeError, ImportError) as err:
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError) as err:
         reason = " ".join(str(err).split())[:200]
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}): it is truncated, "
                          f"corrupt or not a torch.save file; {_what_to_do(path)}") from err
