@@ -126,7 +126,7 @@ def resolved(cfg: DictConfig, choices: Mapping[str, str]) -> dict:
             continue
         try:
             node = cfg[key]
-            plain[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+            plain[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         except OmegaConfBaseException as err:
             full_key = getattr(err, "full_key", None) or key
             problem = str(err).splitlines()[0]
@@ -231,7 +231,8 @@ def check_layer(layer: Mapping) -> None:
         for key, sub in options.items():
             if key not in types:
                 fail(f"layer.options.{key}", sub, f"with several layer types, options are keyed by type "
-                     f"({', '.join(sorted(types))})", f"{did_you_mean(key, types)}e.g. layer.options.{types[0]}.<option>")
+                     f"({', '.join(sorted(types))})",
+                     f"{did_you_mean(key, types)}e.g. layer.options.{types[0]}.<option>")
             _check_options(f"layer.options.{key}", key, sub or {})
     else:
         _check_options("layer.options", types[0], options)

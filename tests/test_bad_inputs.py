@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import time
-import zipfile
 
 import lightning.pytorch as pl
 import numpy as np
@@ -89,7 +88,8 @@ CONFIG_CASES = [
     ("batch-size-zero", ["datamodule.batch_size=0"], r"datamodule\.batch_size=0: must be an integer >= 1"),
     ("batch-size-abc", ["datamodule.batch_size=abc"], r"datamodule\.batch_size=abc: must be an integer >= 1"),
     ("num-workers-negative", ["datamodule.num_workers=-1"], r"datamodule\.num_workers=-1: must be"),
-    ("optimized-mode-typo", ["optimized_mode=maximum"], r"optimized_mode=maximum: must be min or max.*did you mean max"),
+    ("optimized-mode-typo", ["optimized_mode=maximum"],
+     r"optimized_mode=maximum: must be min or max.*did you mean max"),
     # paths and checkpoints
     ("eval-without-ckpt", ["mode=eval"], r"^ckpt_path=null: mode=eval .*ckpt_path=<run dir>/checkpoints/last\.ckpt"),
     ("ckpt-missing", ["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path=/nonexistent/last\.ckpt: no such file"),
@@ -120,7 +120,8 @@ CONFIG_CASES = [
      r"layer\.options\.niter=50: layer type lowrank has no such option"),
     ("tsvd-qat-without-tsvd", ["+callbacks.qat._target_=src.callbacks.tsvd_qat.TernaryQAT"],
      r"callbacks\.qat=TernaryQAT: .*ternary-SVD layers only.*layer=tsvd"),
-    ("broken-interpolation", ["task.num_classes=${model.nope}"], r"task\.num_classes=.*cannot be resolved.*experiment="),
+    ("broken-interpolation", ["task.num_classes=${model.nope}"],
+     r"task\.num_classes=.*cannot be resolved.*experiment="),
 ]
 
 
@@ -132,7 +133,8 @@ def files(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(64, 64)}}, tmp_path / "good.ckpt")
     data = (tmp_path / "good.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
-    return {"tmp": str(tmp_path), **{name: str(tmp_path / f"{name}.ckpt") for name in ("empty", "garbage", "truncated")}}
+    names = ("empty", "garbage", "truncated")
+    return {"tmp": str(tmp_path), **{name: str(tmp_path / f"{name}.ckpt") for name in names}}
 
 
 def fill(overrides: list[str], files: dict[str, str]) -> list[str]:

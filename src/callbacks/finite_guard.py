@@ -2,15 +2,12 @@
 finite, instead of training on NaN for hours and checkpointing the damage."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 
 from ..layers import StructuredLinear
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteError(ValueError):
