@@ -67,7 +67,7 @@ def check_config(cfg: DictConfig) -> None:
     plain = resolved(cfg, choices)
     check_layer(plain.get("layer") or {})
     check_run(plain)
-    check_callbacks(plain, choices)
+    check_callbacks(plain)
     check_paths(plain)
     check_data(plain.get("datamodule") or {}, choices.get("datamodule"))
 
@@ -434,7 +434,7 @@ def _callbacks(cfg: Mapping) -> dict[str, Mapping]:
     return {k: v for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, Mapping) and v.get("_target_")}
 
 
-def check_callbacks(cfg: Mapping, choices: Mapping[str, str]) -> None:
+def check_callbacks(cfg: Mapping) -> None:
     """Callbacks that act on one layer type need that type among the replaced layers."""
     types = _layer_types(cfg)
     for key, callback in _callbacks(cfg).items():
