@@ -15,6 +15,21 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """Check the config, then run it; a bad input ends the process with status 2 and one line
+    ``error: <message>`` on stderr (``HYDRA_FULL_ERROR=1`` shows the full traceback instead)."""
+    from src.config_checks import check_config  # torch-free: answers in about a second
+
+    try:
+        check_config(cfg)
+        return dispatch(cfg)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, NonFiniteError; DatasetNotFoundError
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
+        sys.exit(2)
+
+
+def dispatch(cfg: DictConfig) -> float | None:
     """Dispatch on ``mode`` (train | eval | compress) and return the metric ``optimized_metric`` for sweepers."""
     from src.compress import compress  # nested imports: Hydra's --help and tab completion stay fast
     from src.eval import evaluate

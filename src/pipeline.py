@@ -25,6 +25,7 @@ from torch import nn
 from .callbacks.resume_state import ResumeState
 from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
 from .surgery import CompressionReport, collect_input_gram, compress_, replace_child, select_layers
+from .utils.checkpoints import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{path} holds none of {HF_WEIGHT_FILES}; point to a weights file or a "
                                     f"Hugging Face model folder")
         path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # pickle, zip and safetensors each raise their own types for a bad file
-        raise ValueError(f"{path} is not a readable weights file ({type(err).__name__}: {err}); it may be "
-                         f"truncated or not a checkpoint -- re-export it or point to another file") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        except Exception as err:  # safetensors raises its own error types for a malformed header
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); re-export it") from err
+    state = load_checkpoint_file(path)
     state = state.get("state_dict", state)
     if state and all(k.startswith("model.") for k in state):  # a Lightning checkpoint of this project's tasks
         state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -174,15 +170,8 @@ class StructureRecord(pl.Callback):
 
 def read_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint (memory-mapped), with a ``ValueError`` naming the file when it is unusable."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give ckpt_path=<run dir>/checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} is not readable ({type(err).__name__}: {err}): truncated, empty or "
-                         f"not a Lightning checkpoint; use an earlier one from the same checkpoints/ folder") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    checkpoint = load_checkpoint_file(path)
+    if "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
                          f"from, use model.pretrained_path={path}")
     return checkpoint

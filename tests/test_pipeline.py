@@ -116,5 +116,5 @@ def test_compressed_weights_as_pretrained_path_point_to_ckpt_path(tmp_path):
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path, content):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(content)
-    with pytest.raises(ValueError, match=r"bad.ckpt is not readable .*truncated, empty or not a Lightning"):
+    with pytest.raises(ValueError, match=r"bad.ckpt (is empty|cannot be read)"):
         pipeline.read_checkpoint(bad)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetNotFoundError, network_available
+from .common import DatasetNotFoundError, check_val_size, network_available
 from .image_classification import ImageClassificationDataModule
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         root = self.locate()
         _, train_files, test_files, label_key, _ = VARIANTS[self.hparams.name]
         images, labels = read_batches(root, train_files, label_key)
+        check_val_size(self.hparams.val_size, len(labels), self.hparams.name)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.seed)).numpy()
         val_idx, train_idx = np.sort(order[: self.hparams.val_size]), np.sort(order[self.hparams.val_size:])
         hp = self.hparams

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, random_split
 
-from .common import DatasetNotFoundError, first_dir_with, network_available
+from .common import DatasetNotFoundError, check_val_size, first_dir_with, network_available
 from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,25 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse an idx file (optionally gzipped): magic, dims as big-endian int32, then uint8 data."""
+    """Parse an idx file (optionally gzipped): magic, dims as big-endian int32, then uint8 data; a truncated
+    or corrupt file is a ValueError naming it."""
     path = path if path.exists() else path.with_name(path.name + ".gz")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    fix = "delete it so the copy in another location (or a fresh download) is used"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError) as err:  # gzip stream cut short or not gzip at all
+        raise ValueError(f"{path} is corrupt ({err}); {fix}") from err
     magic = int.from_bytes(data[:4], "big")
-    if magic >> 8 != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {magic:#x})")
+    if len(data) < 4 or magic >> 8 != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {magic:#x}); {fix}")
     ndim = magic & 0xFF
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(f"{path} is truncated or padded: {len(data)} bytes, its header {shape} needs {expected}; "
+                         f"{fix}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -115,6 +124,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                                         augment=self.hparams.augment)
         generator = torch.Generator().manual_seed(self.hparams.seed)
         n_val = self.hparams.val_size
+        check_val_size(n_val, len(full_train), "Fashion-MNIST")
         train_idx, val_idx = random_split(range(len(full_train)), [len(full_train) - n_val, n_val], generator=generator)
         self.train_set = torch.utils.data.Subset(full_train, list(train_idx))
         plain = ImageTensorDataset(full_train.images, full_train.labels, augment=False)

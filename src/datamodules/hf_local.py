@@ -3,6 +3,7 @@ or the datasets cache; the hub is tried only when the network is up, so offline 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +16,31 @@ def is_saved_dataset(path: Path) -> bool:
     """True for a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     return (path / "dataset_dict.json").exists() or (
         (path / "dataset_info.json").exists() and (path / "state.json").exists())
+
+
+def has_data_files(path: Path) -> bool:
+    """True for a folder holding parquet or arrow files (loaded with ``load_dataset(folder)``)."""
+    return path.is_dir() and (any(path.glob("**/*.parquet")) or any(path.glob("**/*.arrow")))
+
+
+def hf_datasets_cache(hub_name: str) -> Path:
+    """The datasets-cache folder ``load_dataset(hub_name)`` fills (``HF_DATASETS_CACHE`` or ``HF_HOME``)."""
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()
+    return cache / hub_name.replace("/", "___")
+
+
+def missing_saved_hf_dataset(candidates: Iterable[Path | str | None], hub_name: str) -> str | None:
+    """Why a Hugging Face dataset cannot be loaded offline (no saved folder, data files or cache entry),
+    or None; only stats paths, so it is cheap enough to run before any model is built."""
+    looked = [Path(str(c)).expanduser() for c in candidates if c]
+    if any(is_saved_dataset(path) or has_data_files(path) for path in looked):
+        return None
+    if hf_datasets_cache(hub_name).is_dir():
+        return None
+    return (f"{hub_name} not found. Looked in: {', '.join(map(str, looked))} and {hf_datasets_cache(hub_name)}. "
+            f"Save it with datasets.load_dataset('{hub_name}').save_to_disk('{looked[-1] if looked else 'DIR'}') "
+            "on a machine that has it, or set datamodule.path")
 
 
 def load_local_dataset(candidates: Iterable[Path | str | None], hub_name: str, config_name: str | None = None,
@@ -35,7 +61,7 @@ def load_local_dataset(candidates: Iterable[Path | str | None], hub_name: str, c
         if is_saved_dataset(path):
             log.info("loading %s from %s (save_to_disk folder)", hub_name, path)
             return datasets.load_from_disk(str(path))
-        if path.is_dir() and (any(path.glob("**/*.parquet")) or any(path.glob("**/*.arrow"))):
+        if has_data_files(path):
             log.info("loading %s from the data files in %s", hub_name, path)
             return datasets.load_dataset(str(path))
     cached = _load_from_cache(hub_name, config_name)

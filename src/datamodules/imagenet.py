@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .common import DatasetNotFoundError
+from .common import DatasetNotFoundError, imagenet_folder_dirs, missing_imagenet_folder
 from .hf_local import load_local_dataset
 from .image_classification import IMAGENET_MEAN, IMAGENET_STD, ImageClassificationDataModule, build_transforms
 
@@ -46,19 +46,13 @@ class ImageNetDataModule(_TransformOptions, ImageClassificationDataModule):
         self.num_classes = num_classes
 
     def candidate_dirs(self) -> list[Path]:
-        base = Path(self.hparams.data_dir)
-        given = [Path(self.hparams.path).expanduser()] if self.hparams.path else []
-        return given + [base / "imagenet", base / "ILSVRC2012"]
+        return imagenet_folder_dirs(self.hparams.data_dir, self.hparams.path)
 
     def locate(self) -> Path:
-        for root in self.candidate_dirs():
-            if (root / "train").is_dir() and (root / "val").is_dir():
-                return root
-        raise DatasetNotFoundError(
-            "ImageNet (ImageFolder layout) not found. Looked for train/ and val/ class folders in: "
-            + ", ".join(map(str, self.candidate_dirs()))
-            + ". Download ILSVRC2012 from image-net.org (needs an account), extract train/ and val/ into "
-            f"{self.candidate_dirs()[-2]} with one folder per class, or set datamodule.path.")
+        missing = missing_imagenet_folder(self.hparams.data_dir, self.hparams.path)
+        if missing:
+            raise DatasetNotFoundError(missing)
+        return next(d for d in self.candidate_dirs() if (d / "train").is_dir() and (d / "val").is_dir())
 
     def prepare_data(self) -> None:
         self.locate()

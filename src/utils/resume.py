@@ -21,13 +21,12 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 
 def is_readable_checkpoint(path: Path) -> bool:
     """True when ``path`` opens as a torch checkpoint holding a state dict (memory-mapped: reads little)."""
-    import torch
+    from .checkpoints import load_checkpoint_file  # imports torch
 
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # truncated zip, empty file, garbage: every reader error means "not usable"
+        return "state_dict" in load_checkpoint_file(path)
+    except (ValueError, FileNotFoundError):
         return False
-    return isinstance(checkpoint, dict) and "state_dict" in checkpoint
 
 
 def newest_readable(candidates: list[Path]) -> Path | None:
