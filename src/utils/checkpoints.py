@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
         raise ValueError(f"checkpoint {path} is empty (0 bytes, e.g. a run killed while writing it); "
                          f"{_what_to_do(path)}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only,
+                                mmap=mmap and zipfile.is_zipfile(path))  # mmap reads zip saves only
     except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError) as err:
         reason = " ".join(str(err).split())[:200]
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}): it is truncated, "
