@@ -297,3 +297,36 @@ def test_shrink_schedules_and_sigma_ramp():
     ramp = SigmaAnnealing(start_sigma=1.0, end_sigma=100.0, start_epoch=5, end_epoch=300)
     assert [ramp.sigma_at(e, 300) for e in (0, 5, 300, 310)] == [1.0, 1.0, 100.0, 100.0]
     assert ramp.sigma_at(152, 300) == pytest.approx(1 + 99 * 147 / 295)
+
+
+# --- saving ------------------------------------------------------------------------------------------------
+
+def test_config_rebuilds_the_state_layout_without_decomposing():
+    torch.manual_seed(0)
+    layer = GaudiGBLRLinear.from_dense(torch.randn(12, 20), torch.randn(12), 0.4, niter=3, sigma=2.0,
+                                       compute_mode="lr")
+    rebuilt = type(layer)(layer.in_features, layer.out_features, **layer.config())
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
+    rebuilt.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 20)
+    for mode in ("train", "eval"):
+        getattr(layer, mode)(), getattr(rebuilt, mode)()
+        assert torch.equal(rebuilt(x), layer(x))
+
+
+def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
+    from src import load_compressed, save_compressed
+
+    def model():
+        return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 16, 10), nn.ReLU(),
+                             nn.Linear(10, 5, bias=False))
+
+    torch.manual_seed(0)
+    compressed = model().eval()
+    compress_(compressed, "gaudi", 0.5, options={"niter": 3})
+    save_compressed(compressed, tmp_path / "gaudi")
+    loaded = load_compressed(tmp_path / "gaudi", model().eval())
+    x = torch.randn(3, 2, 4, 4)
+    assert torch.equal(loaded(x), compressed(x))
+    for key, value in compressed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value) and loaded.state_dict()[key].dtype == value.dtype

@@ -272,6 +272,13 @@ class GaudiGBLRLinear(StructuredLinear):
         rows = (mask_out > MASK_THRESHOLD).sum(-1) * active
         return int(torch.minimum(self.rank_per_component * (rows + cols), rows * cols).sum())
 
+    def config(self) -> dict:
+        """Options that rebuild this layer's state layout; widths, locations and sigma come from the state dict."""
+        return {"rank_per_component": self.rank_per_component, "num_components": self.num_components,
+                "bias": self.bias is not None, "sigma": None if self.no_gaussian else float(self.sigma),
+                "compute_mode": self.compute_mode, "custom_grad": self.custom_grad, "no_ste": self.no_ste,
+                "width_init": 1.0, "location_init": 0.0}
+
     def _apply(self, fn, recurse: bool = True):
         """Keep widths/locations at float32 when cast to a 16-bit dtype: the ``1/N`` grid needs the bits."""
         saved = {name: p.detach().clone() for name, p in self.structural_parameters().items()}
