@@ -12,7 +12,9 @@ from torch import nn
 from src.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
 from src.layers import build_layer, get_layer_class
 from src.layers.gaudi import GaudiGBLRLinear, gaudi_mask
-from src.layers.gaudi_search import greedy_intervals, longest_circular_run, project_widths_
+from src.layers.gaudi_search import (alternate_factors_, blocks_start, greedy_intervals, interval_masks,
+                                     longest_circular_run, project_widths_, snapped_cost, svd_error_at,
+                                     top_singular_pairs)
 from src.layers.lowrank import LowRankLinear
 from src.surgery import compress_
 
@@ -166,28 +168,39 @@ def test_longest_circular_run_edge_cases():
     assert run([1] * 5) == (0, 5) and run([0] * 5) == (0, 0)
 
 
-def test_width_projection_meets_rows_plus_cols_budget_exactly():
+def test_width_projection_bounds_the_snapped_cost_of_live_components():
     widths = torch.tensor([[1.2, 0.5, 0.1, 0.0], [0.9, 0.3, -0.2, 0.05]])
     project_widths_(widths, (10, 30), 20.0)  # (input, output) axis lengths
     assert widths.min() >= 0 and widths.max() <= 1
-    torch.testing.assert_close(10 * widths[0].sum() + 30 * widths[1].sum(), torch.tensor(20.0))
+    assert float(snapped_cost(widths, (10, 30))) <= 20.0
+    assert float(snapped_cost(widths + 0.05, (10, 30))) > 20.0  # the smallest cut: a little less is over budget
+    torch.testing.assert_close(widths[0, 0] - widths[0, 1], torch.tensor(0.5))  # the same fraction off each
+    # by hand: cells round(w N), a component counts only when both axes have more than one cell
+    assert float(snapped_cost(torch.tensor([[0.5, 0.1, 0.3], [0.2, 0.9, 0.02]]), (10, 30))) == 5 + 6 + 0
     cheap = torch.tensor([[0.1, 0.2], [0.1, 0.0]])
     project_widths_(cheap, (10, 30), 20.0)  # already within budget: unchanged
     torch.testing.assert_close(cheap, torch.tensor([[0.1, 0.2], [0.1, 0.0]]))
 
 
-def test_all_full_widths_equal_lowrank_of_same_total_rank():
+def test_lowrank_start_is_the_truncated_svd_at_the_budget():
     torch.manual_seed(0)
     weight, bias = torch.randn(20, 14), torch.randn(20)
-    layer = GaudiGBLRLinear.from_dense(weight, bias, 0.5, num_components=5, find_mask=False, niter=0,
-                                       lowrank_start=False)
-    lowrank = LowRankLinear.from_dense(weight, bias, rank=5)
-    assert torch.all(layer.widths == 1)
+    layer = GaudiGBLRLinear.from_dense(weight, bias, 0.5, starts=["lowrank"])
+    rank = 14 * 20 // 2 // 34  # floor(budget m n / (m + n))
+    lowrank = LowRankLinear.from_dense(weight, bias, rank=rank)
+    assert layer.num_components == rank and torch.all(layer.widths == 1)
     for mode in (layer.train, layer.eval):
         mode()
         torch.testing.assert_close(layer.to_dense_weight(), lowrank.to_dense_weight(), atol=1e-5, rtol=1e-5)
     x = torch.randn(3, 14)
     torch.testing.assert_close(layer(x), lowrank(x), atol=1e-4, rtol=1e-4)
+
+
+def test_given_full_widths_are_cut_to_the_budget_before_refinement():
+    torch.manual_seed(0)  # the reference's find_mask=False path: full widths at random locations
+    weight = torch.randn(20, 14)
+    layer = GaudiGBLRLinear.from_dense(weight, None, 0.5, num_components=5, starts=["given"], niter=0)
+    assert 0 < layer.flops_per_token() <= 0.5 * weight.numel()
 
 
 def relative_error(layer: GaudiGBLRLinear, weight: torch.Tensor) -> float:
@@ -236,6 +249,83 @@ def test_from_dense_is_never_worse_than_lowrank_at_the_same_budget():
     eval_weight = layer.to_dense_weight()
     layer.train()  # no component lives only in training mode
     torch.testing.assert_close(layer.to_dense_weight(), eval_weight)
+
+
+def planted_blocks(seed: int = 0, noise: float = 0.01) -> tuple[torch.Tensor, float]:
+    """A 48x64 matrix: 2 full-size rank-1 terms plus one rank-1 term in each of the 2x2 tiles (the ``blocks``
+    start's search space), and small noise; returns it and the MACs of that exact structure."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = sum(torch.outer(torch.randn(48, generator=gen), torch.randn(64, generator=gen)) for _ in range(2))
+    for rows in (slice(0, 24), slice(24, 48)):
+        for cols in (slice(0, 32), slice(32, 64)):
+            weight[rows, cols] += torch.outer(torch.randn(24, generator=gen), torch.randn(32, generator=gen))
+    return weight + noise * torch.randn(48, 64, generator=gen), 2 * (48 + 64) + 4 * (24 + 32)
+
+
+def test_init_beats_svd_on_planted_blocks_at_equal_flops():
+    weight, flops = planted_blocks()
+    budget = flops / weight.numel()
+    layer = GaudiGBLRLinear.from_dense(weight, None, budget)
+    layer.eval()
+    error = float((layer.to_dense_weight() - weight).norm() / weight.norm())
+    svd = svd_error_at(torch.linalg.svdvals(weight.double()), layer.flops_per_token(), tuple(weight.shape))
+    assert layer.flops_per_token() <= flops and layer.init_report.start == "blocks"
+    assert error < 0.05 < svd  # the planted structure is found (noise level ~0.01), the SVD cannot express it
+    assert layer.init_report.rel_error == pytest.approx(error, rel=1e-4)
+    assert layer.init_report.svd_error == pytest.approx(svd, rel=1e-4)
+
+
+def test_svd_error_at_interpolates_between_ranks():
+    singular = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14; (m + n) = 10 MACs per rank
+    assert svd_error_at(singular, 10.0, (4, 6)) == pytest.approx((5 / 14) ** 0.5)
+    assert svd_error_at(singular, 15.0, (4, 6)) == pytest.approx((3 / 14) ** 0.5)
+    assert svd_error_at(singular, 30.0, (4, 6)) == 0.0
+
+
+def test_top_singular_pairs_match_svd():
+    weight = torch.randn(30, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for matrix in (weight, weight.T):
+        u, s, vh = top_singular_pairs(matrix, 5)
+        torch.testing.assert_close(s, torch.linalg.svdvals(matrix)[:5])
+        torch.testing.assert_close((u * s) @ vh, LowRankLinear.from_dense(matrix, None, rank=5).to_dense_weight())
+
+
+def test_alternating_least_squares_never_raises_the_error_and_keeps_the_structure():
+    weight, flops = planted_blocks(noise=0.3)
+    spectrum = top_singular_pairs(weight, 48)
+    start, predicted = blocks_start(weight, spectrum, 0.8 * flops, 48)
+    mask_in, mask_out = interval_masks(start.widths, start.locations, (64, 48))
+    before = float((start.out_factors.T @ start.in_factors - weight).norm() / weight.norm())
+    assert before == pytest.approx(predicted, rel=1e-4)
+    errors = []
+    for _ in range(3):
+        alternate_factors_(start, weight, 1)
+        errors.append(float((start.out_factors.T @ start.in_factors - weight).norm() / weight.norm()))
+        assert torch.all(start.out_factors[~mask_out] == 0) and torch.all(start.in_factors[~mask_in] == 0)
+    assert before >= errors[0] - 1e-6 and errors[0] >= errors[1] - 1e-6 >= errors[2] - 2e-6 and errors[2] < before
+
+
+OPTION_GRID = [dict(starts=starts, find_mask=find_mask, lowrank_start=lowrank, drop_empty=drop, num_components=k)
+               for starts in (None, ["given"], ["blocks", "greedy", "lowrank", "given"])
+               for find_mask in (False, True) for lowrank in (False, True) for drop in (False, True)
+               for k in (None, 6)]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_budget_holds_for_every_from_dense_option(options):
+    weights = [torch.randn(24, 20, generator=torch.Generator().manual_seed(2)), planted_blocks()[0]]
+    for weight in weights:
+        for budget in (0.1, 0.3, 0.7):
+            layer = GaudiGBLRLinear.from_dense(weight, None, budget, niter=3, sweeps=1, row_thresholds=(0.5,),
+                                               col_thresholds=(0.5,), **options)
+            for mode in (layer.eval, layer.train):
+                mode()
+                assert layer.flops_per_token() <= budget * weight.numel()
+
+
+def test_unknown_start_is_rejected():
+    with pytest.raises(ValueError, match="starts"):
+        GaudiGBLRLinear.from_dense(torch.randn(8, 8), None, 0.5, starts=["svd"])
 
 
 def test_surgery_and_bfloat16_weights():

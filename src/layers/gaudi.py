@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -291,29 +292,43 @@ class GaudiGBLRLinear(StructuredLinear):
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, *,
-                   num_components: int | None = None, find_mask: bool = True, lowrank_start: bool = True,
-                   niter: int = 200, row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
+                   num_components: int | None = None, starts: Sequence[str] | None = None,
+                   find_mask: bool = False, lowrank_start: bool = False, sweeps: int = 8, niter: int = 200,
+                   row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
                    weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
                    sigma: float | None = None, compute_mode: str = "dense", custom_grad: bool = False,
                    no_ste: bool = False, location_init: str | float = "unif") -> "GaudiGBLRLinear":
-        """Fit rank-1 components to ``weight`` at dense fraction ``budget`` with the structure search of
-        :mod:`.gaudi_search` (cost target ``budget m n`` in rows+cols units), on ``weight``'s device.
+        """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
+        of :mod:`.gaudi_search`, on ``weight``'s device. With ``sigma`` None (the default, as fine-tuning
+        recipes use) the layer's ``flops_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
+        eval masks, which the FLOP count then includes.
 
-        Components at most one element wide on an axis (eval mode zeroes them) get zero width, so train and
-        eval outputs agree; ``drop_empty`` removes them, which shrinks storage. Starts, errors and time are
-        logged. ``sigma`` defaults to None (no Gaussian), as fine-tuning recipes use.
+        starts: start kinds to try (see :data:`.gaudi_search.STARTS`); default ``["blocks"]``, plus
+        ``"greedy"`` with ``find_mask`` (the reference's interval search) and ``"lowrank"`` with
+        ``lowrank_start``. ``find_mask=False`` with ``starts=["given"]`` is the reference's fine-tune path.
+        sweeps: alternating least-squares sweeps on the factors of the ``blocks`` start; niter: gradient steps
+        for ``greedy``/``given`` starts. num_components caps the components (default ``min(m, n)``). Components at most one element wide on
+        an axis get zero width (eval mode zeroes them), so train and eval outputs agree; ``drop_empty``
+        removes them. The start, errors (and the SVD's at the same MACs) and time are logged and kept in
+        ``layer.init_report`` (a :class:`.gaudi_search.SearchReport`).
         """
         check_dense_weight(weight, bias)
         budget = check_budget(budget)
         out_features, in_features = weight.shape
+        starts = list(starts) if starts is not None else ["blocks"]
+        starts += ["greedy"] * bool(find_mask) + ["lowrank"] * bool(lowrank_start)
         work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        target = weight.detach().to(work_dtype)
-        search = cls(in_features, out_features, num_components=num_components, bias=False, sigma=None,
-                     width_init=1.0, location_init=location_init).to(weight.device, work_dtype)
-        report = find_structure(search, target, budget * out_features * in_features, find_mask=find_mask,
-                                lowrank_start=lowrank_start, niter=niter, row_thresholds=row_thresholds,
-                                col_thresholds=col_thresholds, filter_std=filter_std, weight_lr=weight_lr,
-                                structure_lr_base=structure_lr_base)
+
+        def search_layer(components: int) -> GaudiGBLRLinear:
+            return cls(in_features, out_features, num_components=components, bias=False, sigma=None,
+                       width_init=1.0, location_init=location_init)
+
+        search, report = find_structure(search_layer, weight.detach().to(work_dtype),
+                                        budget * out_features * in_features, starts=starts,
+                                        max_components=num_components, sweeps=sweeps, niter=niter,
+                                        row_thresholds=row_thresholds, col_thresholds=col_thresholds,
+                                        filter_std=filter_std, weight_lr=weight_lr,
+                                        structure_lr_base=structure_lr_base)
         sizes = torch.tensor(search.axis_sizes, device=weight.device, dtype=work_dtype)[:, None]
         live = (torch.round(search.widths.detach() * sizes) > 1).all(0)  # as `active` in flops_per_token
         keep = live.clone() if drop_empty else torch.ones_like(live)
@@ -329,9 +344,11 @@ class GaudiGBLRLinear(StructuredLinear):
                 getattr(layer, name).copy_(getattr(search, name)[:, keep])
         layer.to(dtype=weight.dtype)
         layer._copy_bias(bias)
-        log.info("gaudi %dx%d budget %.3f: %s start, %d/%d components, rel. error %.4f, op-norm error %.4f, %.1fs",
-                 out_features, in_features, budget, report.start, layer.num_components, search.num_components,
-                 report.rel_error, report.op_error, report.seconds)
+        layer.init_report = report
+        log.info("gaudi %dx%d budget %.3f: %s start, %d components, MACs %.4f of dense, rel. error %.4f "
+                 "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, budget,
+                 report.start, layer.num_components, report.flops_fraction, report.rel_error, report.svd_error,
+                 report.op_error, report.seconds)
         return layer
 
     def extra_repr(self) -> str:
