@@ -420,3 +420,54 @@ def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(loaded(x), compressed(x))
     for key, value in compressed.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value) and loaded.state_dict()[key].dtype == value.dtype
+
+
+def scripted_trainer(lrs, names=None, epoch: int = 0):
+    """A trainer stand-in with one SGD optimizer whose groups have the given lrs (and names)."""
+    params = [nn.Parameter(torch.zeros(1)) for _ in lrs]
+    groups = [{"params": [p], "lr": lr, **({"name": names[i]} if names else {})} for i, (p, lr) in enumerate(zip(params, lrs))]
+    return SimpleNamespace(optimizers=[torch.optim.SGD(groups)], current_epoch=epoch, num_training_batches=10)
+
+
+def widths_module(widths) -> nn.Module:
+    module = nn.Module()
+    module.layer = GaudiGBLRLinear(10, 10, num_components=len(widths[0]), sigma=None)
+    set_structure(module.layer, widths, [[0.0] * len(widths[0])] * 2)
+    return module
+
+
+def test_shrink_lr_comes_from_the_last_group_or_the_named_one():
+    module = widths_module([[0.8, 0.6], [0.8, 0.6]])
+    trainer = scripted_trainer([1.0, 0.1, 0.2], names=["decay", "structure", "no_decay"])
+    GaudiShrink(thres=0.5, mode="plain").on_train_batch_end(trainer, module, None, None, 0)
+    torch.testing.assert_close(module.layer.widths, torch.tensor([[0.7, 0.5], [0.7, 0.5]]))  # 0.5 * lr 0.2
+    GaudiShrink(thres=0.5, mode="plain", param_group="structure").on_train_batch_end(trainer, module, None, None, 0)
+    torch.testing.assert_close(module.layer.widths, torch.tensor([[0.65, 0.45], [0.65, 0.45]]))
+    with pytest.raises(ValueError, match="param_group"):
+        GaudiShrink(thres=0.5, param_group="widths").on_train_batch_end(trainer, module, None, None, 0)
+
+
+@pytest.mark.parametrize("shrink", [GaudiShrink(thres=0.0, freeze=True),
+                                    GaudiShrink(thres=0.3, mode="adaptive", init_thres=0.0, start_epoch=2,
+                                                end_epoch=2, freeze=True)])
+def test_shrink_freezes_the_structure_as_soon_as_the_step_is_zero(shrink):
+    module = widths_module([[0.8, 0.6], [0.8, 0.6]])  # far above any target: only a zero step stops it
+    shrink.on_train_batch_end(scripted_trainer([0.1]), module, None, None, 0)
+    assert shrink.frozen and not module.layer.widths.requires_grad and not module.layer.locations.requires_grad
+
+
+def test_mean_shrink_moves_every_width_by_the_mean_excess_until_the_target():
+    module = widths_module([[0.9, 0.5, 0.0], [0.7, 0.1, 0.4]])  # component 2 is dead: mean counts 0.9..0.1 only
+    shrink = GaudiShrink(mode="mean", target_width=0.2, mean_step=0.5, rate=2)
+    trainer = scripted_trainer([0.1])
+    shrink.on_train_batch_end(trainer, module, None, None, 0)  # rate 2: batch 0 is skipped
+    assert mean_active_width([module.layer]) == pytest.approx(2.2 / 6)
+    shrink.on_train_batch_end(trainer, module, None, None, 1)
+    step = 0.5 * (2.2 / 6 - 0.2)
+    expected = (torch.tensor([[0.9, 0.5, 0.0], [0.7, 0.1, 0.4]]) - step).clamp(0, 1)
+    torch.testing.assert_close(module.layer.widths, expected)
+    for batch in range(3, 200, 2):
+        shrink.on_train_batch_end(trainer, module, None, None, batch)
+    assert 0.2 <= mean_active_width([module.layer]) < 0.2 + 1e-3  # approaches the target from above
+    with pytest.raises(ValueError, match="target_width"):
+        GaudiShrink(mode="mean")
