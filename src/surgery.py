@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import StructuredConv2d, StructuredLinear, check_budget, get_layer_class
+from .layers.conv import kernel_as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         layer_budget = _first_match(name, budget_table, "budget")
         cls = get_layer_class(type_name)
         kind, weight, bias = dense_view(module)
+        weight = kernel_as_matrix(module.weight, cls.conv_column_order) if kind == "conv2d" else weight
         weight = weight.detach()
         layer_options = _options_for(type_name, options, several_types)
         new_linear = _call_from_dense(cls, weight, None if bias is None else bias.detach(), layer_budget,

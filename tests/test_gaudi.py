@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from src.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
@@ -471,3 +472,42 @@ def test_mean_shrink_moves_every_width_by_the_mean_excess_until_the_target():
     assert 0.2 <= mean_active_width([module.layer]) < 0.2 + 1e-3  # approaches the target from above
     with pytest.raises(ValueError, match="target_width"):
         GaudiShrink(mode="mean")
+
+
+# --- convolutions ------------------------------------------------------------------------------------------
+
+def test_conv_flattens_kernels_kernel_position_first_as_the_reference():
+    from src.layers.conv import StructuredConv2d, kernel_as_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    layer = GaudiGBLRLinear(12, 2, num_components=1, sigma=None, bias=False)  # C_i = 3, 2x2 kernel
+    u, v = torch.randn(2, generator=gen), torch.randn(12, generator=gen)
+    with torch.no_grad():
+        layer.out_factors.copy_(u.view(1, 2, 1))
+        layer.in_factors.copy_(v.view(1, 1, 12))
+    set_structure(layer, [[3 / 12], [1.0]], [[3 / 12], [0.0]])  # columns 3..5, all rows
+    conv = StructuredConv2d.from_conv(nn.Conv2d(3, 2, 2, padding=1, bias=False), layer)
+    # by hand: columns 3..5 in (k_h, k_w, C_i) order are channels 0, 1, 2 at kernel position (0, 1)
+    kernel = torch.zeros(2, 3, 2, 2)
+    kernel[:, :, 0, 1] = torch.outer(u, v[3:6])
+    x = torch.randn(2, 3, 5, 4, generator=gen)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        torch.testing.assert_close(conv.to_dense_weight(), kernel)
+        torch.testing.assert_close(conv(x), F.conv2d(x, kernel, padding=1))
+    assert torch.equal(kernel_as_matrix(kernel, "kernel"), layer.to_dense_weight())
+    assert not torch.equal(kernel_as_matrix(kernel, "channel"), layer.to_dense_weight())  # the project's old order
+
+
+def test_surgery_decomposes_conv_kernels_in_the_layer_types_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=2))
+    dense_kernel = model[0].weight.detach().clone()
+    report = compress_(model, "gaudi", 0.6, options={"sweeps": 2})
+    wrapped = model[0]
+    assert wrapped.column_order == "kernel"
+    error = float((wrapped.to_dense_weight() - dense_kernel).norm() / dense_kernel.norm())
+    assert report.layers[0].rel_error == pytest.approx(error, rel=1e-5)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(wrapped(x), F.conv2d(x, wrapped.to_dense_weight(), wrapped.linear.bias, stride=2,
+                                                    padding=1), atol=1e-5, rtol=1e-5)

@@ -106,6 +106,8 @@ class GaudiGBLRLinear(StructuredLinear):
     the low-rank pattern with as many full components as the dense fraction allows.
     """
 
+    conv_column_order = "kernel"  # the reference's conv flattening: kernel position first
+
     def __init__(self, in_features: int, out_features: int, rank_per_component: int | float = 1,
                  num_components: int | None = None, total_rank_ratio: float | None = None, bias: bool = True,
                  sigma: float | None = 100.0, compute_mode: str = "dense", custom_grad: bool = False,
