@@ -511,3 +511,13 @@ def test_surgery_decomposes_conv_kernels_in_the_layer_types_order():
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(wrapped(x), F.conv2d(x, wrapped.to_dense_weight(), wrapped.linear.bias, stride=2,
                                                     padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_keeping_empty_components_pads_to_the_reference_slot_count():
+    weight = torch.randn(20, 14, generator=torch.Generator().manual_seed(0))
+    layer = GaudiGBLRLinear.from_dense(weight, None, 0.5, starts=["lowrank"], drop_empty=False)
+    assert layer.num_components == 14 and torch.all(layer.widths[:, 4:] == 0)  # rank floor(140 / 34) = 4
+    assert mean_active_width([layer]) == pytest.approx(4 / 14)  # what MeanShrink sees, as in the reference
+    dropped = GaudiGBLRLinear.from_dense(weight, None, 0.5, starts=["lowrank"])
+    layer.eval(), dropped.eval()
+    torch.testing.assert_close(layer.to_dense_weight(), dropped.to_dense_weight())

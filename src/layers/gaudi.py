@@ -309,9 +309,11 @@ class GaudiGBLRLinear(StructuredLinear):
         ``"greedy"`` with ``find_mask`` (the reference's interval search) and ``"lowrank"`` with
         ``lowrank_start``. ``find_mask=False`` with ``starts=["given"]`` is the reference's fine-tune path.
         sweeps: alternating least-squares sweeps on the factors of the ``blocks`` start; niter: gradient steps
-        for ``greedy``/``given`` starts. num_components caps the components (default ``min(m, n)``). Components at most one element wide on
-        an axis get zero width (eval mode zeroes them), so train and eval outputs agree; ``drop_empty``
-        removes them. The start, errors (and the SVD's at the same MACs) and time are logged and kept in
+        for ``greedy``/``given`` starts. num_components caps the components (default ``min(m, n)``).
+
+        Components at most one element wide on an axis get zero width (eval mode zeroes them), so train and
+        eval outputs agree; ``drop_empty`` removes them, else the layer keeps ``num_components`` slots, the
+        unused ones at zero width, as the reference does (its mean-width statistics count them). The start, errors (and the SVD's at the same MACs) and time are logged and kept in
         ``layer.init_report`` (a :class:`.gaudi_search.SearchReport`).
         """
         check_dense_weight(weight, bias)
@@ -335,15 +337,17 @@ class GaudiGBLRLinear(StructuredLinear):
         live = (torch.round(search.widths.detach() * sizes) > 1).all(0)  # as `active` in flops_per_token
         keep = live.clone() if drop_empty else torch.ones_like(live)
         keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero below
-        layer = cls(in_features, out_features, num_components=int(keep.sum()), bias=bias is not None, sigma=sigma,
-                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=1.0,
+        used = int(keep.sum())
+        slots = used if drop_empty else max(used, min(num_components or in_features, in_features, out_features))
+        layer = cls(in_features, out_features, num_components=slots, bias=bias is not None, sigma=sigma,
+                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=0.0,
                     location_init=0.0).to(weight.device, work_dtype)
         with torch.no_grad():
             search.widths[:, ~live] = 0.0  # eval mode zeroes them anyway; now training mode agrees
             for name in ("in_factors", "out_factors"):
-                getattr(layer, name).copy_(getattr(search, name)[keep])
+                getattr(layer, name).zero_()[:used] = getattr(search, name)[keep]
             for name in ("widths", "locations"):
-                getattr(layer, name).copy_(getattr(search, name)[:, keep])
+                getattr(layer, name)[:, :used] = getattr(search, name)[:, keep]
         layer.to(dtype=weight.dtype)
         layer._copy_bias(bias)
         layer.init_report = report
