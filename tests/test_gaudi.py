@@ -105,7 +105,7 @@ def test_eval_hard_shrink_and_threshold_give_exact_zeros_outside_blocks():
 
 # --- the layer ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("compute_mode", ["dense", "lr"])
+@pytest.mark.parametrize("compute_mode", ["dense", "lr", "compact", "auto"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_equals_dense_weight_for_any_batch_shape(compute_mode, bias):
     torch.manual_seed(0)
@@ -418,7 +418,9 @@ def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
     save_compressed(compressed, tmp_path / "gaudi")
     loaded = load_compressed(tmp_path / "gaudi", model().eval())
     x = torch.randn(3, 2, 4, 4)
-    assert torch.equal(loaded(x), compressed(x))
+    for mode in ("train", "eval"):  # load_compressed installs its layers in training mode, whatever the skeleton's
+        getattr(loaded, mode)(), getattr(compressed, mode)()
+        assert torch.equal(loaded(x), compressed(x))
     for key, value in compressed.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value) and loaded.state_dict()[key].dtype == value.dtype
 
@@ -521,3 +523,60 @@ def test_keeping_empty_components_pads_to_the_reference_slot_count():
     dropped = GaudiGBLRLinear.from_dense(weight, None, 0.5, starts=["lowrank"])
     layer.eval(), dropped.eval()
     torch.testing.assert_close(layer.to_dense_weight(), dropped.to_dense_weight())
+
+
+# --- compact forward ---------------------------------------------------------------------------------------
+
+def intervals_layer(compute_mode: str, rank: int = 2) -> GaudiGBLRLinear:
+    """6 components on a 20 -> 12 layer: shared, wrapped, full and dead intervals."""
+    torch.manual_seed(0)
+    layer = GaudiGBLRLinear(20, 12, rank_per_component=rank, num_components=6, sigma=None, compute_mode=compute_mode)
+    set_structure(layer, [[5 / 20, 5 / 20, 8 / 20, 1.0, 3 / 20, 0.0], [4 / 12, 6 / 12, 4 / 12, 3 / 12, 1.0, 0.5]],
+                  [[0.0, 0.0, 16 / 20, 0.35, 0.5, 0.1], [10 / 12, 0.5, 10 / 12, 0.0, 0.25, 0.0]])
+    return layer
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_compact_forward_equals_the_dense_mask_path(rank):
+    compact, reference = intervals_layer("compact", rank), intervals_layer("dense", rank)
+    x = torch.randn(2, 3, 20, dtype=torch.float64)
+    compact.double(), reference.double()
+    compact.eval(), reference.eval()
+    assert compact.compact_plan() is not None and len(compact.compact_plan().inputs) == 4  # cols 0..4 shared
+    torch.testing.assert_close(compact(x), reference(x), atol=1e-12, rtol=0)
+    assert compact.compact_plan().macs == compact.flops_per_token()
+    for layer in (compact, reference):  # frozen structure in training: compact, with the same gradients
+        layer.train()
+        for param in layer.structural_parameters().values():
+            param.requires_grad_(False)
+    out_c, out_r = compact(x), reference(x)
+    assert compact.compact_plan() is not None
+    torch.testing.assert_close(out_c, out_r, atol=1e-12, rtol=0)
+    grads_c = torch.autograd.grad(out_c.square().sum(), (compact.in_factors, compact.out_factors, compact.bias))
+    grads_r = torch.autograd.grad(out_r.square().sum(), (reference.in_factors, reference.out_factors, reference.bias))
+    for gc, gr in zip(grads_c, grads_r):
+        torch.testing.assert_close(gc, gr, atol=1e-10, rtol=0)
+
+
+def test_compact_plan_follows_structure_changes_and_is_skipped_while_widths_learn():
+    layer = intervals_layer("compact")
+    x = torch.randn(4, 20)
+    assert layer.compact_plan() is None  # training with learnable widths: the mask path
+    layer.eval()
+    first = layer.compact_plan()
+    with torch.no_grad():
+        layer.widths[0, 0] = 10 / 20
+    assert layer.compact_plan() is not first
+    torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().T + layer.bias, atol=1e-5, rtol=1e-5)
+    blurred = GaudiGBLRLinear(20, 12, num_components=3, sigma=5.0, compute_mode="compact").eval()
+    assert blurred.compact_plan() is None  # a Gaussian blurs the masks: not intervals
+
+
+def test_auto_mode_runs_compact_only_when_it_is_cheap():
+    weight, _ = planted_blocks(noise=0.0)
+    cheap = GaudiGBLRLinear.from_dense(weight, None, 0.4).eval()
+    assert cheap.compute_mode == "auto" and cheap._chosen_plan() is not None
+    many = GaudiGBLRLinear(64, 64, num_components=64, sigma=None, width_init=0.2, location_init="linspace").eval()
+    assert many._chosen_plan() is None and many.compact_plan() is not None  # 128 distinct intervals: dense
+    wide = GaudiGBLRLinear(64, 64, num_components=64, sigma=None, width_init=1.0, location_init=0.0).eval()
+    assert wide._chosen_plan() is None  # full widths cost 2x dense MACs: dense

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .gaudi_compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
 from .gaudi_search import find_structure
 from .lowrank import rank_for_budget
 
 log = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 1e-3  # eval-time mask entries below this are zeroed; FLOPs count entries above it
-COMPUTE_MODES = ("dense", "lr")
+COMPUTE_MODES = ("auto", "dense", "lr", "compact")
 
 
 def _complex(amplitude: Tensor, phase: Tensor) -> Tensor:
@@ -104,13 +105,17 @@ class GaudiGBLRLinear(StructuredLinear):
     are zeroed and mask entries below 1e-3 dropped. They stay float32 when the module is cast to bf16/fp16.
     ``width_init``: a float, ``'unif'``, ``'splr[X]'`` or ``'lr[X]'``; default ``'splr'``, or with ``budget``
     the low-rank pattern with as many full components as the dense fraction allows.
+    ``compute_mode``: ``'dense'`` builds ``W`` from the masks (the reference path), ``'lr'`` applies the
+    masked factors in turn, ``'compact'`` runs only each component's intervals (:mod:`.gaudi_compact`) when
+    the masks are exact intervals -- no Gaussian, and eval mode or frozen widths/locations -- and the dense
+    path otherwise; ``'auto'`` (default) is ``'compact'`` when its plan is cheap, else ``'dense'``.
     """
 
     conv_column_order = "kernel"  # the reference's conv flattening: kernel position first
 
     def __init__(self, in_features: int, out_features: int, rank_per_component: int | float = 1,
                  num_components: int | None = None, total_rank_ratio: float | None = None, bias: bool = True,
-                 sigma: float | None = 100.0, compute_mode: str = "dense", custom_grad: bool = False,
+                 sigma: float | None = 100.0, compute_mode: str = "auto", custom_grad: bool = False,
                  no_ste: bool = False, width_init: str | float | None = None, location_init: str | float = "unif",
                  budget: float | None = None):
         super().__init__(in_features, out_features, bias)
@@ -131,6 +136,8 @@ class GaudiGBLRLinear(StructuredLinear):
         self.rank_per_component = int(rank_per_component)
         self.num_components = int(num_components)
         self.compute_mode = compute_mode
+        self._plan: CompactPlan | None = None
+        self._plan_key: tuple | None = None
         self.custom_grad = custom_grad
         self.no_ste = no_ste
         self.no_gaussian = sigma is None
@@ -249,9 +256,36 @@ class GaudiGBLRLinear(StructuredLinear):
         in_weight, out_weight = self.masked_factors()
         return out_weight @ in_weight
 
+    def compact_plan(self) -> CompactPlan | None:
+        """The interval grouping of :mod:`.gaudi_compact` when the masks are exact intervals -- no Gaussian, and
+        eval mode or widths/locations frozen on the grid in training -- else None. Cached per structure."""
+        if not self.no_gaussian or (self.training and (self.no_ste or self.widths.requires_grad
+                                                        or self.locations.requires_grad)):
+            return None
+        key = (self.training, self.widths._version, self.locations._version, self.widths.data_ptr(),
+               self.locations.data_ptr(), self.in_factors.device)
+        if key != self._plan_key:
+            self._plan, self._plan_key = build_plan(self), key
+        return self._plan
+
+    def _chosen_plan(self) -> CompactPlan | None:
+        """The plan when this forward runs compact: always if eligible in ``compact`` mode; in ``auto`` mode
+        when it is also cheap (few distinct intervals, MACs well under dense)."""
+        if self.compute_mode not in ("compact", "auto"):
+            return None
+        plan = self.compact_plan()
+        if plan is None or self.compute_mode == "compact":
+            return plan
+        cheap = len(plan.inputs) + len(plan.outputs) <= MAX_GROUPS \
+            and plan.macs <= MAX_COMPACT_FRACTION * self.in_features * self.out_features
+        return plan if cheap else None
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        plan = self._chosen_plan()
+        if plan is not None:
+            return compact_forward(self, plan, x)
         in_weight, out_weight = self.masked_factors()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.compute_mode == "lr":
@@ -298,7 +332,7 @@ class GaudiGBLRLinear(StructuredLinear):
                    find_mask: bool = False, lowrank_start: bool = False, sweeps: int = 8, niter: int = 200,
                    row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
                    weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
-                   sigma: float | None = None, compute_mode: str = "dense", custom_grad: bool = False,
+                   sigma: float | None = None, compute_mode: str = "auto", custom_grad: bool = False,
                    no_ste: bool = False, location_init: str | float = "unif") -> "GaudiGBLRLinear":
         """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
         of :mod:`.gaudi_search`, on ``weight``'s device. With ``sigma`` None (the default, as fine-tuning

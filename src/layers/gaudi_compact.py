@@ -1,0 +1,100 @@
+"""The compact Gaudi-GBLR forward: each component touches only its column and row intervals.
+
+Component ``i`` maps ``x[cols_i]`` through ``V_i`` (t x v_i) and adds ``U_i h_i`` (u_i x t) into ``y[rows_i]``,
+so a token costs ``sum_i t (u_i + v_i)`` multiply-adds -- the MACs the layer counts -- instead of the ``m n`` of
+the dense-mask path. Components that share a column interval are one matmul on one gathered slice of ``x``;
+those that share a row interval are one matmul whose result is added into one slice of ``y``. The grouping
+(the plan) depends only on the structure, so it is cached until widths or locations change. Valid whenever
+the masks are exact 0/1 intervals: no Gaussian factor, widths on the grid (eval mode, or frozen in training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .gaudi import GaudiGBLRLinear
+
+MAX_GROUPS = 64  # beyond this many distinct intervals the per-group overhead outweighs the saved MACs
+MAX_COMPACT_FRACTION = 0.6  # compact MACs must be below this fraction of dense to be chosen automatically
+
+
+@dataclass
+class IntervalGroup:
+    """Components (indices into the layer) sharing one circular interval of an axis."""
+
+    positions: Tensor  # [L] the interval's indices along the axis, in order
+    contiguous: slice | None  # the same interval as a slice when it does not wrap
+    components: Tensor  # [k] component indices
+
+
+@dataclass
+class CompactPlan:
+    """Input groups (their order is the order of the hidden units) and output groups, plus compact MACs."""
+
+    inputs: list[IntervalGroup]
+    outputs: list[tuple[IntervalGroup, Tensor]]  # with each group's hidden-unit indices
+    macs: int
+
+
+def _groups(starts: Tensor, lengths: Tensor, size: int, live: Tensor) -> list[IntervalGroup]:
+    """Live components grouped by identical ``(start, length)`` interval on an axis of ``size``."""
+    keys = (starts * (size + 1) + lengths)[live]
+    components = live.nonzero().flatten()
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    groups = []
+    for g, key in enumerate(unique.tolist()):
+        start, length = divmod(key, size + 1)
+        positions = (start + torch.arange(length, device=starts.device)) % size
+        contiguous = slice(start, start + length) if start + length <= size else None
+        groups.append(IntervalGroup(positions, contiguous, components[inverse == g]))
+    return groups
+
+
+@torch.no_grad()
+def build_plan(layer: GaudiGBLRLinear) -> CompactPlan:
+    """The grouping of ``layer``'s components by interval, from the widths/locations its forward uses now."""
+    intervals = []
+    for axis, size in enumerate(layer.axis_sizes):
+        width = layer.effective_width(axis).detach()
+        location = layer._snapped(layer.locations, axis).detach()
+        intervals.append((torch.round(location * size).long() % size, torch.round(width.clamp(0, 1) * size).long()))
+    live = (intervals[0][1] > 0) & (intervals[1][1] > 0)
+    inputs = _groups(*intervals[0], layer.in_features, live)
+    rank = layer.rank_per_component
+    hidden_of = torch.empty(layer.num_components, dtype=torch.long, device=live.device)
+    order = torch.cat([g.components for g in inputs]) if inputs else live.nonzero().flatten()
+    hidden_of[order] = torch.arange(order.numel(), device=live.device)
+    outputs = []
+    for group in _groups(*intervals[1], layer.out_features, live):
+        hidden = (hidden_of[group.components][:, None] * rank + torch.arange(rank, device=live.device)).flatten()
+        outputs.append((group, hidden))
+    macs = rank * int((intervals[0][1] * live).sum() + (intervals[1][1] * live).sum())
+    return CompactPlan(inputs, outputs, macs)
+
+
+def _take(x: Tensor, group: IntervalGroup) -> Tensor:
+    return x[..., group.contiguous] if group.contiguous is not None else x.index_select(-1, group.positions)
+
+
+def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Tensor:
+    """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``)."""
+    rank, dtype = layer.rank_per_component, x.dtype
+    flat = x.reshape(-1, layer.in_features)
+    hidden = [_take(flat, g) @ _take(layer.in_factors[g.components], g).reshape(-1, g.positions.numel()).T.to(dtype)
+              for g in plan.inputs]
+    hidden = torch.cat(hidden, dim=-1) if hidden else flat.new_zeros(flat.shape[0], 0)
+    out = flat.new_zeros(flat.shape[0], layer.out_features)
+    for group, units in plan.outputs:
+        factors = layer.out_factors[group.components][:, group.positions]  # k, L, t
+        part = hidden.index_select(-1, units) @ factors.permute(1, 0, 2).reshape(group.positions.numel(), -1).T.to(dtype)
+        if group.contiguous is not None:
+            out[:, group.contiguous] += part
+        else:
+            out.index_add_(-1, group.positions, part)
+    if layer.bias is not None:
+        out = out + layer.bias.to(dtype)
+    return out.reshape(*x.shape[:-1], layer.out_features)
