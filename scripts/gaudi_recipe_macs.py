@@ -3,8 +3,9 @@
 A recipe's model MACs per sample = the dense model's linear maps (counted by forward hooks, patch/stem convs and
 heads included) + attention products (2 T^2 d per transformer block, which torch's FLOP counter misses for fused
 attention) - for every replaced layer, (1 - its budget) x its dense MACs: ``from_dense`` keeps each layer's MACs
-at most ``budget`` of dense and fills it to within one component. Recipes whose shrink callback has a target
-mean width ``w`` (it sets the final widths) count layers at ``K (m + n) w / (m n)`` with ``K = min(m, n)``. GPT-2 is also given in the paper's own formula (Gaudi reference code, algorithms.md §3.7):
+at most ``budget`` of dense and fills it to within one component. Recipes whose shrink callback has a
+target mean width ``w`` (it sets the final widths) count layers at ``K (m + n) w / (m n)``, ``K = min(m, n)``.
+GPT-2 is also given in the paper's own formula (Gaudi reference code, algorithms.md §3.7):
 ``(sum_layers 1024 MACs + 12 (1024^2 768 + 1024 768^2)) / 9.66e10``. Models are built with random weights.
 
     python scripts/gaudi_recipe_macs.py

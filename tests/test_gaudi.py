@@ -428,7 +428,8 @@ def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
 def scripted_trainer(lrs, names=None, epoch: int = 0):
     """A trainer stand-in with one SGD optimizer whose groups have the given lrs (and names)."""
     params = [nn.Parameter(torch.zeros(1)) for _ in lrs]
-    groups = [{"params": [p], "lr": lr, **({"name": names[i]} if names else {})} for i, (p, lr) in enumerate(zip(params, lrs))]
+    groups = [{"params": [p], "lr": lr, **({"name": names[i]} if names else {})}
+              for i, (p, lr) in enumerate(zip(params, lrs))]
     return SimpleNamespace(optimizers=[torch.optim.SGD(groups)], current_epoch=epoch, num_training_batches=10)
 
 

@@ -347,7 +347,9 @@ class GaudiGBLRLinear(StructuredLinear):
 
         Components at most one element wide on an axis get zero width (eval mode zeroes them), so train and
         eval outputs agree; ``drop_empty`` removes them, else the layer keeps ``num_components`` slots, the
-        unused ones at zero width, as the reference does (its mean-width statistics count them). The start, errors (and the SVD's at the same MACs) and time are logged and kept in
+        unused ones at zero width, as the reference does (its mean-width statistics count them).
+
+        The start, errors (and the SVD's at the same MACs) and time are logged and kept in
         ``layer.init_report`` (a :class:`.gaudi_search.SearchReport`).
         """
         check_dense_weight(weight, bias)

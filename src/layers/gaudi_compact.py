@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class CompactPlan:
     """Input groups (their order is the order of the hidden units) and output groups, plus compact MACs."""
 
     inputs: list[IntervalGroup]
-    outputs: list[tuple[IntervalGroup, Tensor]]  # with each group's hidden-unit indices
+    outputs: list[tuple[IntervalGroup, Tensor | slice]]  # with each group's hidden units (a slice if a range)
     macs: int
 
 
@@ -71,7 +72,11 @@ def build_plan(layer: GaudiGBLRLinear) -> CompactPlan:
     outputs = []
     for group in _groups(*intervals[1], layer.out_features, live):
         hidden = (hidden_of[group.components][:, None] * rank + torch.arange(rank, device=live.device)).flatten()
+        first = int(hidden[0])
+        if torch.equal(hidden, torch.arange(first, first + hidden.numel(), device=live.device)):
+            hidden = slice(first, first + hidden.numel())
         outputs.append((group, hidden))
+    outputs.sort(key=lambda item: item[0].contiguous != slice(0, layer.out_features))  # a full-height group first
     macs = rank * int((intervals[0][1] * live).sum() + (intervals[1][1] * live).sum())
     return CompactPlan(inputs, outputs, macs)
 
@@ -80,21 +85,36 @@ def _take(x: Tensor, group: IntervalGroup) -> Tensor:
     return x[..., group.contiguous] if group.contiguous is not None else x.index_select(-1, group.positions)
 
 
+def _bias_rows(flat: Tensor, size: int, bias: Tensor | None) -> Tensor:
+    """A fresh ``[tokens, size]`` output holding the bias (zeros without one)."""
+    if bias is None:
+        return flat.new_zeros(len(flat), size)
+    return bias.expand(len(flat), size).clone()
+
+
 def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Tensor:
     """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``)."""
-    rank, dtype = layer.rank_per_component, x.dtype
+    dtype = x.dtype
     flat = x.reshape(-1, layer.in_features)
     hidden = [_take(flat, g) @ _take(layer.in_factors[g.components], g).reshape(-1, g.positions.numel()).T.to(dtype)
               for g in plan.inputs]
-    hidden = torch.cat(hidden, dim=-1) if hidden else flat.new_zeros(flat.shape[0], 0)
-    out = flat.new_zeros(flat.shape[0], layer.out_features)
+    hidden = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0] if hidden else flat.new_zeros(len(flat), 0)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    full = slice(0, layer.out_features)
+    out = None
     for group, units in plan.outputs:
         factors = layer.out_factors[group.components][:, group.positions]  # k, L, t
-        part = hidden.index_select(-1, units) @ factors.permute(1, 0, 2).reshape(group.positions.numel(), -1).T.to(dtype)
+        factors = factors.permute(1, 0, 2).reshape(group.positions.numel(), -1).to(dtype)
+        inputs = hidden[:, units] if isinstance(units, slice) else hidden.index_select(-1, units)
+        if out is None and group.contiguous == full:
+            out = F.linear(inputs, factors, bias)  # the full-height group writes the output, bias included
+            continue
+        if out is None:
+            out = _bias_rows(flat, layer.out_features, bias)
         if group.contiguous is not None:
-            out[:, group.contiguous] += part
+            out[:, group.contiguous].addmm_(inputs, factors.T)
         else:
-            out.index_add_(-1, group.positions, part)
-    if layer.bias is not None:
-        out = out + layer.bias.to(dtype)
+            out.index_add_(-1, group.positions, inputs @ factors.T)
+    if out is None:
+        out = _bias_rows(flat, layer.out_features, bias)
     return out.reshape(*x.shape[:-1], layer.out_features)
