@@ -581,3 +581,47 @@ def test_auto_mode_runs_compact_only_when_it_is_cheap():
     assert many._chosen_plan() is None and many.compact_plan() is not None  # 128 distinct intervals: dense
     wide = GaudiGBLRLinear(64, 64, num_components=64, sigma=None, width_init=1.0, location_init=0.0).eval()
     assert wide._chosen_plan() is None  # full widths cost 2x dense MACs: dense
+
+
+def test_per_kernel_position_variant_against_a_hand_built_kernel():
+    from src.layers.conv import StructuredConv2d
+
+    gen = torch.Generator().manual_seed(0)
+    layer = GaudiGBLRLinear(12, 2, num_components=1, segments=4, sigma=None, bias=False)  # C_i 3, 2x2 kernel
+    u, v = torch.randn(4, 2, generator=gen), torch.randn(4, 3, generator=gen)
+    with torch.no_grad():
+        layer.out_factors.copy_(u[:, :, None])
+        layer.in_factors.copy_(v[:, None, :])
+    set_structure(layer, [[2 / 3] * 4, [1.0] * 4], [[1 / 3] * 4, [0.0] * 4])  # channels 1, 2 at every position
+    conv = StructuredConv2d.from_conv(nn.Conv2d(3, 2, 2, bias=False), layer)
+    kernel = torch.zeros(2, 3, 2, 2)
+    for position in range(4):  # one C_o x C_i matrix per kernel position
+        kernel[:, 1:, position // 2, position % 2] = torch.outer(u[position], v[position, 1:])
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+    for mode in ("compact", "dense"):
+        layer.compute_mode = mode
+        for train in (True, False):
+            conv.train(train)
+            torch.testing.assert_close(conv.to_dense_weight(), kernel)
+            torch.testing.assert_close(conv(x), F.conv2d(x, kernel), atol=1e-5, rtol=1e-5)
+    assert layer.flops_per_token() == 4 * (2 + 2)
+
+
+def test_segments_from_dense_holds_the_budget_and_round_trips():
+    weight = torch.randn(24, 20, generator=torch.Generator().manual_seed(3))
+    for drop_empty in (True, False):
+        layer = GaudiGBLRLinear.from_dense(weight, torch.randn(24), 0.4, segments=2, drop_empty=drop_empty)
+        for train in (True, False):
+            layer.train(train)
+            assert layer.flops_per_token() <= 0.4 * weight.numel()
+        report = layer.init_report
+        assert report.rel_error == pytest.approx(relative_error(layer, weight), rel=1e-4)
+        rebuilt = GaudiGBLRLinear(20, 24, **layer.config())
+        rebuilt.load_state_dict(layer.state_dict())
+        rebuilt.eval()
+        x = torch.randn(5, 20)
+        assert torch.equal(rebuilt(x), layer(x))
+        layer.compute_mode = "dense"
+        torch.testing.assert_close(rebuilt(x), layer(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="segments"):
+        GaudiGBLRLinear.from_dense(weight, None, 0.4, segments=3)

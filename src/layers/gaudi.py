@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
 from .gaudi_compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
-from .gaudi_search import find_structure
+from .gaudi_search import SearchReport, find_structure, svd_error_at
 from .lowrank import rank_for_budget
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,34 @@ def snap_to_grid(value: Tensor, n: int) -> Tensor:
     return torch.round(value.detach() * n) / n + (value - value.detach())
 
 
+@torch.no_grad()
+def _kept_components(search: "GaudiGBLRLinear", drop_empty: bool) -> Tensor:
+    """Which of a fitted search layer's components to keep; zeroes the widths of those eval mode drops (one
+    element or less on an axis), so train and eval outputs agree."""
+    sizes = torch.tensor(search.axis_sizes, device=search.widths.device, dtype=search.widths.dtype)[:, None]
+    live = (torch.round(search.widths * sizes) > 1).all(0)  # as `active` in flops_per_token
+    search.widths[:, ~live] = 0.0
+    keep = live.clone() if drop_empty else torch.ones_like(live)
+    keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero
+    return keep
+
+
+@torch.no_grad()
+def _whole_layer_report(layer: "GaudiGBLRLinear", weight: Tensor, parts: list[SearchReport]) -> SearchReport:
+    """One report for a layer fitted segment by segment: its errors and the whole matrix's SVD baseline."""
+    layer.eval()
+    target = weight.detach().to(layer.in_factors.dtype)
+    residual = target - layer.to_dense_weight()
+    flops = layer.flops_per_token()
+    layer.train()
+    return SearchReport(
+        rel_error=float(residual.norm() / target.norm()),
+        op_error=float(torch.linalg.matrix_norm(residual, ord=2) / torch.linalg.matrix_norm(target, ord=2)),
+        svd_error=svd_error_at(torch.linalg.svdvals(target.double()), flops, tuple(target.shape)),
+        flops_fraction=flops / target.numel(), start="/".join(sorted({p.start for p in parts})),
+        row_threshold=None, col_threshold=None, seconds=sum(p.seconds for p in parts))
+
+
 @register_layer("gaudi")
 class GaudiGBLRLinear(StructuredLinear):
     """``y = W x + b`` with ``W = sum_i diag(g_out_i) U_i V_i diag(g_in_i)`` (see module docstring).
@@ -105,6 +133,9 @@ class GaudiGBLRLinear(StructuredLinear):
     are zeroed and mask entries below 1e-3 dropped. They stay float32 when the module is cast to bf16/fp16.
     ``width_init``: a float, ``'unif'``, ``'splr[X]'`` or ``'lr[X]'``; default ``'splr'``, or with ``budget``
     the low-rank pattern with as many full components as the dense fraction allows.
+    ``segments``: the reference's per-kernel-position conv variant -- the input axis is ``segments`` equal
+    blocks, each with its own ``K`` components confined to it (``[W_1 | ... | W_S]``, one Gaudi-GBLR matrix
+    per block); ``n`` above is then the block width, and ``num_components`` counts per block.
     ``compute_mode``: ``'dense'`` builds ``W`` from the masks (the reference path), ``'lr'`` applies the
     masked factors in turn, ``'compact'`` runs only each component's intervals (:mod:`.gaudi_compact`) when
     the masks are exact intervals -- no Gaussian, and eval mode or frozen widths/locations -- and the dense
@@ -117,9 +148,14 @@ class GaudiGBLRLinear(StructuredLinear):
                  num_components: int | None = None, total_rank_ratio: float | None = None, bias: bool = True,
                  sigma: float | None = 100.0, compute_mode: str = "auto", custom_grad: bool = False,
                  no_ste: bool = False, width_init: str | float | None = None, location_init: str | float = "unif",
-                 budget: float | None = None):
+                 budget: float | None = None, segments: int = 1):
         super().__init__(in_features, out_features, bias)
-        smaller = min(in_features, out_features)
+        if segments < 1 or in_features % segments:
+            raise ValueError(f"segments must divide in_features={in_features} (e.g. k_h k_w kernel positions of a "
+                             f"conv), got {segments}")
+        self.segments = int(segments)
+        block = in_features // segments
+        smaller = min(block, out_features)
         if isinstance(rank_per_component, float):
             rank_per_component = math.floor(rank_per_component * smaller)
         if not 1 <= rank_per_component <= smaller:
@@ -130,11 +166,12 @@ class GaudiGBLRLinear(StructuredLinear):
             num_components = min(num_components or smaller, smaller // rank_per_component)
         if num_components < 1:
             raise ValueError(f"need at least one component; got {num_components} for a "
-                             f"{out_features}x{in_features} layer")
+                             f"{out_features}x{block} layer")
         if compute_mode not in COMPUTE_MODES:
             raise ValueError(f"compute_mode must be one of {COMPUTE_MODES}, got {compute_mode!r}")
         self.rank_per_component = int(rank_per_component)
-        self.num_components = int(num_components)
+        self.components_per_segment = int(num_components)
+        self.num_components = int(num_components) * self.segments
         self.compute_mode = compute_mode
         self._plan: CompactPlan | None = None
         self._plan_key: tuple | None = None
@@ -143,28 +180,29 @@ class GaudiGBLRLinear(StructuredLinear):
         self.no_gaussian = sigma is None
         self.register_buffer("sigma", torch.tensor(100.0 if sigma is None else float(sigma)))
         k, t = self.num_components, self.rank_per_component
-        self.in_factors = nn.Parameter(torch.empty(k, t, in_features))  # V_i
+        self.in_factors = nn.Parameter(torch.empty(k, t, block))  # V_i, within its segment
         self.out_factors = nn.Parameter(torch.empty(k, out_features, t))  # U_i
         structure_dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)  # >= float32, see _apply
         self.widths = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))  # rows [input; output], axis fractions
         self.locations = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))
         if width_init is None and budget is not None:
-            full = min(k, rank_for_budget(check_budget(budget), out_features, in_features) // t)
-            width_init = f"lr{full / k}"
+            per_segment = self.components_per_segment
+            full = min(per_segment, rank_for_budget(check_budget(budget), out_features, block) // t)
+            width_init = f"lr{full / per_segment}"
         self.width_init = "splr" if width_init is None else width_init
         self.location_init = location_init
         self.reset_parameters()
 
     @property
     def axis_sizes(self) -> tuple[int, int]:
-        """Lengths of the input and output axes, in the row order of ``widths``/``locations``."""
-        return self.in_features, self.out_features
+        """Lengths of the input (one segment's) and output axes, in the row order of ``widths``/``locations``."""
+        return self.in_features // self.segments, self.out_features
 
     def reset_parameters(self) -> None:
         """Factors uniform(+-1/sqrt(fan_in)) with fan_in = their last dim; bias like ``nn.Linear``."""
         with torch.no_grad():
             bound = 1 / math.sqrt(self.in_features)
-            self.in_factors.uniform_(-bound, bound)
+            self.in_factors.uniform_(-1 / math.sqrt(self.axis_sizes[0]), 1 / math.sqrt(self.axis_sizes[0]))
             self.out_factors.uniform_(-1 / math.sqrt(self.rank_per_component), 1 / math.sqrt(self.rank_per_component))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
@@ -172,9 +210,9 @@ class GaudiGBLRLinear(StructuredLinear):
             self.locations.copy_(self._initial_locations(self.location_init))
 
     def _storage_ratio(self) -> float:
-        """Factor storage relative to dense, ``K t (m + n) / (m n)``."""
-        m, n = self.out_features, self.in_features
-        return self.num_components * self.rank_per_component * (m + n) / (m * n)
+        """Factor storage relative to dense, ``K t (m + n) / (m n)`` per segment."""
+        n, m = self.axis_sizes
+        return self.components_per_segment * self.rank_per_component * (m + n) / (m * n)
 
     def _initial_widths(self, scheme: str | float) -> Tensor:
         k = self.num_components
@@ -189,6 +227,7 @@ class GaudiGBLRLinear(StructuredLinear):
                 break
         else:
             raise ValueError(f"unknown width_init {scheme!r}; use a float, 'unif', 'splr[X]' or 'lr[X]'")
+        k = self.components_per_segment  # the pattern repeats in every segment
         widths = torch.ones(2, k)
         if prefix == "splr":  # half the share at full width, the rest equal so the mean width is `ratio`
             full = min(k, math.floor(k * ratio / 2))
@@ -197,16 +236,17 @@ class GaudiGBLRLinear(StructuredLinear):
         else:  # exact low rank: `full` components everywhere, the rest one element on one axis only
             full = min(k, math.floor(k * ratio + 1e-9))
             widths[:, full:] = 0.0
-            widths[0, full::2] = 1 / self.in_features
+            widths[0, full::2] = 1 / self.axis_sizes[0]
             widths[1, full + 1::2] = 1 / self.out_features
-        return widths
+        return widths.repeat(1, self.segments)
 
     def _initial_locations(self, scheme: str | float) -> Tensor:
         k = self.num_components
         if isinstance(scheme, numbers.Real) and not isinstance(scheme, bool):
             return torch.full((2, k), float(scheme))
         if scheme == "linspace":
-            return (torch.arange(k) / k).expand(2, k).clone()
+            per_segment = self.components_per_segment
+            return (torch.arange(per_segment) / per_segment).repeat(self.segments).expand(2, k).clone()
         if scheme == "unif":
             return torch.rand(2, k)
         raise ValueError(f"unknown location_init {scheme!r}; use a float, 'linspace' or 'unif'")
@@ -247,7 +287,12 @@ class GaudiGBLRLinear(StructuredLinear):
         mask_in, mask_out = self.component_masks()
         dtype = self.in_factors.dtype
         inner = self.num_components * self.rank_per_component
-        in_weight = (self.in_factors * mask_in.to(dtype)[:, None, :]).reshape(inner, self.in_features)
+        in_weight = self.in_factors * mask_in.to(dtype)[:, None, :]
+        if self.segments > 1:  # segment s's components read columns [s n_s, (s + 1) n_s) only
+            blocks = in_weight.reshape(self.segments, -1, self.axis_sizes[0])
+            eye = torch.eye(self.segments, dtype=dtype, device=blocks.device)
+            in_weight = torch.einsum("skj,su->skuj", blocks, eye)
+        in_weight = in_weight.reshape(inner, self.in_features)
         out_weight = (self.out_factors * mask_out.to(dtype)[:, :, None]).transpose(0, 1)
         out_weight = out_weight.reshape(self.out_features, inner)
         return in_weight, out_weight
@@ -295,14 +340,13 @@ class GaudiGBLRLinear(StructuredLinear):
     def num_params(self) -> int:
         """Stored numbers: factors ``K t (m + n)``, widths and locations ``4 K``, and the bias (the factors
         stay full length; only an export step would trim them to the intervals)."""
-        return self.num_components * (self.rank_per_component * (self.in_features + self.out_features) + 4) \
-            + self.bias_params()
+        return self.num_components * (self.rank_per_component * sum(self.axis_sizes) + 4) + self.bias_params()
 
     @torch.no_grad()
     def flops_per_token(self) -> int:
         """Effective MACs ``sum_i min(t (u_i + v_i), u_i v_i)``: ``u_i``/``v_i`` count mask entries above
         1e-3 of components wider than one element on both axes (current train/eval behaviour)."""
-        active = (self.effective_width(0) > 1.0 / self.in_features) \
+        active = (self.effective_width(0) > 1.0 / self.axis_sizes[0]) \
             & (self.effective_width(1) > 1.0 / self.out_features)
         mask_in, mask_out = self.component_masks()
         cols = (mask_in > MASK_THRESHOLD).sum(-1) * active
@@ -311,7 +355,8 @@ class GaudiGBLRLinear(StructuredLinear):
 
     def config(self) -> dict:
         """Options that rebuild this layer's state layout; widths, locations and sigma come from the state dict."""
-        return {"rank_per_component": self.rank_per_component, "num_components": self.num_components,
+        return {"rank_per_component": self.rank_per_component, "num_components": self.components_per_segment,
+                "segments": self.segments,
                 "bias": self.bias is not None, "sigma": None if self.no_gaussian else float(self.sigma),
                 "compute_mode": self.compute_mode, "custom_grad": self.custom_grad, "no_ste": self.no_ste,
                 "width_init": 1.0, "location_init": 0.0}
@@ -333,9 +378,11 @@ class GaudiGBLRLinear(StructuredLinear):
                    row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
                    weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
                    sigma: float | None = None, compute_mode: str = "auto", custom_grad: bool = False,
-                   no_ste: bool = False, location_init: str | float = "unif") -> "GaudiGBLRLinear":
+                   no_ste: bool = False, location_init: str | float = "unif",
+                   segments: int = 1) -> "GaudiGBLRLinear":
         """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
-        of :mod:`.gaudi_search`, on ``weight``'s device. With ``sigma`` None (the default, as fine-tuning
+        of :mod:`.gaudi_search`, on ``weight``'s device; with ``segments``, each block of columns on its own
+        (the per-kernel-position conv variant, e.g. ``segments: 9`` for 3x3 convs). With ``sigma`` None (the default, as fine-tuning
         recipes use) the layer's ``flops_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
         eval masks, which the FLOP count then includes.
 
@@ -355,37 +402,40 @@ class GaudiGBLRLinear(StructuredLinear):
         check_dense_weight(weight, bias)
         budget = check_budget(budget)
         out_features, in_features = weight.shape
+        if segments < 1 or in_features % segments:
+            raise ValueError(f"segments must divide the {in_features} input features, got {segments}")
+        block = in_features // segments
         starts = list(starts) if starts is not None else ["blocks"]
         starts += ["greedy"] * bool(find_mask) + ["lowrank"] * bool(lowrank_start)
         work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
         def search_layer(components: int) -> GaudiGBLRLinear:
-            return cls(in_features, out_features, num_components=components, bias=False, sigma=None,
+            return cls(block, out_features, num_components=components, bias=False, sigma=None,
                        width_init=1.0, location_init=location_init)
 
-        search, report = find_structure(search_layer, weight.detach().to(work_dtype),
-                                        budget * out_features * in_features, starts=starts,
-                                        max_components=num_components, sweeps=sweeps, niter=niter,
-                                        row_thresholds=row_thresholds, col_thresholds=col_thresholds,
-                                        filter_std=filter_std, weight_lr=weight_lr,
-                                        structure_lr_base=structure_lr_base)
-        sizes = torch.tensor(search.axis_sizes, device=weight.device, dtype=work_dtype)[:, None]
-        live = (torch.round(search.widths.detach() * sizes) > 1).all(0)  # as `active` in flops_per_token
-        keep = live.clone() if drop_empty else torch.ones_like(live)
-        keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero below
-        used = int(keep.sum())
-        slots = used if drop_empty else max(used, min(num_components or in_features, in_features, out_features))
+        fits = [find_structure(search_layer, part, budget * out_features * block, starts=starts,
+                               max_components=num_components, sweeps=sweeps, niter=niter,
+                               row_thresholds=row_thresholds, col_thresholds=col_thresholds, filter_std=filter_std,
+                               weight_lr=weight_lr, structure_lr_base=structure_lr_base)
+                for part in weight.detach().to(work_dtype).chunk(segments, dim=1)]
+        kept = [_kept_components(search, drop_empty) for search, _ in fits]
+        used = max(int(keep.sum()) for keep in kept)
+        slots = used if drop_empty else max(used, min(num_components or block, block, out_features))
         layer = cls(in_features, out_features, num_components=slots, bias=bias is not None, sigma=sigma,
                     compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=0.0,
-                    location_init=0.0).to(weight.device, work_dtype)
+                    location_init=0.0, segments=segments).to(weight.device, work_dtype)
         with torch.no_grad():
-            search.widths[:, ~live] = 0.0  # eval mode zeroes them anyway; now training mode agrees
             for name in ("in_factors", "out_factors"):
-                getattr(layer, name).zero_()[:used] = getattr(search, name)[keep]
-            for name in ("widths", "locations"):
-                getattr(layer, name)[:, :used] = getattr(search, name)[:, keep]
+                getattr(layer, name).zero_()
+            for segment, ((search, _), keep) in enumerate(zip(fits, kept)):
+                chosen = slice(segment * slots, segment * slots + int(keep.sum()))
+                for name in ("in_factors", "out_factors"):
+                    getattr(layer, name)[chosen] = getattr(search, name)[keep]
+                for name in ("widths", "locations"):
+                    getattr(layer, name)[:, chosen] = getattr(search, name)[:, keep]
         layer.to(dtype=weight.dtype)
         layer._copy_bias(bias)
+        report = fits[0][1] if segments == 1 else _whole_layer_report(layer, weight, [r for _, r in fits])
         layer.init_report = report
         log.info("gaudi %dx%d budget %.3f: %s start, %d components, MACs %.4f of dense, rel. error %.4f "
                  "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, budget,
@@ -394,6 +444,6 @@ class GaudiGBLRLinear(StructuredLinear):
         return layer
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", num_components={self.num_components}, "
+        return (super().extra_repr() + f", num_components={self.num_components}, segments={self.segments}, "
                 f"rank_per_component={self.rank_per_component}, compute_mode={self.compute_mode}, "
                 f"sigma={None if self.no_gaussian else float(self.sigma)}")

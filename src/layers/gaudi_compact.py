@@ -25,10 +25,11 @@ MAX_COMPACT_FRACTION = 0.6  # compact MACs must be below this fraction of dense 
 
 @dataclass
 class IntervalGroup:
-    """Components (indices into the layer) sharing one circular interval of an axis."""
+    """Components (indices into the layer) sharing one circular interval of an axis (of one input segment)."""
 
-    positions: Tensor  # [L] the interval's indices along the axis, in order
-    contiguous: slice | None  # the same interval as a slice when it does not wrap
+    positions: Tensor  # [L] the interval's indices within the segment, in order (index the factors)
+    local: slice | None  # the same as a slice when it does not wrap
+    offset: int  # where the segment starts along the axis (inputs are indexed at offset + positions)
     components: Tensor  # [k] component indices
 
 
@@ -41,17 +42,19 @@ class CompactPlan:
     macs: int
 
 
-def _groups(starts: Tensor, lengths: Tensor, size: int, live: Tensor) -> list[IntervalGroup]:
-    """Live components grouped by identical ``(start, length)`` interval on an axis of ``size``."""
-    keys = (starts * (size + 1) + lengths)[live]
+def _groups(starts: Tensor, lengths: Tensor, size: int, live: Tensor, segment: Tensor) -> list[IntervalGroup]:
+    """Live components grouped by identical ``(segment, start, length)``: circular intervals on segments of
+    length ``size``."""
+    keys = ((segment * size + starts) * (size + 1) + lengths)[live]
     components = live.nonzero().flatten()
     unique, inverse = torch.unique(keys, return_inverse=True)
     groups = []
     for g, key in enumerate(unique.tolist()):
-        start, length = divmod(key, size + 1)
+        rest, length = divmod(key, size + 1)
+        index, start = divmod(rest, size)
         positions = (start + torch.arange(length, device=starts.device)) % size
-        contiguous = slice(start, start + length) if start + length <= size else None
-        groups.append(IntervalGroup(positions, contiguous, components[inverse == g]))
+        local = slice(start, start + length) if start + length <= size else None
+        groups.append(IntervalGroup(positions, local, index * size, components[inverse == g]))
     return groups
 
 
@@ -64,25 +67,29 @@ def build_plan(layer: GaudiGBLRLinear) -> CompactPlan:
         location = layer._snapped(layer.locations, axis).detach()
         intervals.append((torch.round(location * size).long() % size, torch.round(width.clamp(0, 1) * size).long()))
     live = (intervals[0][1] > 0) & (intervals[1][1] > 0)
-    inputs = _groups(*intervals[0], layer.in_features, live)
+    segment = torch.arange(layer.num_components, device=live.device) // layer.components_per_segment
+    inputs = _groups(*intervals[0], layer.axis_sizes[0], live, segment)
     rank = layer.rank_per_component
     hidden_of = torch.empty(layer.num_components, dtype=torch.long, device=live.device)
     order = torch.cat([g.components for g in inputs]) if inputs else live.nonzero().flatten()
     hidden_of[order] = torch.arange(order.numel(), device=live.device)
     outputs = []
-    for group in _groups(*intervals[1], layer.out_features, live):
+    for group in _groups(*intervals[1], layer.out_features, live, torch.zeros_like(segment)):
         hidden = (hidden_of[group.components][:, None] * rank + torch.arange(rank, device=live.device)).flatten()
         first = int(hidden[0])
         if torch.equal(hidden, torch.arange(first, first + hidden.numel(), device=live.device)):
             hidden = slice(first, first + hidden.numel())
         outputs.append((group, hidden))
-    outputs.sort(key=lambda item: item[0].contiguous != slice(0, layer.out_features))  # a full-height group first
+    outputs.sort(key=lambda item: item[0].local != slice(0, layer.out_features))  # a full-height group first
     macs = rank * int((intervals[0][1] * live).sum() + (intervals[1][1] * live).sum())
     return CompactPlan(inputs, outputs, macs)
 
 
-def _take(x: Tensor, group: IntervalGroup) -> Tensor:
-    return x[..., group.contiguous] if group.contiguous is not None else x.index_select(-1, group.positions)
+def _take(x: Tensor, group: IntervalGroup, offset: int = 0) -> Tensor:
+    """The group's interval along the last dim of ``x``, shifted by ``offset``."""
+    if group.local is not None:
+        return x[..., group.local.start + offset:group.local.stop + offset]
+    return x.index_select(-1, group.positions + offset)
 
 
 def _bias_rows(flat: Tensor, size: int, bias: Tensor | None) -> Tensor:
@@ -96,7 +103,7 @@ def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Ten
     """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``)."""
     dtype = x.dtype
     flat = x.reshape(-1, layer.in_features)
-    hidden = [_take(flat, g) @ _take(layer.in_factors[g.components], g).reshape(-1, g.positions.numel()).T.to(dtype)
+    hidden = [F.linear(_take(flat, g, g.offset), _take(layer.in_factors[g.components], g).flatten(0, 1).to(dtype))
               for g in plan.inputs]
     hidden = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0] if hidden else flat.new_zeros(len(flat), 0)
     bias = None if layer.bias is None else layer.bias.to(dtype)
@@ -106,13 +113,13 @@ def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Ten
         factors = layer.out_factors[group.components][:, group.positions]  # k, L, t
         factors = factors.permute(1, 0, 2).reshape(group.positions.numel(), -1).to(dtype)
         inputs = hidden[:, units] if isinstance(units, slice) else hidden.index_select(-1, units)
-        if out is None and group.contiguous == full:
+        if out is None and group.local == full:
             out = F.linear(inputs, factors, bias)  # the full-height group writes the output, bias included
             continue
         if out is None:
             out = _bias_rows(flat, layer.out_features, bias)
-        if group.contiguous is not None:
-            out[:, group.contiguous].addmm_(inputs, factors.T)
+        if group.local is not None:
+            out[:, group.local].addmm_(inputs, factors.T)
         else:
             out.index_add_(-1, group.positions, inputs @ factors.T)
     if out is None:
