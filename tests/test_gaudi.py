@@ -625,3 +625,11 @@ def test_segments_from_dense_holds_the_budget_and_round_trips():
         torch.testing.assert_close(rebuilt(x), layer(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="segments"):
         GaudiGBLRLinear.from_dense(weight, None, 0.4, segments=3)
+
+
+def test_segments_kernel_gives_each_conv_its_kernel_positions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 9, 6))
+    compress_(model, "gaudi", 0.5, options={"segments": "kernel", "sweeps": 1})
+    assert [model[0].linear.segments, model[1].linear.segments, model[3].segments] == [9, 1, 1]
+    assert model(torch.randn(2, 4, 3, 3)).shape == (2, 6)

@@ -378,11 +378,12 @@ class GaudiGBLRLinear(StructuredLinear):
                    row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
                    weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
                    sigma: float | None = None, compute_mode: str = "auto", custom_grad: bool = False,
-                   no_ste: bool = False, location_init: str | float = "unif",
-                   segments: int = 1) -> "GaudiGBLRLinear":
+                   no_ste: bool = False, location_init: str | float = "unif", segments: int | str = 1,
+                   kernel_positions: int | None = None) -> "GaudiGBLRLinear":
         """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
         of :mod:`.gaudi_search`, on ``weight``'s device; with ``segments``, each block of columns on its own
-        (the per-kernel-position conv variant, e.g. ``segments: 9`` for 3x3 convs). With ``sigma`` None (the default, as fine-tuning
+        (the per-kernel-position conv variant). ``segments="kernel"`` takes the conv's ``kernel_positions``
+        (``k_h k_w``, which surgery passes for conv layers; 1 for linear layers). With ``sigma`` None (the default, as fine-tuning
         recipes use) the layer's ``flops_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
         eval masks, which the FLOP count then includes.
 
@@ -402,8 +403,11 @@ class GaudiGBLRLinear(StructuredLinear):
         check_dense_weight(weight, bias)
         budget = check_budget(budget)
         out_features, in_features = weight.shape
-        if segments < 1 or in_features % segments:
-            raise ValueError(f"segments must divide the {in_features} input features, got {segments}")
+        if segments == "kernel":
+            segments = kernel_positions or 1
+        if not isinstance(segments, int) or segments < 1 or in_features % segments:
+            raise ValueError(f"segments must be 'kernel' or a number that divides the {in_features} input features, "
+                             f"got {segments!r}")
         block = in_features // segments
         starts = list(starts) if starts is not None else ["blocks"]
         starts += ["greedy"] * bool(find_mask) + ["lowrank"] * bool(lowrank_start)
