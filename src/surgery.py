@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import StructuredConv2d, StructuredLinear, check_budget, get_layer_class
+from .layers.conv import kernel_as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +234,14 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         layer_budget = _first_match(name, budget_table, "budget")
         cls = get_layer_class(type_name)
         kind, weight, bias = dense_view(module)
+        weight = kernel_as_matrix(module.weight, cls.conv_column_order) if kind == "conv2d" else weight
         weight = weight.detach()
         layer_options = _options_for(type_name, options, several_types)
+        extras = dict((calibration or {}).get(name) or {})
+        if kind == "conv2d":  # types that treat kernel positions apart (Gaudi's segments="kernel") take this
+            extras["kernel_positions"] = module.kernel_size[0] * module.kernel_size[1]
         new_linear = _call_from_dense(cls, weight, None if bias is None else bias.detach(), layer_budget,
-                                      layer_options, (calibration or {}).get(name))
+                                      layer_options, extras)
         new_linear.train(module.training)
         rel_error = ((new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)).item()
         new = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear

@@ -14,7 +14,7 @@ from ..layers.gaudi import GaudiGBLRLinear
 
 log = logging.getLogger(__name__)
 
-SHRINK_MODES = ("targeted", "adaptive", "plain")
+SHRINK_MODES = ("targeted", "adaptive", "plain", "mean")
 
 
 def gaudi_layers(module: nn.Module) -> list[GaudiGBLRLinear]:
@@ -36,44 +36,51 @@ def flops_fraction(layers: Sequence[GaudiGBLRLinear]) -> float:
     return sum(layer.flops_per_token() for layer in layers) / dense if dense else 0.0
 
 
-def width_learning_rate(trainer: pl.Trainer, layers: Sequence[GaudiGBLRLinear], group_name: str | None) -> float:
-    """The lr of the optimizer group named ``group_name``, else of the group that holds the widths. The
-    reference took the last group's lr, whose identity is not guaranteed."""
-    width_ids = {id(layer.widths) for layer in layers}
+def width_learning_rate(trainer: pl.Trainer, group_name: str | None) -> float:
+    """The lr the shrink step scales with: the first optimizer's last parameter group (the reference's rule;
+    the project's optimizer puts the structure group last), or the group named ``group_name``."""
+    if not trainer.optimizers:
+        raise RuntimeError("GaudiShrink needs an optimizer: none is configured")
+    if group_name is None:
+        return float(trainer.optimizers[0].param_groups[-1]["lr"])
+    names = []
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
-            if group_name is not None and group.get("name") == group_name:
+            if group.get("name") == group_name:
                 return float(group["lr"])
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            if any(id(p) in width_ids for p in group["params"]):
-                return float(group["lr"])
-    raise RuntimeError("no optimizer group holds the Gaudi widths; put structural_parameters() in the optimizer")
+            names.append(group.get("name"))
+    raise ValueError(f"callbacks.gaudi_shrink.param_group={group_name!r} names no optimizer group; the groups "
+                     f"are {names} (null takes the last group, as the reference does)")
 
 
 class GaudiShrink(pl.Callback):
-    """Proximal L1 step on the widths after every ``rate``-th training batch:
-    ``widths <- clamp(softshrink(widths, tau * lr_width), min_widths, max_widths)``, locations wrapped into [0, 1).
+    """Shrinks the Gaudi widths after every ``rate``-th training batch, then clamps them per axis to
+    ``[min_widths, max_widths]`` and wraps the locations into [0, 1) (the reference's shrink callbacks).
 
-    ``mode='plain'``: ``tau = thres``. ``'targeted'``: ``tau = 0`` once the mean live width is below
+    Proximal modes: ``widths <- softshrink(widths, tau * lr)`` with ``lr`` from :func:`width_learning_rate`.
+    ``'plain'``: ``tau = thres``. ``'targeted'``: ``tau = 0`` once the mean live width is below
     ``target_width`` (if ``target_width > 0``), else ``thres`` -- or ``thres ((w - target)/(1 - target))^power``
     with ``cont``. ``'adaptive'``: ``init_thres`` before ``start_epoch``, the targeted rule from ``end_epoch``,
-    a per-batch linear blend in between. ``freeze`` stops training widths/locations once the target is reached.
+    a per-batch linear blend in between. ``'mean'`` (the reference's MeanShrink, GPT-2 recipe): while the mean
+    live width ``w`` exceeds ``target_width``, ``widths <- widths - mean_step (w - target_width)``.
+    ``freeze``: stop training widths/locations as soon as a step is 0, for whatever reason (the reference's rule).
     """
 
     def __init__(self, thres: float = 0.0, mode: str = "targeted", target_width: float = 0.0, cont: bool = False,
                  power: float = 1.0, init_thres: float = 0.0, start_epoch: int = 0, end_epoch: int = 0,
                  rate: int = 1, min_widths: Sequence[float] = (0.0, 0.0), max_widths: Sequence[float] = (1.0, 1.0),
-                 freeze: bool = False, param_group: str | None = "structure"):
+                 freeze: bool = False, param_group: str | None = None, mean_step: float = 1.0):
         if mode not in SHRINK_MODES:
-            raise ValueError(f"mode must be one of {SHRINK_MODES}, got {mode!r}")
+            raise ValueError(f"callbacks.gaudi_shrink.mode must be one of {SHRINK_MODES}, got {mode!r}")
         if rate < 1:
-            raise ValueError(f"rate must be >= 1, got {rate}")
+            raise ValueError(f"callbacks.gaudi_shrink.rate must be >= 1, got {rate}")
+        if mode == "mean" and target_width <= 0:
+            raise ValueError("callbacks.gaudi_shrink.mode=mean needs target_width > 0 (the mean width to reach)")
         self.thres, self.mode, self.target_width = thres, mode, target_width
         self.cont, self.power, self.init_thres = cont, power, init_thres
         self.start_epoch, self.end_epoch, self.rate = start_epoch, end_epoch, rate
         self.min_widths, self.max_widths = tuple(min_widths), tuple(max_widths)
-        self.freeze, self.param_group = freeze, param_group
+        self.freeze, self.param_group, self.mean_step = freeze, param_group, mean_step
         self.frozen = False
 
     def targeted_threshold(self, mean_width: float) -> float:
@@ -86,7 +93,7 @@ class GaudiShrink(pl.Callback):
         return self.thres
 
     def threshold(self, trainer: pl.Trainer, batch_idx: int, mean_width: float) -> float:
-        """``tau`` for this batch under the chosen schedule."""
+        """``tau`` for this batch under the chosen proximal schedule."""
         if self.mode == "plain":
             return self.thres
         if self.mode == "targeted" or trainer.current_epoch >= self.end_epoch:
@@ -98,21 +105,29 @@ class GaudiShrink(pl.Callback):
         progress = (trainer.current_epoch - self.start_epoch + within) / (self.end_epoch - self.start_epoch)
         return self.init_thres + (self.targeted_threshold(mean_width) - self.init_thres) * progress
 
+    def step_size(self, trainer: pl.Trainer, batch_idx: int, mean_width: float) -> float:
+        """How far this batch moves the widths: the softshrink ``lambda``, or the mean-mode shift."""
+        if self.mode == "mean":
+            return self.mean_step * max(mean_width - self.target_width, 0.0)
+        return self.threshold(trainer, batch_idx, mean_width) * width_learning_rate(trainer, self.param_group)
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         layers = gaudi_layers(pl_module)
         if self.frozen or not layers or (batch_idx + 1) % self.rate:
             return
         mean_width = mean_active_width(layers)
-        step = self.threshold(trainer, batch_idx, mean_width) * width_learning_rate(trainer, layers, self.param_group)
+        step = self.step_size(trainer, batch_idx, mean_width)
         for layer in layers:
             if step > 0:
-                layer.widths.copy_(F.softshrink(layer.widths, step))
+                shrunk = layer.widths - step if self.mode == "mean" else F.softshrink(layer.widths, step)
+                layer.widths.copy_(shrunk)
             layer.project_structure_(self.min_widths, self.max_widths)
-        if self.freeze and 0 < self.target_width and mean_width < self.target_width and self.mode != "plain":
+        if self.freeze and step == 0:
             self.frozen = True
             self._freeze(layers)
-            log.info("mean Gaudi width %.4f reached the target %.4f: structure frozen", mean_width, self.target_width)
+            log.info("Gaudi shrink step is 0 (mean width %.4f, target %.4f): structure frozen", mean_width,
+                     self.target_width)
 
     @staticmethod
     def _freeze(layers: Sequence[GaudiGBLRLinear]) -> None:
@@ -121,7 +136,7 @@ class GaudiShrink(pl.Callback):
                 param.requires_grad_(False)
 
     def on_train_start(self, trainer, pl_module):
-        if self.frozen:  # resumed after the target was reached
+        if self.frozen:  # resumed after the structure was frozen
             self._freeze(gaudi_layers(pl_module))
 
     def state_dict(self) -> dict:

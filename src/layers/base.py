@@ -70,6 +70,7 @@ class StructuredLinear(nn.Module):
     """
 
     layer_type: ClassVar[str] = ""
+    conv_column_order: ClassVar[str] = "channel"  # how a conv kernel is flattened for this type, see conv.py
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()

@@ -1,7 +1,11 @@
 """Run any structured linear map as a 2-D convolution.
 
-The conv weight ``C_o x C_i x k_h x k_w`` is flattened row-major to ``C_o x (C_i k_h k_w)``; that is the
-column order of ``F.unfold``, so ``conv(x) = fold(W unfold(x))``. 1x1 convs with stride 1 skip unfold.
+The conv weight ``C_o x C_i x k_h x k_w`` becomes a ``C_o x (C_i k_h k_w)`` matrix in the column order its
+layer type declares (``StructuredLinear.conv_column_order``): ``"channel"`` is the row-major flattening, the
+column order of ``F.unfold``, so ``conv(x) = fold(W unfold(x))``; ``"kernel"`` puts the kernel position first,
+``(k_h, k_w, C_i)``, as the Gaudi-GBLR reference does -- it decides which weights a contiguous column interval
+holds (a run of channels at one kernel position, not a run of positions of one channel). 1x1 convs with
+stride 1 skip unfold.
 """
 from __future__ import annotations
 
@@ -12,9 +16,24 @@ from torch import Tensor, nn
 from .base import StructuredLinear
 
 
-def conv_weight_as_matrix(conv: nn.Conv2d) -> Tensor:
-    """The ``C_o x (C_i k_h k_w)`` matrix view of a conv kernel (groups=1)."""
-    return conv.weight.reshape(conv.out_channels, -1)
+COLUMN_ORDERS = ("channel", "kernel")
+
+
+def kernel_as_matrix(kernel: Tensor, order: str = "channel") -> Tensor:
+    """The ``C_o x (C_i k_h k_w)`` matrix of a conv kernel ``C_o x C_i x k_h x k_w`` (groups=1), columns in
+    ``order`` (see the module docstring)."""
+    if order not in COLUMN_ORDERS:
+        raise ValueError(f"conv column order must be one of {COLUMN_ORDERS}, got {order!r}")
+    if order == "kernel":
+        kernel = kernel.permute(0, 2, 3, 1)
+    return kernel.reshape(kernel.shape[0], -1)
+
+
+def matrix_as_kernel(matrix: Tensor, in_channels: int, kernel_size: tuple[int, int], order: str = "channel") -> Tensor:
+    """Inverse of :func:`kernel_as_matrix`."""
+    if order == "kernel":
+        return matrix.reshape(matrix.shape[0], *kernel_size, in_channels).permute(0, 3, 1, 2)
+    return matrix.reshape(matrix.shape[0], in_channels, *kernel_size)
 
 
 class StructuredConv2d(nn.Module):
@@ -28,6 +47,7 @@ class StructuredConv2d(nn.Module):
         if linear.in_features != in_channels * kh * kw:
             raise ValueError(f"linear in_features {linear.in_features} != C_i*k_h*k_w = {in_channels * kh * kw}")
         self.linear = linear
+        self.column_order = linear.conv_column_order
         self.in_channels = in_channels
         self.out_channels = linear.out_features
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
@@ -47,6 +67,8 @@ class StructuredConv2d(nn.Module):
             return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         batch, _, height, width = x.shape
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # B, C_i k_h k_w, L
+        if self.column_order == "kernel":  # -> B, k_h k_w C_i, L
+            cols = cols.unflatten(1, (self.in_channels, -1)).transpose(1, 2).flatten(1, 2)
         out = self.linear(cols.transpose(1, 2)).transpose(1, 2)  # B, C_o, L
         h_out = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         w_out = (width + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
@@ -54,11 +76,11 @@ class StructuredConv2d(nn.Module):
 
     def to_dense_weight(self) -> Tensor:
         """The equivalent dense conv kernel ``C_o x C_i x k_h x k_w``."""
-        return self.linear.to_dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return matrix_as_kernel(self.linear.to_dense_weight(), self.in_channels, self.kernel_size, self.column_order)
 
     def num_params(self) -> int:
         return self.linear.num_params()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}")
+                f"padding={self.padding}, dilation={self.dilation}, column_order={self.column_order}")

@@ -11,19 +11,21 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
-from .gaudi_search import find_structure
+from .gaudi_compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
+from .gaudi_search import SearchReport, find_structure, svd_error_at
 from .lowrank import rank_for_budget
 
 log = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 1e-3  # eval-time mask entries below this are zeroed; FLOPs count entries above it
-COMPUTE_MODES = ("dense", "lr")
+COMPUTE_MODES = ("auto", "dense", "lr", "compact")
 
 
 def _complex(amplitude: Tensor, phase: Tensor) -> Tensor:
@@ -92,6 +94,34 @@ def snap_to_grid(value: Tensor, n: int) -> Tensor:
     return torch.round(value.detach() * n) / n + (value - value.detach())
 
 
+@torch.no_grad()
+def _kept_components(search: "GaudiGBLRLinear", drop_empty: bool) -> Tensor:
+    """Which of a fitted search layer's components to keep; zeroes the widths of those eval mode drops (one
+    element or less on an axis), so train and eval outputs agree."""
+    sizes = torch.tensor(search.axis_sizes, device=search.widths.device, dtype=search.widths.dtype)[:, None]
+    live = (torch.round(search.widths * sizes) > 1).all(0)  # as `active` in flops_per_token
+    search.widths[:, ~live] = 0.0
+    keep = live.clone() if drop_empty else torch.ones_like(live)
+    keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero
+    return keep
+
+
+@torch.no_grad()
+def _whole_layer_report(layer: "GaudiGBLRLinear", weight: Tensor, parts: list[SearchReport]) -> SearchReport:
+    """One report for a layer fitted segment by segment: its errors and the whole matrix's SVD baseline."""
+    layer.eval()
+    target = weight.detach().to(layer.in_factors.dtype)
+    residual = target - layer.to_dense_weight()
+    flops = layer.flops_per_token()
+    layer.train()
+    return SearchReport(
+        rel_error=float(residual.norm() / target.norm()),
+        op_error=float(torch.linalg.matrix_norm(residual, ord=2) / torch.linalg.matrix_norm(target, ord=2)),
+        svd_error=svd_error_at(torch.linalg.svdvals(target.double()), flops, tuple(target.shape)),
+        flops_fraction=flops / target.numel(), start="/".join(sorted({p.start for p in parts})),
+        row_threshold=None, col_threshold=None, seconds=sum(p.seconds for p in parts))
+
+
 @register_layer("gaudi")
 class GaudiGBLRLinear(StructuredLinear):
     """``y = W x + b`` with ``W = sum_i diag(g_out_i) U_i V_i diag(g_in_i)`` (see module docstring).
@@ -103,15 +133,29 @@ class GaudiGBLRLinear(StructuredLinear):
     are zeroed and mask entries below 1e-3 dropped. They stay float32 when the module is cast to bf16/fp16.
     ``width_init``: a float, ``'unif'``, ``'splr[X]'`` or ``'lr[X]'``; default ``'splr'``, or with ``budget``
     the low-rank pattern with as many full components as the dense fraction allows.
+    ``segments``: the reference's per-kernel-position conv variant -- the input axis is ``segments`` equal
+    blocks, each with its own ``K`` components confined to it (``[W_1 | ... | W_S]``, one Gaudi-GBLR matrix
+    per block); ``n`` above is then the block width, and ``num_components`` counts per block.
+    ``compute_mode``: ``'dense'`` builds ``W`` from the masks (the reference path), ``'lr'`` applies the
+    masked factors in turn, ``'compact'`` runs only each component's intervals (:mod:`.gaudi_compact`) when
+    the masks are exact intervals -- no Gaussian, and eval mode or frozen widths/locations -- and the dense
+    path otherwise; ``'auto'`` (default) is ``'compact'`` when its plan is cheap, else ``'dense'``.
     """
+
+    conv_column_order = "kernel"  # the reference's conv flattening: kernel position first
 
     def __init__(self, in_features: int, out_features: int, rank_per_component: int | float = 1,
                  num_components: int | None = None, total_rank_ratio: float | None = None, bias: bool = True,
-                 sigma: float | None = 100.0, compute_mode: str = "dense", custom_grad: bool = False,
+                 sigma: float | None = 100.0, compute_mode: str = "auto", custom_grad: bool = False,
                  no_ste: bool = False, width_init: str | float | None = None, location_init: str | float = "unif",
-                 budget: float | None = None):
+                 budget: float | None = None, segments: int = 1):
         super().__init__(in_features, out_features, bias)
-        smaller = min(in_features, out_features)
+        if segments < 1 or in_features % segments:
+            raise ValueError(f"segments must divide in_features={in_features} (e.g. k_h k_w kernel positions of a "
+                             f"conv), got {segments}")
+        self.segments = int(segments)
+        block = in_features // segments
+        smaller = min(block, out_features)
         if isinstance(rank_per_component, float):
             rank_per_component = math.floor(rank_per_component * smaller)
         if not 1 <= rank_per_component <= smaller:
@@ -122,39 +166,43 @@ class GaudiGBLRLinear(StructuredLinear):
             num_components = min(num_components or smaller, smaller // rank_per_component)
         if num_components < 1:
             raise ValueError(f"need at least one component; got {num_components} for a "
-                             f"{out_features}x{in_features} layer")
+                             f"{out_features}x{block} layer")
         if compute_mode not in COMPUTE_MODES:
             raise ValueError(f"compute_mode must be one of {COMPUTE_MODES}, got {compute_mode!r}")
         self.rank_per_component = int(rank_per_component)
-        self.num_components = int(num_components)
+        self.components_per_segment = int(num_components)
+        self.num_components = int(num_components) * self.segments
         self.compute_mode = compute_mode
+        self._plan: CompactPlan | None = None
+        self._plan_key: tuple | None = None
         self.custom_grad = custom_grad
         self.no_ste = no_ste
         self.no_gaussian = sigma is None
         self.register_buffer("sigma", torch.tensor(100.0 if sigma is None else float(sigma)))
         k, t = self.num_components, self.rank_per_component
-        self.in_factors = nn.Parameter(torch.empty(k, t, in_features))  # V_i
+        self.in_factors = nn.Parameter(torch.empty(k, t, block))  # V_i, within its segment
         self.out_factors = nn.Parameter(torch.empty(k, out_features, t))  # U_i
         structure_dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)  # >= float32, see _apply
         self.widths = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))  # rows [input; output], axis fractions
         self.locations = nn.Parameter(torch.empty(2, k, dtype=structure_dtype))
         if width_init is None and budget is not None:
-            full = min(k, rank_for_budget(check_budget(budget), out_features, in_features) // t)
-            width_init = f"lr{full / k}"
+            per_segment = self.components_per_segment
+            full = min(per_segment, rank_for_budget(check_budget(budget), out_features, block) // t)
+            width_init = f"lr{full / per_segment}"
         self.width_init = "splr" if width_init is None else width_init
         self.location_init = location_init
         self.reset_parameters()
 
     @property
     def axis_sizes(self) -> tuple[int, int]:
-        """Lengths of the input and output axes, in the row order of ``widths``/``locations``."""
-        return self.in_features, self.out_features
+        """Lengths of the input (one segment's) and output axes, in the row order of ``widths``/``locations``."""
+        return self.in_features // self.segments, self.out_features
 
     def reset_parameters(self) -> None:
         """Factors uniform(+-1/sqrt(fan_in)) with fan_in = their last dim; bias like ``nn.Linear``."""
         with torch.no_grad():
             bound = 1 / math.sqrt(self.in_features)
-            self.in_factors.uniform_(-bound, bound)
+            self.in_factors.uniform_(-1 / math.sqrt(self.axis_sizes[0]), 1 / math.sqrt(self.axis_sizes[0]))
             self.out_factors.uniform_(-1 / math.sqrt(self.rank_per_component), 1 / math.sqrt(self.rank_per_component))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
@@ -162,9 +210,9 @@ class GaudiGBLRLinear(StructuredLinear):
             self.locations.copy_(self._initial_locations(self.location_init))
 
     def _storage_ratio(self) -> float:
-        """Factor storage relative to dense, ``K t (m + n) / (m n)``."""
-        m, n = self.out_features, self.in_features
-        return self.num_components * self.rank_per_component * (m + n) / (m * n)
+        """Factor storage relative to dense, ``K t (m + n) / (m n)`` per segment."""
+        n, m = self.axis_sizes
+        return self.components_per_segment * self.rank_per_component * (m + n) / (m * n)
 
     def _initial_widths(self, scheme: str | float) -> Tensor:
         k = self.num_components
@@ -179,6 +227,7 @@ class GaudiGBLRLinear(StructuredLinear):
                 break
         else:
             raise ValueError(f"unknown width_init {scheme!r}; use a float, 'unif', 'splr[X]' or 'lr[X]'")
+        k = self.components_per_segment  # the pattern repeats in every segment
         widths = torch.ones(2, k)
         if prefix == "splr":  # half the share at full width, the rest equal so the mean width is `ratio`
             full = min(k, math.floor(k * ratio / 2))
@@ -187,16 +236,17 @@ class GaudiGBLRLinear(StructuredLinear):
         else:  # exact low rank: `full` components everywhere, the rest one element on one axis only
             full = min(k, math.floor(k * ratio + 1e-9))
             widths[:, full:] = 0.0
-            widths[0, full::2] = 1 / self.in_features
+            widths[0, full::2] = 1 / self.axis_sizes[0]
             widths[1, full + 1::2] = 1 / self.out_features
-        return widths
+        return widths.repeat(1, self.segments)
 
     def _initial_locations(self, scheme: str | float) -> Tensor:
         k = self.num_components
         if isinstance(scheme, numbers.Real) and not isinstance(scheme, bool):
             return torch.full((2, k), float(scheme))
         if scheme == "linspace":
-            return (torch.arange(k) / k).expand(2, k).clone()
+            per_segment = self.components_per_segment
+            return (torch.arange(per_segment) / per_segment).repeat(self.segments).expand(2, k).clone()
         if scheme == "unif":
             return torch.rand(2, k)
         raise ValueError(f"unknown location_init {scheme!r}; use a float, 'linspace' or 'unif'")
@@ -237,7 +287,12 @@ class GaudiGBLRLinear(StructuredLinear):
         mask_in, mask_out = self.component_masks()
         dtype = self.in_factors.dtype
         inner = self.num_components * self.rank_per_component
-        in_weight = (self.in_factors * mask_in.to(dtype)[:, None, :]).reshape(inner, self.in_features)
+        in_weight = self.in_factors * mask_in.to(dtype)[:, None, :]
+        if self.segments > 1:  # segment s's components read columns [s n_s, (s + 1) n_s) only
+            blocks = in_weight.reshape(self.segments, -1, self.axis_sizes[0])
+            eye = torch.eye(self.segments, dtype=dtype, device=blocks.device)
+            in_weight = torch.einsum("skj,su->skuj", blocks, eye)
+        in_weight = in_weight.reshape(inner, self.in_features)
         out_weight = (self.out_factors * mask_out.to(dtype)[:, :, None]).transpose(0, 1)
         out_weight = out_weight.reshape(self.out_features, inner)
         return in_weight, out_weight
@@ -246,9 +301,36 @@ class GaudiGBLRLinear(StructuredLinear):
         in_weight, out_weight = self.masked_factors()
         return out_weight @ in_weight
 
+    def compact_plan(self) -> CompactPlan | None:
+        """The interval grouping of :mod:`.gaudi_compact` when the masks are exact intervals -- no Gaussian, and
+        eval mode or widths/locations frozen on the grid in training -- else None. Cached per structure."""
+        if not self.no_gaussian or (self.training and (self.no_ste or self.widths.requires_grad
+                                                        or self.locations.requires_grad)):
+            return None
+        key = (self.training, self.widths._version, self.locations._version, self.widths.data_ptr(),
+               self.locations.data_ptr(), self.in_factors.device)
+        if key != self._plan_key:
+            self._plan, self._plan_key = build_plan(self), key
+        return self._plan
+
+    def _chosen_plan(self) -> CompactPlan | None:
+        """The plan when this forward runs compact: always if eligible in ``compact`` mode; in ``auto`` mode
+        when it is also cheap (few distinct intervals, MACs well under dense)."""
+        if self.compute_mode not in ("compact", "auto"):
+            return None
+        plan = self.compact_plan()
+        if plan is None or self.compute_mode == "compact":
+            return plan
+        cheap = len(plan.inputs) + len(plan.outputs) <= MAX_GROUPS \
+            and plan.macs <= MAX_COMPACT_FRACTION * self.in_features * self.out_features
+        return plan if cheap else None
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        plan = self._chosen_plan()
+        if plan is not None:
+            return compact_forward(self, plan, x)
         in_weight, out_weight = self.masked_factors()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.compute_mode == "lr":
@@ -258,19 +340,26 @@ class GaudiGBLRLinear(StructuredLinear):
     def num_params(self) -> int:
         """Stored numbers: factors ``K t (m + n)``, widths and locations ``4 K``, and the bias (the factors
         stay full length; only an export step would trim them to the intervals)."""
-        return self.num_components * (self.rank_per_component * (self.in_features + self.out_features) + 4) \
-            + self.bias_params()
+        return self.num_components * (self.rank_per_component * sum(self.axis_sizes) + 4) + self.bias_params()
 
     @torch.no_grad()
     def flops_per_token(self) -> int:
         """Effective MACs ``sum_i min(t (u_i + v_i), u_i v_i)``: ``u_i``/``v_i`` count mask entries above
         1e-3 of components wider than one element on both axes (current train/eval behaviour)."""
-        active = (self.effective_width(0) > 1.0 / self.in_features) \
+        active = (self.effective_width(0) > 1.0 / self.axis_sizes[0]) \
             & (self.effective_width(1) > 1.0 / self.out_features)
         mask_in, mask_out = self.component_masks()
         cols = (mask_in > MASK_THRESHOLD).sum(-1) * active
         rows = (mask_out > MASK_THRESHOLD).sum(-1) * active
         return int(torch.minimum(self.rank_per_component * (rows + cols), rows * cols).sum())
+
+    def config(self) -> dict:
+        """Options that rebuild this layer's state layout; widths, locations and sigma come from the state dict."""
+        return {"rank_per_component": self.rank_per_component, "num_components": self.components_per_segment,
+                "segments": self.segments,
+                "bias": self.bias is not None, "sigma": None if self.no_gaussian else float(self.sigma),
+                "compute_mode": self.compute_mode, "custom_grad": self.custom_grad, "no_ste": self.no_ste,
+                "width_init": 1.0, "location_init": 0.0}
 
     def _apply(self, fn, recurse: bool = True):
         """Keep widths/locations at float32 when cast to a 16-bit dtype: the ``1/N`` grid needs the bits."""
@@ -284,50 +373,81 @@ class GaudiGBLRLinear(StructuredLinear):
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, *,
-                   num_components: int | None = None, find_mask: bool = True, lowrank_start: bool = True,
-                   niter: int = 200, row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
+                   num_components: int | None = None, starts: Sequence[str] | None = None,
+                   find_mask: bool = False, lowrank_start: bool = False, sweeps: int = 8, niter: int = 200,
+                   row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
                    weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
-                   sigma: float | None = None, compute_mode: str = "dense", custom_grad: bool = False,
-                   no_ste: bool = False, location_init: str | float = "unif") -> "GaudiGBLRLinear":
-        """Fit rank-1 components to ``weight`` at dense fraction ``budget`` with the structure search of
-        :mod:`.gaudi_search` (cost target ``budget m n`` in rows+cols units), on ``weight``'s device.
+                   sigma: float | None = None, compute_mode: str = "auto", custom_grad: bool = False,
+                   no_ste: bool = False, location_init: str | float = "unif", segments: int | str = 1,
+                   kernel_positions: int | None = None) -> "GaudiGBLRLinear":
+        """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
+        of :mod:`.gaudi_search`, on ``weight``'s device; with ``segments``, each block of columns on its own
+        (the per-kernel-position conv variant). ``segments="kernel"`` takes the conv's ``kernel_positions``
+        (``k_h k_w``, which surgery passes for conv layers; 1 for linear layers). With ``sigma`` None (the default, as fine-tuning
+        recipes use) the layer's ``flops_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
+        eval masks, which the FLOP count then includes.
 
-        Components at most one element wide on an axis (eval mode zeroes them) get zero width, so train and
-        eval outputs agree; ``drop_empty`` removes them, which shrinks storage. Starts, errors and time are
-        logged. ``sigma`` defaults to None (no Gaussian), as fine-tuning recipes use.
+        starts: start kinds to try (see :data:`.gaudi_search.STARTS`); default ``["blocks"]``, plus
+        ``"greedy"`` with ``find_mask`` (the reference's interval search) and ``"lowrank"`` with
+        ``lowrank_start``. ``find_mask=False`` with ``starts=["given"]`` is the reference's fine-tune path.
+        sweeps: alternating least-squares sweeps on the factors of the ``blocks`` start; niter: gradient steps
+        for ``greedy``/``given`` starts. num_components caps the components (default ``min(m, n)``).
+
+        Components at most one element wide on an axis get zero width (eval mode zeroes them), so train and
+        eval outputs agree; ``drop_empty`` removes them, else the layer keeps ``num_components`` slots, the
+        unused ones at zero width, as the reference does (its mean-width statistics count them).
+
+        The start, errors (and the SVD's at the same MACs) and time are logged and kept in
+        ``layer.init_report`` (a :class:`.gaudi_search.SearchReport`).
         """
         check_dense_weight(weight, bias)
         budget = check_budget(budget)
         out_features, in_features = weight.shape
+        if segments == "kernel":
+            segments = kernel_positions or 1
+        if not isinstance(segments, int) or segments < 1 or in_features % segments:
+            raise ValueError(f"segments must be 'kernel' or a number that divides the {in_features} input features, "
+                             f"got {segments!r}")
+        block = in_features // segments
+        starts = list(starts) if starts is not None else ["blocks"]
+        starts += ["greedy"] * bool(find_mask) + ["lowrank"] * bool(lowrank_start)
         work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        target = weight.detach().to(work_dtype)
-        search = cls(in_features, out_features, num_components=num_components, bias=False, sigma=None,
-                     width_init=1.0, location_init=location_init).to(weight.device, work_dtype)
-        report = find_structure(search, target, budget * out_features * in_features, find_mask=find_mask,
-                                lowrank_start=lowrank_start, niter=niter, row_thresholds=row_thresholds,
-                                col_thresholds=col_thresholds, filter_std=filter_std, weight_lr=weight_lr,
-                                structure_lr_base=structure_lr_base)
-        sizes = torch.tensor(search.axis_sizes, device=weight.device, dtype=work_dtype)[:, None]
-        live = (torch.round(search.widths.detach() * sizes) > 1).all(0)  # as `active` in flops_per_token
-        keep = live.clone() if drop_empty else torch.ones_like(live)
-        keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero below
-        layer = cls(in_features, out_features, num_components=int(keep.sum()), bias=bias is not None, sigma=sigma,
-                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=1.0,
-                    location_init=0.0).to(weight.device, work_dtype)
+
+        def search_layer(components: int) -> GaudiGBLRLinear:
+            return cls(block, out_features, num_components=components, bias=False, sigma=None,
+                       width_init=1.0, location_init=location_init)
+
+        fits = [find_structure(search_layer, part, budget * out_features * block, starts=starts,
+                               max_components=num_components, sweeps=sweeps, niter=niter,
+                               row_thresholds=row_thresholds, col_thresholds=col_thresholds, filter_std=filter_std,
+                               weight_lr=weight_lr, structure_lr_base=structure_lr_base)
+                for part in weight.detach().to(work_dtype).chunk(segments, dim=1)]
+        kept = [_kept_components(search, drop_empty) for search, _ in fits]
+        used = max(int(keep.sum()) for keep in kept)
+        slots = used if drop_empty else max(used, min(num_components or block, block, out_features))
+        layer = cls(in_features, out_features, num_components=slots, bias=bias is not None, sigma=sigma,
+                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=0.0,
+                    location_init=0.0, segments=segments).to(weight.device, work_dtype)
         with torch.no_grad():
-            search.widths[:, ~live] = 0.0  # eval mode zeroes them anyway; now training mode agrees
             for name in ("in_factors", "out_factors"):
-                getattr(layer, name).copy_(getattr(search, name)[keep])
-            for name in ("widths", "locations"):
-                getattr(layer, name).copy_(getattr(search, name)[:, keep])
+                getattr(layer, name).zero_()
+            for segment, ((search, _), keep) in enumerate(zip(fits, kept)):
+                chosen = slice(segment * slots, segment * slots + int(keep.sum()))
+                for name in ("in_factors", "out_factors"):
+                    getattr(layer, name)[chosen] = getattr(search, name)[keep]
+                for name in ("widths", "locations"):
+                    getattr(layer, name)[:, chosen] = getattr(search, name)[:, keep]
         layer.to(dtype=weight.dtype)
         layer._copy_bias(bias)
-        log.info("gaudi %dx%d budget %.3f: %s start, %d/%d components, rel. error %.4f, op-norm error %.4f, %.1fs",
-                 out_features, in_features, budget, report.start, layer.num_components, search.num_components,
-                 report.rel_error, report.op_error, report.seconds)
+        report = fits[0][1] if segments == 1 else _whole_layer_report(layer, weight, [r for _, r in fits])
+        layer.init_report = report
+        log.info("gaudi %dx%d budget %.3f: %s start, %d components, MACs %.4f of dense, rel. error %.4f "
+                 "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, budget,
+                 report.start, layer.num_components, report.flops_fraction, report.rel_error, report.svd_error,
+                 report.op_error, report.seconds)
         return layer
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", num_components={self.num_components}, "
+        return (super().extra_repr() + f", num_components={self.num_components}, segments={self.segments}, "
                 f"rank_per_component={self.rank_per_component}, compute_mode={self.compute_mode}, "
                 f"sigma={None if self.no_gaussian else float(self.sigma)}")

@@ -1,21 +1,28 @@
-"""Structure search: fit a Gaudi-GBLR layer to a dense matrix (the reference's ``find_olb``, arXiv 2310.18882).
+"""Structure search: fit a Gaudi-GBLR layer to a dense matrix at a MACs budget (arXiv 2310.18882, ``find_olb``).
 
-1. Greedy interval search (optional): columns in order of their Gram-row norm; each takes the longest
-   circular run of columns strongly correlated with it, then the longest run of rows correlated with the
-   rows those columns feed, until the rows+cols cost exceeds the budget. Component ``j`` keeps the
-   ``j``-th singular pair as its factors.
-2. Refinement: AdamW on factors, widths and locations against ``||W_hat - W||^2 / ||W||^2``, projecting the
-   widths back under the budget after every step.
-3. Selection: over the starts, keep the fit with the lowest relative Frobenius error.
+Starts (each gives factors, widths and locations; the lowest relative Frobenius error wins):
+
+* ``blocks`` (default): the truncated SVD that fills the budget, or a shorter SVD plus rank-1 blocks of its
+  residual on an even tiling of the rows/columns (each block's own top singular pairs, allocated greedily by
+  energy per MAC) -- whichever captures the most energy. Its error is exact before any refinement, so it is
+  never worse than low rank; it beats it where the residual has block structure (e.g. per-head slices).
+* ``lowrank``: the truncated SVD that fills the budget (full-width components).
+* ``greedy``: the reference's greedy interval search -- columns in order of their Gram-row norm, each taking
+  the longest circular run of correlated columns and then of correlated rows -- with the ``j``-th singular pair
+  as component ``j``'s factors, for every threshold pair.
+* ``given``: full widths at the layer's own locations, cut to the budget (the reference's ``find_mask=False``).
+
+Each start is refined by AdamW on factors, widths and locations against ``||W_hat - W||^2 / ||W||^2``; after
+every step the widths are cut to the budget (:func:`project_widths_`), and the best feasible iterate is kept.
+The budget holds exactly: it counts the rows+cols of every live component on the grid the forward uses.
 
 Deliberate differences from the reference, each because the reference version loses accuracy or breaks:
 a row's (column's) correlation profile is the smoothed row of the symmetric Gram matrix (the reference reads
 across separately filtered columns); runs report their true start and wrap correctly on odd lengths, and
-equal-length runs keep the smallest start; the width projection bounds the rows+cols cost itself (the
-reference caps the mean width, which misprices non-square layers, and subtracts once then clamps, which
-overshoots); refinement keeps its best iterate; the truncated SVD that fills the budget is one more start,
-so the search never does worse than low rank; and starts are compared by the Frobenius error the refinement
-minimises (the reference used the operator norm, which favours low rank).
+equal-length runs keep the smallest start; the width cut bounds the snapped cost of live components itself
+(the reference caps the mean width, which misprices non-square layers); refinement keeps its best feasible
+iterate; and starts are compared by the Frobenius error the refinement minimises (the reference used the
+operator norm, which favours low rank).
 """
 from __future__ import annotations
 
@@ -23,12 +30,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
-
-from .lowrank import spectral_factors
 
 if TYPE_CHECKING:
     from .gaudi import GaudiGBLRLinear
@@ -36,16 +41,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+STARTS = ("blocks", "lowrank", "greedy", "given")
+
+
 @dataclass
 class SearchReport:
-    """Outcome of :func:`find_structure`: errors of the kept fit (eval-mode masks), its start and thresholds."""
+    """Outcome of :func:`find_structure`: errors of the kept fit (eval-mode masks) and of the truncated SVD
+    at the same MACs (fractional rank, squared error interpolated), its start, thresholds and time."""
 
     rel_error: float
     op_error: float
+    svd_error: float
+    flops_fraction: float
     start: str
     row_threshold: float | None
     col_threshold: float | None
     seconds: float
+
+
+@dataclass
+class Start:
+    """A candidate fit: factors ``[K, m]`` / ``[K, n]`` (one rank-1 component per row), structure ``[2, K]``."""
+
+    name: str
+    out_factors: Tensor
+    in_factors: Tensor
+    widths: Tensor
+    locations: Tensor
+    row_threshold: float | None = None
+    col_threshold: float | None = None
 
 
 def smooth_circular(rows: Tensor, std: float) -> Tensor:
@@ -128,6 +152,192 @@ def greedy_intervals(target: Tensor, budget_units: float, num_components: int, r
     return widths.to(target.device), locations.to(target.device)
 
 
+def snapped_cost(widths: Tensor, axis_sizes: tuple[int, int]) -> Tensor:
+    """MACs bound ``sum_i (r_i + c_i)`` over live components, with widths on the forward's grid: a component
+    is live when it is more than one element wide on both axes (eval mode zeroes the others)."""
+    sizes = torch.tensor(axis_sizes, dtype=torch.float64, device=widths.device)[:, None]
+    cells = torch.round(widths.double().clamp(0.0, 1.0) * sizes)  # float64, exactly as the forward snaps
+    return (cells.sum(0) * (cells > 1).all(0)).sum()
+
+
+@torch.no_grad()
+def project_widths_(widths: Tensor, axis_sizes: tuple[int, int], budget_units: float) -> None:
+    """Clamp widths to [0, 1], then take the same fraction off every width (clipping at 0), the smallest
+    that brings :func:`snapped_cost` within ``budget_units`` (bisection: the cost falls monotonically)."""
+    widths.clamp_(0.0, 1.0)
+    if float(snapped_cost(widths, axis_sizes)) <= budget_units:
+        return
+    low, high = 0.0, float(widths.max())
+    for _ in range(48):
+        middle = (low + high) / 2
+        if float(snapped_cost((widths - middle).clamp_min(0.0), axis_sizes)) > budget_units:
+            low = middle
+        else:
+            high = middle
+    widths.copy_((widths - high).clamp_min(0.0))  # the same arithmetic as the accepted test above
+
+
+def top_singular_pairs(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U_r, s_r, V_r^T)`` of ``matrix`` from the eigendecomposition of its smaller Gram matrix in float64
+    (several times faster than a full SVD on CPU; accurate for the leading pairs the search uses)."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    work = (matrix.T if wide else matrix).double()
+    values, vectors = torch.linalg.eigh(work.T @ work)
+    values, vectors = values.flip(0)[:rank].clamp_min(0.0), vectors.flip(1)[:, :rank]
+    singular = values.sqrt()
+    left = work @ vectors / torch.where(singular > 0, singular, torch.ones_like(singular))
+    left, right = (vectors, left) if wide else (left, vectors)
+    return left.to(matrix.dtype), singular.to(matrix.dtype), right.T.to(matrix.dtype)
+
+
+def _interval_bounds(size: int, parts: int) -> list[int]:
+    return [round(i * size / parts) for i in range(parts + 1)]
+
+
+def tilings_for(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Row x column splits the ``blocks`` start tries: along the long axis for elongated layers, else both."""
+    rows, cols = shape
+    if rows >= 2 * cols:
+        return [(2, 1), (4, 1)]
+    if cols >= 2 * rows:
+        return [(1, 2), (1, 4)]
+    return [(2, 1), (1, 2), (2, 2)]
+
+
+def _block_atoms(residual: Tensor, row_bounds: list[int], col_bounds: list[int], units: float, count: int):
+    """Top rank-1 atoms of each tile of ``residual`` that could fit in ``units`` MACs, as
+    ``(energy, cost, row tile, col tile, u, v)``; ``count`` caps the atoms per tile."""
+    atoms = []
+    for i in range(len(row_bounds) - 1):
+        for j in range(len(col_bounds) - 1):
+            block = residual[row_bounds[i]:row_bounds[i + 1], col_bounds[j]:col_bounds[j + 1]]
+            cost = block.shape[0] + block.shape[1]
+            rank = min(min(block.shape), int(units // cost), count)
+            if rank < 1:
+                continue
+            u, s, vh = top_singular_pairs(block, rank)
+            atoms += [(float(s[k]) ** 2, cost, i, j, u[:, k] * s[k].sqrt(), vh[k] * s[k].sqrt())
+                      for k in range(rank)]
+    return atoms
+
+
+def _allocate(atoms: list, units: float, count: int) -> list:
+    """Greedy by energy per MAC (exact for equal costs, which even tilings nearly have)."""
+    chosen, used = [], 0.0
+    for atom in sorted(atoms, key=lambda a: -a[0] / a[1]):
+        if len(chosen) == count:
+            break
+        if used + atom[1] <= units:
+            chosen.append(atom)
+            used += atom[1]
+    return chosen
+
+
+@torch.no_grad()
+def blocks_start(target: Tensor, spectrum: tuple[Tensor, Tensor, Tensor], budget_units: float,
+                 max_components: int, fractions: Sequence[float] = (0.5, 0.75)) -> tuple[Start, float] | None:
+    """The best tiled start and its relative error (exact, before refinement): for each SVD share in
+    ``fractions`` and tiling in :func:`tilings_for`, that share of the truncated SVD plus the residual's best
+    tile atoms in the rest of the budget. None when nothing fits. ``spectrum``: ``target``'s ``(U, s, V^T)``."""
+    rows, cols = target.shape
+    full_rank = min(max_components, int(budget_units // (rows + cols)))
+    u, s, vh = spectrum
+    total = float(target.square().sum())
+    energy = s.double().square().cumsum(0)
+    best_error, best = math.inf, None
+    for fraction in fractions:
+        head = int(fraction * full_rank)
+        residual = target - (u[:, :head] * s[:head]) @ vh[:head]
+        left_units, left_count = budget_units - head * (rows + cols), max_components - head
+        head_energy = float(energy[head - 1]) if head else 0.0
+        for tiling in tilings_for((rows, cols)):
+            row_bounds, col_bounds = _interval_bounds(rows, tiling[0]), _interval_bounds(cols, tiling[1])
+            chosen = _allocate(_block_atoms(residual, row_bounds, col_bounds, left_units, left_count),
+                               left_units, left_count)
+            error = total - head_energy - sum(atom[0] for atom in chosen)
+            if chosen and error < best_error:
+                best_error, best = error, (head, row_bounds, col_bounds, chosen)
+    if best is None:
+        return None
+    head, row_bounds, col_bounds, chosen = best
+    size = max(head + len(chosen), 1)
+    out_factors = torch.zeros(size, rows, dtype=target.dtype, device=target.device)
+    in_factors = torch.zeros(size, cols, dtype=target.dtype, device=target.device)
+    widths = torch.zeros(2, size, dtype=target.dtype, device=target.device)
+    locations = torch.zeros_like(widths)
+    root = s[:head].sqrt()
+    out_factors[:head], in_factors[:head], widths[:, :head] = (u[:, :head] * root).T, root[:, None] * vh[:head], 1.0
+    for k, (_, _, i, j, left, right) in enumerate(chosen, start=head):
+        out_factors[k, row_bounds[i]:row_bounds[i + 1]] = left
+        in_factors[k, col_bounds[j]:col_bounds[j + 1]] = right
+        widths[:, k] = torch.tensor([(col_bounds[j + 1] - col_bounds[j]) / cols,
+                                     (row_bounds[i + 1] - row_bounds[i]) / rows])
+        locations[:, k] = torch.tensor([col_bounds[j] / cols, row_bounds[i] / rows])
+    return Start("blocks", out_factors, in_factors, widths, locations), math.sqrt(max(best_error, 0.0) / total)
+
+
+def interval_masks(widths: Tensor, locations: Tensor, axis_sizes: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Boolean ``([K, n], [K, m])`` circular interval masks of on-grid widths/locations (rows [input; output])."""
+    masks = []
+    for axis, size in enumerate(axis_sizes):
+        start = torch.round(locations[axis] * size).long()[:, None]
+        length = torch.round(widths[axis].clamp(0.0, 1.0) * size).long()[:, None]
+        index = torch.arange(size, device=widths.device)[None, :]
+        masks.append((index - start) % size < length)
+    return masks[0], masks[1]
+
+
+def _least_squares_rows(target: Tensor, basis: Tensor, mask: Tensor, ridge: float) -> Tensor:
+    """``X [K, R]`` minimising ``||X^T basis - target||`` with ``X[k, r] = 0`` where ``mask[k, r]`` is False,
+    for ``target [R, C]`` and ``basis [K, C]``: one ridge-regularised normal-equation solve per distinct
+    pattern of active components (rows with the same pattern share it)."""
+    result = torch.zeros(mask.shape, dtype=target.dtype, device=target.device)
+    patterns, group = torch.unique(mask.T, dim=0, return_inverse=True)
+    for g, pattern in enumerate(patterns):
+        active = pattern.nonzero().flatten()
+        if active.numel() == 0:
+            continue
+        rows = (group == g).nonzero().flatten()
+        sub = basis[active]
+        gram = sub @ sub.T
+        gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-30))
+        result[active[:, None], rows[None, :]] = torch.linalg.solve(gram, sub @ target[rows].T)
+    return result
+
+
+@torch.no_grad()
+def alternate_factors_(start: Start, target: Tensor, sweeps: int, ridge: float = 1e-6) -> None:
+    """Alternating least squares on the factors of ``start`` with its structure fixed: each half-sweep solves
+    exactly for all output (then input) factors given the others, so the error never rises. A row's
+    factors only see the components whose interval covers it, which keeps every solve small."""
+    rows, cols = target.shape
+    mask_in, mask_out = interval_masks(start.widths, start.locations, (cols, rows))
+    out_factors, in_factors = start.out_factors * mask_out, start.in_factors * mask_in
+    for _ in range(sweeps):
+        out_factors = _least_squares_rows(target, in_factors, mask_out, ridge)
+        in_factors = _least_squares_rows(target.T, out_factors, mask_in, ridge)
+    start.out_factors, start.in_factors = out_factors, in_factors
+
+
+def svd_error_at(singular: Tensor, flops: float, shape: tuple[int, int]) -> float:
+    """Relative error of the truncated SVD at ``flops`` MACs: fractional rank ``flops / (m + n)``, the squared
+    error interpolated linearly between the neighbouring integer ranks."""
+    energy = singular.double().square()
+    tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / energy.sum().clamp_min(1e-300)
+    rank = min(flops / sum(shape), float(len(energy)))
+    low = int(rank)
+    high = min(low + 1, len(energy))
+    return math.sqrt(float(tails[low] + (tails[high] - tails[low]) * (rank - low)))
+
+
+def _load_start_(layer: GaudiGBLRLinear, start: Start) -> None:
+    with torch.no_grad():
+        layer.out_factors.copy_(start.out_factors[:, :, None])
+        layer.in_factors.copy_(start.in_factors[:, None, :])
+        layer.widths.copy_(start.widths)
+        layer.locations.copy_(start.locations)
+
+
 @torch.no_grad()
 def _snap_structure_(layer: GaudiGBLRLinear) -> None:
     for axis, size in enumerate(layer.axis_sizes):
@@ -136,25 +346,13 @@ def _snap_structure_(layer: GaudiGBLRLinear) -> None:
     layer.project_structure_()
 
 
-def project_widths_(widths: Tensor, axis_sizes: tuple[int, int], budget_units: float) -> None:
-    """Clamp widths to [0, 1], then take the same number of cells off every width (clipping at 0) so that
-    the rows+cols cost ``sum_d N_d sum_i w_{d,i}`` fits in ``budget_units``."""
-    widths.clamp_(0.0, 1.0)
-    sizes = torch.tensor(axis_sizes, dtype=widths.dtype, device=widths.device)[:, None]
-    cells = (widths * sizes).flatten()
-    ordered = torch.sort(cells, descending=True).values
-    counts = torch.arange(1, cells.numel() + 1, device=cells.device, dtype=cells.dtype)
-    shifts = (ordered.cumsum(0) - budget_units) / counts  # the cut if exactly the top k stay positive
-    support = (ordered > shifts).nonzero().flatten()
-    cut = shifts[support[-1]].clamp_min(0.0) if support.numel() else torch.zeros((), device=cells.device)
-    widths.copy_(((widths * sizes - cut) / sizes).clamp(0.0, 1.0))
-
-
 def refine(layer: GaudiGBLRLinear, target: Tensor, budget_units: float, niter: int, weight_lr: float,
            structure_lr: float) -> float:
-    """Joint gradient refinement of factors, widths and locations under the budget projection. Keeps the
-    best iterate (the projected steps can lose ground) and returns its relative error (training masks)."""
+    """Joint gradient refinement of factors, widths and locations. The widths are cut to the budget before
+    the first step and after every step, so every iterate is feasible; keeps the best one and returns its
+    relative error (training masks)."""
     _snap_structure_(layer)
+    project_widths_(layer.widths, layer.axis_sizes, budget_units)
     optimizer = torch.optim.AdamW([
         {"params": [layer.in_factors, layer.out_factors], "lr": weight_lr},
         {"params": [layer.locations], "lr": structure_lr},
@@ -178,75 +376,113 @@ def refine(layer: GaudiGBLRLinear, target: Tensor, budget_units: float, niter: i
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            project_widths_(layer.widths, layer.axis_sizes, budget_units)
             layer.project_structure_()
+            project_widths_(layer.widths, layer.axis_sizes, budget_units)
     with torch.no_grad():
         for param, value in zip(layer.parameters(), best_state):
             param.copy_(value)
     return math.sqrt(best_loss)
 
 
-def find_structure(layer: GaudiGBLRLinear, target: Tensor, budget_units: float, *, find_mask: bool = True,
-                   lowrank_start: bool = True, niter: int = 200, row_thresholds: Sequence[float] = (0.98,),
-                   col_thresholds: Sequence[float] = (0.98,), filter_std: float = 10.0, weight_lr: float = 2e-2,
-                   structure_lr_base: float = 10.0) -> SearchReport:
-    """Fit ``layer`` (rank-1 components, no Gaussian, same device/dtype as ``target``) to ``target`` in place.
-
-    ``budget_units``: target cost in rows+cols units (a rank-1 block of r rows and c columns costs r + c).
-    The fit runs on ``target`` scaled to unit RMS entries; ``weight_lr`` is in those units. Candidate starts,
-    each refined, the lowest Frobenius error kept: the greedy intervals for every threshold pair
-    (``find_mask``; otherwise the layer's own widths/locations), and with ``lowrank_start`` the truncated
-    SVD that fills the budget (full-width components), so the result is never worse than low rank.
-    """
-    if layer.rank_per_component != 1 or not layer.no_gaussian:
-        raise ValueError("the structure search fits rank-1 components without the Gaussian factor")
-    started = time.perf_counter()
-    out_features, in_features = target.shape
+def _eval_errors(layer: GaudiGBLRLinear, target: Tensor) -> tuple[float, float]:
+    """Relative Frobenius and operator-norm errors of ``layer`` in eval mode (the mode it is used in)."""
     tiny = torch.finfo(target.dtype).tiny
-    scale = target.square().mean().sqrt().clamp_min(tiny)
-    target = target / scale  # unit RMS entries, so the learning rates do not depend on the weight's scale
-    left, right = spectral_factors(target, layer.num_components)
-    starts: list[tuple[str, float | None, float | None]] = []
-    if find_mask:
-        starts += [("greedy", r, c) for r in row_thresholds for c in col_thresholds]
-    else:
-        starts.append(("given", None, None))
-    if lowrank_start:
-        starts.append(("lowrank", None, None))
-    given = layer.widths.detach().clone(), layer.locations.detach().clone()
-    full_rank = min(layer.num_components, int(budget_units // (out_features + in_features)))
-    op_norm = torch.linalg.matrix_norm(target, ord=2).clamp_min(tiny)
-    best, best_state = None, None
-    for kind, row_threshold, col_threshold in starts:
-        with torch.no_grad():
-            layer.out_factors.copy_(left.T[:, :, None])
-            layer.in_factors.copy_(right[:, None, :])
-            if kind == "greedy":
-                widths, locations = greedy_intervals(target, budget_units, layer.num_components, row_threshold,
-                                                     col_threshold, filter_std)
-            elif kind == "lowrank":
-                widths, locations = torch.zeros_like(given[0]), torch.zeros_like(given[1])
-                widths[:, :full_rank] = 1.0
-            else:
-                widths, locations = given
-            layer.widths.copy_(widths)
-            layer.locations.copy_(locations)
-        refine(layer, target, budget_units, niter, weight_lr, structure_lr_base / min(target.shape))
-        layer.eval()
-        with torch.no_grad():
-            residual = target - layer.to_dense_weight()
-            rel_error = float(residual.norm() / target.norm().clamp_min(tiny))
-            op_error = float(torch.linalg.matrix_norm(residual, ord=2) / op_norm)
-        layer.train()
-        log.debug("%s start (thresholds %s, %s): rel. error %.4f, op-norm error %.4f", kind, row_threshold,
-                  col_threshold, rel_error, op_error)
-        if best is None or rel_error < best.rel_error:
-            best = SearchReport(rel_error, op_error, kind, row_threshold, col_threshold, 0.0)
-            best_state = [p.detach().clone() for p in layer.parameters()]
+    layer.eval()
     with torch.no_grad():
-        for param, value in zip(layer.parameters(), best_state):
-            param.copy_(value)
-        layer.in_factors.mul_(scale.sqrt())
-        layer.out_factors.mul_(scale.sqrt())
+        residual = target - layer.to_dense_weight()
+        rel = float(residual.norm() / target.norm().clamp_min(tiny))
+        op = float(torch.linalg.matrix_norm(residual, ord=2)
+                   / torch.linalg.matrix_norm(target, ord=2).clamp_min(tiny))
+    layer.train()
+    return rel, op
+
+
+def _starts(kind: str, target: Tensor, spectrum: tuple[Tensor, Tensor, Tensor], budget_units: float,
+            max_components: int, given_locations: Callable[[], Tensor], row_thresholds: Sequence[float],
+            col_thresholds: Sequence[float], filter_std: float) -> list[Start]:
+    """The candidate fits of one start kind (``greedy`` gives one per threshold pair)."""
+    rows, cols = target.shape
+    if kind == "blocks":
+        tiled = blocks_start(target, spectrum, budget_units, max_components)
+        lowrank = _starts("lowrank", target, spectrum, budget_units, max_components, given_locations,
+                          row_thresholds, col_thresholds, filter_std)
+        return lowrank if tiled is None else [tiled[0]] + lowrank
+    u, s, vh = spectrum
+    rank = max(1, min(max_components, int(budget_units // (rows + cols)))) if kind == "lowrank" else max_components
+    root = s[:rank].sqrt()
+    left, right = (u[:, :rank] * root).T, root[:, None] * vh[:rank]
+    if kind == "lowrank":
+        widths = torch.ones(2, rank, dtype=target.dtype, device=target.device)
+        return [Start("lowrank", left, right, widths, torch.zeros_like(widths))]
+    if kind == "given":
+        locations = given_locations()
+        return [Start("given", left, right, torch.ones_like(locations), locations)]
+    return [Start("greedy", left, right, *greedy_intervals(target, budget_units, max_components, r, c, filter_std),
+                  row_threshold=r, col_threshold=c)
+            for r in row_thresholds for c in col_thresholds]
+
+
+def find_structure(make_layer: Callable[[int], GaudiGBLRLinear], target: Tensor, budget_units: float, *,
+                   starts: Sequence[str] = ("blocks",), max_components: int | None = None, sweeps: int = 8,
+                   niter: int = 200,
+                   row_thresholds: Sequence[float] = (0.98,), col_thresholds: Sequence[float] = (0.98,),
+                   filter_std: float = 10.0, weight_lr: float = 2e-2,
+                   structure_lr_base: float = 10.0) -> tuple[GaudiGBLRLinear, SearchReport]:
+    """Fit rank-1 components to ``target`` within ``budget_units`` MACs (a block of r rows and c columns costs
+    r + c); returns the fitted layer (from ``make_layer(K)``, K components, no Gaussian) and a report.
+
+    The fit runs on ``target`` scaled to unit RMS entries; ``weight_lr`` is in those units (the reference's
+    5e-3 on weights of RMS ``a`` is ``5e-3 / a`` here). Every candidate of every kind in ``starts`` is refined
+    ``niter`` steps and scored in eval mode; a candidate's unrefined state is kept when refinement does not
+    improve it, so ``blocks`` and ``lowrank`` are never worse than the truncated SVD at the budget.
+    """
+    unknown = sorted(set(starts) - set(STARTS))
+    if unknown or not starts:
+        raise ValueError(f"starts must be a non-empty list drawn from {STARTS}, got {list(starts)}")
+    started = time.perf_counter()
+    rows, cols = target.shape
+    max_components = min(rows, cols) if max_components is None else min(max_components, rows, cols)
+    scale = target.square().mean().sqrt().clamp_min(torch.finfo(target.dtype).tiny)
+    target = target / scale  # unit RMS entries, so the learning rates do not depend on the weight's scale
+    spectrum = top_singular_pairs(target, min(rows, cols))
+
+    def given_locations() -> Tensor:
+        return make_layer(max_components).locations.detach().to(target.device, target.dtype)
+
+    best, best_layer = None, None
+    for kind in dict.fromkeys(starts):
+        for start in _starts(kind, target, spectrum, budget_units, max_components, given_locations,
+                             row_thresholds, col_thresholds, filter_std):
+            layer = make_layer(start.widths.shape[1]).to(target.device, target.dtype)
+            _load_start_(layer, start)
+            candidates = []
+            if float(snapped_cost(start.widths, layer.axis_sizes)) <= budget_units:
+                candidates.append((_eval_errors(layer, target), [p.detach().clone() for p in layer.parameters()]))
+            if start.name == "blocks" and sweeps > 0:
+                alternate_factors_(start, target, sweeps)
+                _load_start_(layer, start)
+                candidates.append((_eval_errors(layer, target), [p.detach().clone() for p in layer.parameters()]))
+            if (niter > 0 and start.name in ("greedy", "given")) or not candidates:
+                refine(layer, target, budget_units, niter, weight_lr, structure_lr_base / min(rows, cols))
+                candidates.append((_eval_errors(layer, target), None))
+            (rel_error, op_error), state = min(candidates, key=lambda c: c[0][0])
+            if state is not None:
+                with torch.no_grad():
+                    for param, value in zip(layer.parameters(), state):
+                        param.copy_(value)
+            log.debug("%s start (thresholds %s, %s): rel. error %.4f, op-norm error %.4f", start.name,
+                      start.row_threshold, start.col_threshold, rel_error, op_error)
+            if best is None or rel_error < best.rel_error:
+                best = SearchReport(rel_error, op_error, 0.0, 0.0, start.name, start.row_threshold,
+                                    start.col_threshold, 0.0)
+                best_layer = layer
+    with torch.no_grad():
+        best_layer.in_factors.mul_(scale.sqrt())
+        best_layer.out_factors.mul_(scale.sqrt())
+    best_layer.eval()
+    flops = best_layer.flops_per_token()
+    best_layer.train()
+    best.flops_fraction = flops / (rows * cols)
+    best.svd_error = svd_error_at(spectrum[1], flops, (rows, cols))
     best.seconds = time.perf_counter() - started
-    return best
+    return best_layer, best
