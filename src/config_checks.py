@@ -37,7 +37,7 @@ POSITIVE = {"rank", "max_rank", "nblocks", "num_components", "niter", "steps", "
             "rect_l_std", "weight_lr", "structure_lr_base", "filter_std", "group_size", "max_error", "prune_rate",
             "sigma", "max_classes"}
 NON_NEGATIVE = {"calibration_batches", "refine_steps", "residual_rank"}
-CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("dense", "lr"), "bits": (4, 8), "fallback_bits": (4, 8)}
+CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("auto", "dense", "lr", "compact"), "bits": (4, 8), "fallback_bits": (4, 8)}
 
 # What each datamodule / model / task family feeds or expects, keyed by the last part of ``_target_``.
 DATA_FAMILY = {"FashionMNISTDataModule": "image", "CIFARDataModule": "image", "ImageNetDataModule": "image",

@@ -350,3 +350,12 @@ def test_run_py_prints_one_line_and_exits_2(overrides, pattern, files, tmp_path)
     assert not list((tmp_path / "logs").rglob("metrics.json"))
     assert seconds < 60, f"{seconds:.1f} s: the check must come before the model and data load"
 
+
+
+def test_option_choices_match_the_layers():
+    from src.config_checks import CHOICES
+    from src.layers.gaudi import COMPUTE_MODES
+    from src.layers.quant import SUPPORTED_BITS
+
+    assert set(CHOICES["compute_mode"]) == set(COMPUTE_MODES)
+    assert set(CHOICES["bits"]) == set(SUPPORTED_BITS)

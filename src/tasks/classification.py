@@ -44,7 +44,7 @@ class ClassificationTask(pl.LightningModule):
     def _evaluate(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val")
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", sync_dist=True)
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{stage}_{name}"]
             metric(logits, labels)

@@ -89,7 +89,7 @@ class SequenceClassificationTask(pl.LightningModule):
         logits = self(batch)
         labels = batch["labels"]
         suffix = self.suffixes[index]
-        self.log(f"{stage}/loss{suffix}", self.loss(logits, labels), add_dataloader_idx=False,
+        self.log(f"{stage}/loss{suffix}", self.loss(logits, labels), add_dataloader_idx=False, sync_dist=True,
                  prog_bar=stage == "val" and index == 0)
         preds = logits.squeeze(-1) if self.hparams.num_labels == 1 else logits.argmax(-1)
         for name in self.metric_names:
