@@ -9,7 +9,6 @@ stride 1 skip unfold.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
