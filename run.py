@@ -42,6 +42,8 @@ def dispatch(cfg: DictConfig) -> float | None:
     target = cfg.get("optimized_metric")
     if not target:
         return None
+    if target not in metrics["metrics"] and cfg.mode.name != "train":  # eval/compress only test: val/x -> test/x
+        target = target.replace("val/", "test/", 1)
     if target not in metrics["metrics"]:
         raise ValueError(f"optimized_metric={target!r} is not among this run's metrics "
                          f"{sorted(metrics['metrics'])}; set optimized_metric to one of them")

@@ -33,10 +33,10 @@ NOT_OPTIONS = ("cls", "weight", "bias", "budget")  # from_dense arguments that a
 
 # Layer option ranges and choices that from_dense signatures cannot express. A test keeps the choices equal to
 # the layer modules' own constants (gaudi.COMPUTE_MODES, quant.SUPPORTED_BITS).
-POSITIVE = {"rank", "max_rank", "nblocks", "num_components", "niter", "steps", "tolerance", "loss_max", "rect_l",
+POSITIVE = {"rank", "max_rank", "nblocks", "num_components", "steps", "tolerance", "loss_max", "rect_l",
             "rect_l_std", "weight_lr", "structure_lr_base", "filter_std", "group_size", "max_error", "prune_rate",
             "sigma", "max_classes"}
-NON_NEGATIVE = {"calibration_batches", "refine_steps", "residual_rank"}
+NON_NEGATIVE = {"calibration_batches", "refine_steps", "residual_rank", "niter"}
 CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("auto", "dense", "lr", "compact"), "bits": (4, 8), "fallback_bits": (4, 8)}
 
 # What each datamodule / model / task family feeds or expects, keyed by the last part of ``_target_``.

@@ -43,7 +43,7 @@ CONFIG_CASES = [
     ("option-of-other-type", ["+layer.max_error=0.1"], r"layer\.max_error=0\.1: .*belongs to layer=svdq"),
     ("option-choice-typo", ["layer.options.init=whitten"], r"layer\.options\.init=whitten: .*did you mean whiten\?"),
     ("gaudi-compute-mode", ["layer=gaudi", "layer.options.compute_mode=sparse"],
-     r"layer\.options\.compute_mode=sparse: must be one of dense, lr"),
+     r"layer\.options\.compute_mode=sparse: must be one of auto, dense, lr, compact"),
     ("svdq-bits", ["layer=svdq", "layer.options.bits=3"], r"layer\.options\.bits=3: must be one of 4, 8"),
     # layer group: types and ranges
     ("budget-abc", ["layer.budget=abc"], r"^layer\.budget=abc: must be a number in \(0, 1\].*layer\.budget=0\.25"),

@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from src.layers import check_budget, get_layer_class
 from src.surgery import check_options, select_layers
-from src.utils.run_helpers import instantiate_list
+from src import pipeline
+from src.utils.run_helpers import instantiate_list, make_trainer
 
 from .conftest import compose_config, experiment_names
 
@@ -30,10 +31,9 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
     if not cfg.get("offline_available", True):  # weights or data that only a hub/user can provide
         return
     datamodule = instantiate(cfg.datamodule)
-    task = instantiate(cfg.task, model=instantiate(cfg.model))
+    task = instantiate(cfg.task, model=pipeline.build_dense_model(cfg))
     check_layer_config(task.model, cfg.layer)
-    callbacks = instantiate_list(cfg.callbacks)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_list(cfg.logger) or False)
+    trainer = make_trainer(cfg, instantiate_list(cfg.callbacks), instantiate_list(cfg.logger))
     assert trainer is not None and datamodule is not None
 
 

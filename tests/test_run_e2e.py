@@ -37,7 +37,8 @@ def test_default_experiment_fast_dev_run_writes_metrics(tmp_path):
 @needs_fashion_mnist
 def test_budget_sweep_and_table(tmp_path, capsys):
     run(["layer.budget=0.1,0.5", "trainer.max_steps=2", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none"],
+         "trainer.limit_test_batches=1", "trainer.max_epochs=1", "logger=none",
+         "optimized_metric=test/acc"],  # 2 steps end before the first validation
         tmp_path, multirun=True)
     (sweep,) = (tmp_path / "logs" / "train" / "multirun").iterdir()  # the default sweep dir, as users get it
     assert make_table([str(sweep), "--json", str(tmp_path / "rows.json")]) == 0
