@@ -85,8 +85,11 @@ def test_values_beyond_fp16_range_fail_with_the_fix(tmp_path):
     model = compressed_lm()
     with torch.no_grad():
         model.norm.bias[0] = 1e6
+    before = copy.deepcopy(model)
     with pytest.raises(ValueError, match="'norm.bias' has values beyond float16's range.*storage.dtype=bf16"):
         save_compressed(model, tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
+    assert not (tmp_path / "m").exists()  # a failed save rounds nothing and writes nothing
     save_compressed(model, tmp_path / "bf16", storage={"dtype": "bf16"})  # bf16 has the range
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -120,26 +121,36 @@ def _unique_keys(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str
     return keys, aliases
 
 
-@torch.no_grad()
-def _encode_state(model: nn.Module, layer_names: list[str], policy: StoragePolicy):
-    """``(file tensors, tensor table, aliases, embedding keys, storage dtype)`` for ``model``; a tensor stored
-    lossily (cast, quantized) is overwritten in the model by what loading will return."""
-    state = model.state_dict()
+@dataclass
+class _Encoded:
+    """A model's state as it will be written: file tensors, per-tensor table, aliases, embedding keys, the
+    storage dtype, and for each tensor stored lossily (cast, quantized) the value loading will return."""
+
+    files: dict[str, torch.Tensor]
+    table: dict[str, dict[str, Any]]
+    aliases: dict[str, str]
+    embeddings: list[str]
+    dtype: torch.dtype
+    rounded: dict[str, torch.Tensor]
+
+
+def _encode_state(state: Mapping[str, torch.Tensor], layer_names: list[str], embeddings: list[str],
+                  policy: StoragePolicy) -> _Encoded:
     keys, aliases = _unique_keys(state)
     prefixes = tuple(name + "." for name in layer_names)
     in_layer = {key: key.startswith(prefixes) for key in keys}
     dtype = policy.storage_dtype(model_dtype({k: state[k] for k in keys if not in_layer[k]}))
-    embeddings = sorted({aliases.get(k, k) for k in embedding_keys(model)} - {k for k in keys if in_layer[k]})
-    files, table = {}, {}
+    embeddings = sorted({aliases.get(k, k) for k in embeddings} - {k for k in keys if in_layer[k]})
+    encoded = _Encoded({}, {}, aliases, embeddings, dtype, {})
     for key in keys:
         tensor = state[key].detach().to("cpu", copy=True).contiguous()
         entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, dtype)
         stored = encode(key, tensor, entry)
         if entry["codec"] in ("cast", "int8", "int4"):
-            state[key].copy_(decode(key, entry, stored))  # the model in memory is the one on disk
-        files.update(stored)
-        table[key] = entry
-    return files, table, aliases, embeddings, dtype
+            encoded.rounded[key] = decode(key, entry, stored)
+        encoded.files.update(stored)
+        encoded.table[key] = entry
+    return encoded
 
 
 def save_compressed(model: nn.Module, path: str | Path, report=None, source=None, storage=None) -> Path:
@@ -151,8 +162,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
         loading needs a skeleton).
     storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``) for the tensors
         no structured layer owns; default fp16 (or the model's own half dtype).
-    Tensors stored lossily are rounded *in place* in ``model`` to what is saved, so evaluating ``model``
-    afterwards measures the saved model.
+    Once the files are written, tensors stored lossily are rounded *in place* in ``model`` to what was saved,
+    so evaluating ``model`` afterwards measures the saved model.
     """
     from ..utils.files import atomic_write_bytes, atomic_write_text  # deferred: that module imports Lightning
 
@@ -160,26 +171,30 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     policy = StoragePolicy.from_config(storage)
     layers = [_layer_entry(name, module) for name, module in structured_layers(model).items()]
     spec = describe_source(model, source)
-    files, table, aliases, embeddings, dtype = _encode_state(model, [e["name"] for e in layers], policy)
-    described = {**table, **{alias: table[target] for alias, target in aliases.items()}}
+    state = model.state_dict()
+    encoded = _encode_state(state, [entry["name"] for entry in layers], embedding_keys(model), policy)
+    described = {**encoded.table, **{alias: encoded.table[target] for alias, target in encoded.aliases.items()}}
     problems = [line for entry in layers for line in _layer_problems(entry, described)]
     if problems:
         raise ValueError("cannot save: a layer's config() does not rebuild its state (e.g. QAT still on):\n  "
                          + "\n  ".join(problems))
     body = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": aliases, "tensors": table,
-        "embeddings": embeddings, "source": spec, "report": report.to_dict() if hasattr(report, "to_dict") else report,
-        "storage": {"dtype": dtype_name(dtype), "embeddings": policy.embeddings,
-                    "group_size": policy.group_size,
-                    "model_dtype": dtype_name(model_dtype(model.state_dict()))},
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": encoded.aliases,
+        "tensors": encoded.table, "embeddings": encoded.embeddings, "source": spec,
+        "report": report.to_dict() if hasattr(report, "to_dict") else report,
+        "storage": {"dtype": dtype_name(encoded.dtype), "embeddings": policy.embeddings,
+                    "group_size": policy.group_size, "model_dtype": dtype_name(model_dtype(state))},
     }
-    data = safetensors.torch.save(files, metadata={SEAL_KEY: canonical_json(body)})
+    data = safetensors.torch.save(encoded.files, metadata={SEAL_KEY: canonical_json(body)})
     manifest = {**body, "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
     atomic_write_bytes(directory / WEIGHTS_FILE, data)
     write_hf_config(model, directory)
     atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
-    log.info("saved %d structured layers, %d tensors (%d bytes, rest in %s, embeddings %s) to %s", len(layers),
-             len(table), len(data), body["storage"]["dtype"], policy.embeddings, directory)
+    with torch.no_grad():
+        for key, value in encoded.rounded.items():
+            state[key].copy_(value)  # the model in memory is now the one on disk
+    log.info("saved %d structured layers, %d tensors (%d bytes; untouched tensors in %s, embeddings %s) to %s",
+             len(layers), len(encoded.table), len(data), body["storage"]["dtype"], policy.embeddings, directory)
     return directory
 
 
