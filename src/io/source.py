@@ -72,7 +72,9 @@ def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | No
         return hf_source(model)  # the model's own config is exact (labels, head size), the Hydra one a recipe
     if target == TIMM_BUILDER:
         kwargs = {k: v for k, v in source.items() if k not in ("_target_", "name", "pretrained", "pretrained_path")}
-        return timm_source(source["name"], **kwargs)
+        spec = timm_source(source.get("name"), **kwargs)
+        check_source(spec)
+        return spec
     spec = {"kind": "hydra", "config": source}
     check_source(spec)
     return spec
