@@ -64,6 +64,14 @@ def test_sources_that_name_other_code_are_refused(tmp_path):
         save_compressed(model, tmp_path / "m", source={"kind": "onnx"})
 
 
+def test_a_source_that_does_not_build_is_a_value_error(tmp_path):
+    model = tiny_vit()
+    compress_(model, "lowrank", 0.5, include=["head"])
+    save_compressed(model, tmp_path / "m", source=timm_source("vit_tiny_patch16_224", colour=1, **VIT))
+    with pytest.raises(ValueError, match="recorded source .* does not build a model.*colour"):
+        load_compressed(tmp_path / "m")
+
+
 def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 

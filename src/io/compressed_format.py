@@ -300,8 +300,15 @@ def _skeleton(manifest: Mapping[str, Any], directory: Path) -> nn.Module:
         raise ValueError(f"{directory} records no source to rebuild the model from (saved from a model that is not "
                          f"a transformers model, without source=...): pass the dense model as "
                          f"load_compressed(path, model_skeleton)")
-    dtype = manifest["storage"].get("model_dtype", "float32") if manifest["storage"] else "float32"
-    return build_from_source(manifest["source"], parse_dtype(dtype, "manifest field storage.model_dtype"))
+    dtype = parse_dtype(manifest["storage"].get("model_dtype", "float32") if manifest["storage"] else "float32",
+                        "manifest field storage.model_dtype")
+    try:
+        return build_from_source(manifest["source"], dtype)
+    except ValueError:
+        raise
+    except Exception as err:  # timm / transformers / Hydra raise their own types for a spec they cannot build
+        raise ValueError(f"{directory}: the recorded source {manifest['source']} does not build a model: {err!r}; "
+                         f"pass the dense model as load_compressed(path, model_skeleton)") from err
 
 
 def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
