@@ -11,43 +11,29 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import pipeline
-from .io import save_compressed
-from .io.compressed_format import structured_layers
-from .layers import StructuredConv2d
+from .io import folder_sizes, save_compressed
 from .utils.run_helpers import collect_run_metrics, instantiate_list, make_trainer, seed_run, write_metrics_json
 
 
 def dense_bytes(model: torch.nn.Module, bytes_per_value: int) -> int:
-    """Size of the model's state dict stored at ``bytes_per_value`` per number (tied tensors once)."""
+    """Size of the model's state dict with every floating number at ``bytes_per_value`` bytes (other tensors at
+    their own size, tied tensors once): the dense checkpoint ``folder_sizes`` compares a save against."""
     seen, total = set(), 0
     for tensor in model.state_dict().values():
         key = (tensor.data_ptr(), tensor.numel())
         if key not in seen:
             seen.add(key)
-            total += tensor.numel() * bytes_per_value
+            total += tensor.numel() * (bytes_per_value if tensor.is_floating_point() else tensor.element_size())
     return total
 
 
-def structured_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the structured layers' stored state: what the codec is responsible for (embeddings, norms and
-    untouched layers excluded)."""
-    return sum((layer.linear if isinstance(layer, StructuredConv2d) else layer).storage_bytes()
-               for layer in structured_layers(model).values())
-
-
-def size_metrics(dense_fp32_bytes: int, dense_fp16_bytes: int, compressed: torch.nn.Module, report,
-                 saved_dir: str | Path) -> dict:
-    """True bytes on disk of a ``save_compressed`` folder and its ratios: the whole save against the dense
-    model at fp32/fp16 (``dense_bytes`` taken before surgery), the replaced layers against their fp32 weights."""
-    disk = sum(f.stat().st_size for f in Path(saved_dir).iterdir() if f.is_file())
-    replaced_fp32, replaced = report.params_before * 4, structured_bytes(compressed)
-    return {"bytes_on_disk": disk, "dense_fp32_bytes": dense_fp32_bytes, "dense_fp16_bytes": dense_fp16_bytes,
-            "ratio_vs_fp32": round(dense_fp32_bytes / disk, 3), "ratio_vs_fp16": round(dense_fp16_bytes / disk, 3),
-            "replaced_fp32_bytes": replaced_fp32, "replaced_bytes": replaced,
-            "replaced_ratio_vs_fp32": round(replaced_fp32 / max(1, replaced), 3)}
+def size_metrics(saved_dir: str | Path) -> dict:
+    """The size figures metrics.json reports for a ``save_compressed`` folder: bytes on disk, ratios to the
+    dense fp32/fp16 checkpoint, and the per-part breakdown (replaced layers, embeddings, rest)."""
+    return folder_sizes(saved_dir)
 
 
 def compress(cfg: DictConfig) -> tuple[dict, dict]:
@@ -58,20 +44,24 @@ def compress(cfg: DictConfig) -> tuple[dict, dict]:
     task = pipeline.build_pretrained_task(cfg)
     trainer = make_trainer(cfg, instantiate_list(cfg.get("callbacks")), instantiate_list(cfg.get("logger")))
     baseline = trainer.test(task, datamodule=datamodule)[0] if cfg.mode.get("eval_baseline", True) else {}
-    fp32_bytes, fp16_bytes = dense_bytes(task.model, 4), dense_bytes(task.model, 2)
 
     compress_start = time.perf_counter()
     report = pipeline.compress_task_model(task, cfg.layer, datamodule)
     compress_seconds = time.perf_counter() - compress_start
+    # save first: storing the untouched tensors at the storage dtype rounds them in the model too, so the test
+    # below scores exactly the saved model (rank 0 saves; other DDP ranks keep the unrounded tensors)
+    out_dir = Path(cfg.paths.output_dir) / "compressed"
+    if trainer.is_global_zero:
+        save_compressed(task.model, out_dir, report, source=pipeline.dense_model_factory_config(cfg),
+                        storage=OmegaConf.to_container(cfg.mode.storage, resolve=True) if cfg.mode.get("storage") else None)
     trainer.test(task, datamodule=datamodule)
 
     metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {
         "baseline_metrics": {k: float(v) for k, v in baseline.items()},
         "compress_time_s": round(compress_seconds, 2), "experiment": cfg.get("experiment_name"),
+        "compressed_path": str(out_dir.resolve()),
     })
     if trainer.is_global_zero:
-        out_dir = save_compressed(task.model, Path(cfg.paths.output_dir) / "compressed", report)
-        metrics.update(size_metrics(fp32_bytes, fp16_bytes, task.model, report, out_dir),
-                       compressed_path=str(out_dir.resolve()), wall_time_s=round(time.perf_counter() - start, 2))
+        metrics.update(size_metrics(out_dir), wall_time_s=round(time.perf_counter() - start, 2))
         write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     return metrics, {"cfg": cfg, "task": task, "trainer": trainer, "report": report}

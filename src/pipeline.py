@@ -49,10 +49,14 @@ def model_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
+def dense_model_factory_config(cfg: DictConfig) -> dict[str, Any]:
+    """The model config the factory receives (what a compressed folder records to rebuild its skeleton)."""
+    return {k: v for k, v in model_config(cfg).items() if k not in PIPELINE_MODEL_KEYS}
+
+
 def build_dense_model(cfg: DictConfig) -> nn.Module:
     """The model as its config describes it, before any pretrained file or surgery."""
-    factory_cfg = {k: v for k, v in model_config(cfg).items() if k not in PIPELINE_MODEL_KEYS}
-    return instantiate(factory_cfg)
+    return instantiate(dense_model_factory_config(cfg))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -258,6 +258,9 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers
     report.model_params_after = report.model_params_before - report.params_before + report.params_after
+    from .io.source import guard_save_pretrained  # deferred: src.io imports this module
+
+    guard_save_pretrained(model)  # its plain save_pretrained would write packed layers transformers cannot read
     return report
 
 

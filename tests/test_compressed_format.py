@@ -1,4 +1,5 @@
-"""Saving a compressed model to one safetensors file + manifest and loading it into a dense skeleton."""
+"""Saving a compressed model to one safetensors file + sealed manifest, loading it into a dense skeleton, and
+every corruption of the folder failing with a ValueError that names the layer or field."""
 import copy
 import hashlib
 import json
@@ -11,6 +12,7 @@ from torch import nn
 
 from src import load_compressed, save_compressed
 from src.io.compressed_format import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from src.io.manifest import SEAL_KEY, canonical_json, sealed_part
 from src.layers.quant import pack_ternary, unpack_ternary
 from src.layers.tsvd import TernarySVDLinear
 from src.surgery import compress_
@@ -72,19 +74,26 @@ def test_roundtrip_outputs_are_bit_identical(saved):
 def test_manifest_records_layers_and_hash(saved):
     _, path = saved
     manifest = read_manifest(path)
-    assert manifest["version"] == 2 and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["version"] == 3 and len(manifest["weights"]["sha256"]) == 64
     assert manifest["weights"]["bytes"] == (path / WEIGHTS_FILE).stat().st_size
     recorded = {entry["name"]: entry for entry in manifest["layers"]}
     assert {name: entry["type"] for name, entry in recorded.items()} == LAYERS
     assert recorded["conv"]["conv"]["kernel_size"] == [3, 3]
     assert recorded["a"]["config"]["bits"] == 4 and recorded["a"]["out_features"] == 48
+    assert manifest["tensors"]["a.u_packed"]["codec"] == "raw" and manifest["tensors"]["a.u_packed"]["dtype"] == "uint8"
+    assert manifest["tensors"]["norm.weight"] == {"dtype": "float32", "shape": [24], "codec": "cast",
+                                                  "stored_dtype": "float16"}
+    with safe_open(path / WEIGHTS_FILE, "pt") as stored:
+        assert json.loads(stored.metadata()[SEAL_KEY]) == sealed_part(manifest)
 
 
 def test_ternary_factors_are_stored_at_two_bits(saved):
     """tsvd's int8 {-1, 0, 1} factors go to disk four per byte and come back as the same int8 values."""
     model, path = saved
     manifest = read_manifest(path)
-    assert manifest["ternary_packed"] == {"c.u": list(model.c.u.shape), "c.v": list(model.c.v.shape)}
+    assert {k: v for k, v in manifest["tensors"].items() if v["codec"] == "ternary2"} == {
+        "c.u": {"dtype": "int8", "shape": list(model.c.u.shape), "codec": "ternary2"},
+        "c.v": {"dtype": "int8", "shape": list(model.c.v.shape), "codec": "ternary2"}}
     with safe_open(path / WEIGHTS_FILE, "pt") as stored:
         assert stored.get_tensor("c.u").numel() == (model.c.u.numel() + 3) // 4
     loaded = load_compressed(path, skeleton())
@@ -109,11 +118,12 @@ def test_version_1_saves_still_load(saved, tmp_path):
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(tensors)
     (path).mkdir()
-    (path / WEIGHTS_FILE).write_bytes(data)
+    (path / "model.safetensors").write_bytes(data)
     manifest = read_manifest(saved[1])
-    manifest.update(version=1, aliases={}, weights={"file": WEIGHTS_FILE, "bytes": len(data),
+    manifest.update(version=1, aliases={}, weights={"file": "model.safetensors", "bytes": len(data),
                                                     "sha256": hashlib.sha256(data).hexdigest()})
-    del manifest["ternary_packed"]
+    for key in ("tensors", "embeddings", "source", "storage"):
+        del manifest[key]
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -197,7 +207,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 def test_layer_in_qat_mode_is_not_saved(saved, tmp_path):
     model = copy.deepcopy(saved[0])
     model.c.enable_qat()
-    with pytest.raises(ValueError, match="cannot save layer 'c'"):
+    with pytest.raises(ValueError, match="cannot save(.|\\n)*layer 'c' \\(tsvd\\): tensor 'latent_weight'"):
         save_compressed(model, tmp_path / "qat")
 
 
@@ -208,3 +218,124 @@ def test_half_precision_roundtrip_keeps_dtypes(saved, tmp_path):
     assert loaded.head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_identical_inputs_give_byte_identical_folders(saved, tmp_path):
+    """Repeated saves of the same model write the same bytes (one safetensors metadata key, sorted JSON keys;
+    before, the metadata order changed between saves)."""
+    reports = [{"b": 1, "a": [2, 3]}, {"a": [2, 3], "b": 1}] * 2
+    folders = [save_compressed(copy.deepcopy(saved[0]), tmp_path / str(i), report=r) for i, r in enumerate(reports)]
+    assert sorted(p.name for p in folders[0].iterdir()) == sorted([MANIFEST_FILE, WEIGHTS_FILE])
+    for folder in folders[1:]:
+        for name in (WEIGHTS_FILE, MANIFEST_FILE):
+            assert (folder / name).read_bytes() == (folders[0] / name).read_bytes()
+
+
+def rewrite(path, edit_manifest=None, edit_tensors=None, reseal=False):
+    """Corrupt a saved folder the way a careful forger would: edit the manifest and/or the file tensors, then
+    re-hash (bytes and sha256 always match the new file); ``reseal`` also rewrites the sealed copy."""
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    with safe_open(path / WEIGHTS_FILE, "pt") as stored:
+        metadata, tensors = stored.metadata(), {k: stored.get_tensor(k) for k in stored.keys()}
+    if edit_manifest:
+        edit_manifest(manifest)
+    if edit_tensors:
+        edit_tensors(tensors, metadata)
+    if reseal:
+        metadata = {SEAL_KEY: canonical_json(sealed_part(manifest))}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    (path / WEIGHTS_FILE).write_bytes(data)
+    if isinstance(manifest.get("weights"), dict) and "sha256" in manifest["weights"]:
+        manifest["weights"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def edit_only_manifest(path, edit):
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def layer(manifest, name):
+    return next(entry for entry in manifest["layers"] if entry["name"] == name)
+
+
+def set_in(path_keys, value):
+    def edit(manifest):
+        target = manifest
+        for key in path_keys[:-1]:
+            target = next(e for e in target if e["name"] == key) if isinstance(target, list) else target[key]
+        target[path_keys[-1]] = value
+    return edit
+
+
+def retype_tensor(key, dtype):
+    def edit(tensors, metadata):
+        tensors[key] = tensors[key].view(dtype) if tensors[key].element_size() == dtype.itemsize else tensors[key].to(dtype)
+    return edit
+
+
+def drop_tensor(key):
+    return lambda tensors, metadata: tensors.pop(key)
+
+
+# (id, manifest edit without re-hash | None, (manifest edit, tensor edit, reseal) | None, message regex)
+CORRUPTIONS = [
+    ("hyper-codebook-size", set_in(["layers", "b", "config", "codebook_size"], 900), None,
+     r"layers\[b\]\.config\.codebook_size: 900 != sealed"),
+    ("hyper-classes", set_in(["layers", "b", "config", "classes"], 3), None, r"layers\[b\]\.config\.classes"),
+    ("layer-type", set_in(["layers", "a", "type"], "lowrank"), None, r"layers\[a\]\.type: 'lowrank'"),
+    ("storage-dtype-edited", set_in(["tensors", "norm.weight", "stored_dtype"], "bfloat16"), None,
+     r"tensors\.norm\.weight\.stored_dtype"),
+    ("weights-file-escapes", set_in(["weights", "file"], "../x.safetensors"), None, r"weights\.file must be a file name"),
+    ("weights-sha-missing", lambda m: m["weights"].pop("sha256"), None, r"weights\.sha256 is missing"),
+    ("packed-dtype-rehashed", None, (None, retype_tensor("a.u_packed", torch.int8), False),
+     r"'a\.u_packed' \(layer 'a'\) is stored as int8 .*implies uint8"),
+    ("rest-dtype-rehashed", None, (None, retype_tensor("norm.weight", torch.float32), False),
+     r"'norm\.weight' is stored as float32 .*implies float16"),
+    ("tensor-removed", None, (None, drop_tensor("c.s"), False), r"'c\.s' \(layer 'c'\) is missing"),
+    ("tensor-added", None, (None, lambda t, m: t.update(extra=torch.zeros(3)), False),
+     r"'extra' in the weights file is not in the manifest"),
+    ("hyper-codes-truncated", None, (None, lambda t, m: t.update({"b.codes": t["b.codes"][:-5].clone()}), False),
+     r"'b\.codes' \(layer 'b'\) is stored as uint8"),
+    ("seal-removed", None, (None, lambda t, m: m.clear(), False), r"carries no sealed manifest"),
+    ("forged-rank", None, (set_in(["layers", "a", "config", "rank"], 3), None, True),
+     r"layer 'a' \(svdq\): tensor 'u_packed' has shape \[\d+\], its config implies"),
+    ("forged-config-key", None, (set_in(["layers", "b", "config", "colour"], 1), None, True),
+     r"layer 'b' \(hyper\): its config .* does not build"),
+    ("forged-dtype", None, (set_in(["tensors", "a.u_scales", "dtype"], "float16"),
+                            retype_tensor("a.u_scales", torch.float16), True),
+     r"layer 'a' \(svdq\): tensor 'u_scales' has dtype float16, its config implies int16"),
+    ("forged-missing-config", None, (lambda m: layer(m, "b").pop("config"), None, True),
+     r"manifest field layers\[b\]\.config is missing"),
+    ("forged-alias", None, (set_in(["aliases", "ghost"], "nowhere"), None, True), r"alias 'ghost' -> 'nowhere'"),
+    ("forged-codec", None, (set_in(["tensors", "norm.weight", "codec"], "zip"), None, True),
+     r"tensors\[norm\.weight\]\.codec must be one of"),
+    ("forged-layers-type", None, (set_in(["layers"], {"a": 1}), None, True), r"manifest field layers must be list"),
+    ("forged-unknown-layer-type", None, (set_in(["layers", "d", "type"], "nope"), None, True),
+     r"layer 'd' \(nope\): its config .* does not build.*unknown layer type"),
+]
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS, ids=[case[0] for case in CORRUPTIONS])
+def test_corrupted_folder_fails_naming_the_layer_or_field(saved, tmp_path, case):
+    _, manifest_edit, forgery, message = case
+    path = copy_of(saved[1], tmp_path)
+    if manifest_edit:
+        edit_only_manifest(path, manifest_edit)
+    else:
+        rewrite(path, *forgery)
+    with pytest.raises(ValueError, match=message):
+        load_compressed(path, skeleton())
+
+
+def test_every_inconsistency_is_listed(saved, tmp_path):
+    path = copy_of(saved[1], tmp_path)
+    rewrite(path, None, lambda t, m: (t.pop("c.s"), t.pop("b.side")))
+    with pytest.raises(ValueError, match=r"2 problem\(s\)(.|\n)*'b\.side'(.|\n)*'c\.s'"):
+        load_compressed(path, skeleton())
+
+
+def test_missing_source_needs_a_skeleton(saved):
+    with pytest.raises(ValueError, match="records no source .* load_compressed\\(path, model_skeleton\\)"):
+        load_compressed(saved[1])

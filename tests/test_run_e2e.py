@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from scripts.make_table import main as make_table
 
 from .conftest import ROOT, needs_fashion_mnist
@@ -65,5 +67,10 @@ def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path, capsys)
     assert metrics["ratio_vs_fp32"] > 1
     assert "test/acc" in metrics["metrics"] and "test/acc" in metrics["baseline_metrics"]
     assert (metrics_file.parent / "compressed" / "manifest.json").exists()
+    from src.io import load_compressed  # the folder describes its own model (the Hydra model config)
+
+    model = load_compressed(metrics["compressed_path"])
+    assert sum(type(m).__name__ == "SVDQuantLinear" for m in model.modules()) > 0
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert make_table([str(metrics_file.parent)]) == 0
     assert "| MB on disk |" in capsys.readouterr().out

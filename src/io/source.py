@@ -1,0 +1,165 @@
+"""How a saved model records the dense model it came from, so ``load_compressed(path)`` can rebuild it.
+
+A *source spec* is one of
+  ``{"kind": "hf", "class": "BertForSequenceClassification", "config": {...}}``  a transformers model
+      (the class and its full config; taken from the model itself, no weights are needed to rebuild it);
+  ``{"kind": "timm", "name": "vit_small_patch16_224", "kwargs": {...}}``         ``timm.create_model``;
+  ``{"kind": "hydra", "config": {"_target_": "src.models....", ...}}``          a project model config.
+``describe_source`` turns what the user has (nothing, a Hydra model config, a spec) into a spec.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+SOURCE_KINDS = ("hf", "timm", "hydra")
+HYDRA_TARGET_PREFIX = "src.models."  # a saved folder may only name the project's own model builders
+TIMM_BUILDER = "src.models.timm_models.create_timm_model"
+HF_CONFIG_FILE = "config.json"
+# save_pretrained keywords that only tune how transformers writes files; anything else is refused
+_IGNORED_SAVE_PRETRAINED_KWARGS = ("safe_serialization", "max_shard_size")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (checked without importing transformers)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def timm_source(name: str, **kwargs) -> dict[str, Any]:
+    """The spec of ``timm.create_model(name, **kwargs)`` (e.g. ``img_size=32, num_classes=10``)."""
+    return {"kind": "timm", "name": name, "kwargs": kwargs}
+
+
+def _hf_config(model: nn.Module):
+    """A copy of the model's config that names its class, as ``save_pretrained`` writes it."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra/OmegaConf config as plain, resolved JSON-able containers."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return copy.deepcopy(value)
+
+
+def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | None:
+    """The source spec to record: ``source`` (a spec or a Hydra model config with ``_target_``) normalised,
+    or for a transformers model its class and config; ``None`` when nothing says how to rebuild it."""
+    if source is None:
+        return hf_source(model) if is_hf_model(model) else None
+    source = _plain(source)
+    if not isinstance(source, dict):
+        raise ValueError(f"source must be a dict (a source spec or a Hydra model config), got {source!r}")
+    if "kind" in source:
+        check_source(source)
+        return source
+    target = source.get("_target_")
+    if target is None:
+        raise ValueError(f"source needs 'kind' (one of {SOURCE_KINDS}) or a Hydra '_target_'; got keys {sorted(source)}")
+    if is_hf_model(model):
+        return hf_source(model)  # the model's own config is exact (labels, head size), the Hydra one a recipe
+    if target == TIMM_BUILDER:
+        kwargs = {k: v for k, v in source.items() if k not in ("_target_", "name", "pretrained", "pretrained_path")}
+        spec = timm_source(source.get("name"), **kwargs)
+        check_source(spec)
+        return spec
+    spec = {"kind": "hydra", "config": source}
+    check_source(spec)
+    return spec
+
+
+def hf_source(model: nn.Module) -> dict[str, Any]:
+    return {"kind": "hf", "class": type(model).__name__, "config": json.loads(_hf_config(model).to_json_string(use_diff=False))}
+
+
+def _targets(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in ([v] if k == "_target_" else _targets(v))]
+    if isinstance(value, list):
+        return [t for v in value for t in _targets(v)]
+    return []
+
+
+def check_source(spec: Mapping[str, Any]) -> None:
+    """Fail with the field named unless ``spec`` is a well-formed source spec."""
+    kind = spec.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"source.kind must be one of {SOURCE_KINDS}, got {kind!r}")
+    required = {"hf": {"class": str, "config": dict}, "timm": {"name": str, "kwargs": dict},
+                "hydra": {"config": dict}}[kind]
+    for key, kind_type in required.items():
+        if not isinstance(spec.get(key), kind_type):
+            raise ValueError(f"source.{key} must be a {kind_type.__name__} for a {kind!r} source, got {spec.get(key)!r}")
+    if kind == "hydra":
+        foreign = [t for t in _targets(spec["config"]) if not str(t).startswith(HYDRA_TARGET_PREFIX)]
+        if foreign or "_target_" not in spec["config"]:
+            raise ValueError(f"source.config must build the model with a {HYDRA_TARGET_PREFIX}* _target_ "
+                             f"(a saved folder never names other code to run); got {foreign or 'no _target_'}; "
+                             f"pass a model skeleton to load_compressed instead")
+
+
+def build_from_source(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+    """The dense model a spec describes, its floating tensors in ``dtype``, in eval mode (weights are about to
+    be replaced, so transformers skips its weight init)."""
+    check_source(spec)
+    if spec["kind"] == "hf":
+        import transformers
+        from transformers.initialization import no_init_weights
+
+        cls = getattr(transformers, spec["class"], None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ValueError(f"source.class {spec['class']!r} is not a transformers model class")
+        with no_init_weights():
+            model = cls._from_config(cls.config_class.from_dict(spec["config"]))
+    elif spec["kind"] == "timm":
+        import timm
+
+        model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    else:
+        from hydra.utils import instantiate
+
+        model = instantiate(spec["config"])
+    return model.to(dtype).eval()
+
+
+def write_hf_config(model: nn.Module, directory: Path) -> bool:
+    """For a transformers model write ``config.json`` so ``AutoConfig`` (and tokenizers saved beside it)
+    recognise the folder; returns whether it did."""
+    from ..utils.files import atomic_write_text  # deferred: that module imports Lightning
+
+    if not is_hf_model(model):
+        return False
+    atomic_write_text(directory / HF_CONFIG_FILE, _hf_config(model).to_json_string())
+    return True
+
+
+def _save_pretrained_compressed(model: nn.Module, save_directory, is_main_process: bool = True, **kwargs) -> None:
+    """``save_pretrained`` of a compressed transformers model: writes the compressed format, which
+    ``load_compressed(save_directory)`` reloads (``from_pretrained`` cannot read packed layers)."""
+    from .compressed_format import save_compressed
+
+    refused = sorted(k for k in kwargs if k not in _IGNORED_SAVE_PRETRAINED_KWARGS)
+    if refused:
+        raise ValueError(f"this model has structured (compressed) layers: save_pretrained writes the compressed "
+                         f"format and does not take {refused}; call src.save_compressed(model, path) instead")
+    if is_main_process:
+        save_compressed(model, save_directory)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the compressed format (instead of a state dict that transformers
+    would reload with random linears) once the model holds structured layers."""
+    if is_hf_model(model):
+        model.save_pretrained = functools.partial(_save_pretrained_compressed, model)

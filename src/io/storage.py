@@ -1,0 +1,158 @@
+"""How each tensor of a saved model is stored: the storage policy and the per-tensor codecs.
+
+Tensors inside structured layers are stored as their layer holds them (int8 tensors with entries in
+{-1, 0, 1}, e.g. ternary SVD factors, packed four per byte). Every other floating tensor follows the
+:class:`StoragePolicy`: cast to the chosen dtype (``cast``), or, for embeddings and LM heads, quantized to
+int8/int4 codes with fp16 scales per row or per group (``int8`` / ``int4``). Loading decodes each tensor back
+to the dtype the model held it in. ``decode(encode(x))`` is the loaded value, and saving writes that value
+back into the model, so the model in memory is exactly the one on disk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.quant import dequantize, is_ternary_int8, num_groups, pack, pack_ternary, packed_numel, quantize, \
+    unpack, unpack_ternary
+
+CODECS = ("raw", "cast", "ternary2", "int8", "int4")
+SCALES_SUFFIX = "#scales"  # file key of an int8/int4 tensor's scales ('#' never occurs in a state-dict key)
+DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
+               "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
+EMBEDDING_MODES = ("none", "int8", "int4")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: Any, field: str) -> torch.dtype:
+    """The torch dtype a manifest names (e.g. ``"float16"``), or a ValueError naming ``field``."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{field}: {name!r} is not a torch dtype name")
+    return dtype
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """How tensors that no structured layer owns are stored.
+
+    dtype: ``fp16`` / ``bf16`` / ``fp32`` for every floating tensor outside the structured layers; ``None``
+        picks the model's own dtype when it is half precision, else fp16 (fp32 only when asked).
+    embeddings: ``none`` (stored like the rest), ``int8`` or ``int4``: every ``nn.Embedding`` and the output
+        embedding (LM head, tied or not) quantized symmetrically with fp16 scales.
+    group_size: entries per scale along each row for ``int8`` / ``int4``; ``None`` is one scale per row.
+    """
+
+    dtype: str | None = None
+    embeddings: str = "none"
+    group_size: int | None = None
+
+    @classmethod
+    def from_config(cls, config: "StoragePolicy | Mapping | None") -> "StoragePolicy":
+        """A policy from ``None``, a policy, or a dict such as ``{"dtype": "fp16", "embeddings": "int8"}``."""
+        if config is None or isinstance(config, StoragePolicy):
+            return config or cls()
+        if not isinstance(config, Mapping):
+            raise ValueError(f"storage must be a dict with keys {sorted(asdict(cls()))}, got {config!r}")
+        unknown = sorted(set(config) - set(asdict(cls())))
+        if unknown:
+            raise ValueError(f"storage has no key(s) {unknown}; valid keys: {sorted(asdict(cls()))}")
+        policy = cls(**config)
+        if policy.dtype is not None and policy.dtype not in DTYPE_NAMES:
+            raise ValueError(f"storage.dtype must be one of {sorted(DTYPE_NAMES)} or null (fp16, or the model's "
+                             f"half-precision dtype), got {policy.dtype!r}")
+        if policy.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"storage.embeddings must be one of {EMBEDDING_MODES}, got {policy.embeddings!r}")
+        num_groups(1, policy.group_size)  # validates group_size
+        return policy
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype floating tensors outside structured layers are written in."""
+        if self.dtype is not None:
+            return getattr(torch, DTYPE_NAMES[self.dtype])
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def model_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The floating dtype holding most numbers among ``tensors`` (float32 when there is none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def embedding_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every ``nn.Embedding`` weight and of the output embedding (an ``nn.Linear`` LM head
+    that ``get_output_embeddings`` returns), in module order."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or (module is head and isinstance(module, nn.Linear)):
+            keys.append(f"{name}.weight" if name else "weight")
+    return keys
+
+
+def choose_codec(tensor: Tensor, in_layer: bool, embedding: bool, policy: StoragePolicy,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """The table entry (codec and its options) a tensor is stored with; ``dtype`` is the storage dtype."""
+    entry = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+    if in_layer or not tensor.is_floating_point():
+        return {**entry, "codec": "ternary2" if is_ternary_int8(tensor) else "raw"}
+    if embedding and policy.embeddings != "none" and tensor.dim() == 2:
+        return {**entry, "codec": policy.embeddings, "group_size": policy.group_size}
+    if tensor.dtype == dtype:
+        return {**entry, "codec": "raw"}
+    return {**entry, "codec": "cast", "stored_dtype": dtype_name(dtype)}
+
+
+def encode(key: str, tensor: Tensor, entry: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The file tensors that store ``tensor`` (a CPU tensor) under ``entry``'s codec."""
+    codec = entry["codec"]
+    if codec == "raw":
+        return {key: tensor}
+    if codec == "ternary2":
+        return {key: pack_ternary(tensor)}
+    if codec == "cast":
+        stored = tensor.to(getattr(torch, entry["stored_dtype"]))
+        if bool((torch.isinf(stored) & torch.isfinite(tensor)).any()):
+            raise ValueError(f"tensor {key!r} has values beyond {entry['stored_dtype']}'s range (max |x| = "
+                             f"{tensor.abs().max().item():.4g}); save with storage.dtype=bf16 or fp32")
+        return {key: stored}
+    bits = int(codec[3:])
+    codes, scales = quantize(tensor, bits, entry["group_size"])
+    return {key: pack(codes, bits), key + SCALES_SUFFIX: scales}
+
+
+def stored_layout(key: str, entry: Mapping[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``{file key: (dtype name, shape)}`` that ``encode`` writes for a tensor described by ``entry``."""
+    shape, codec = list(entry["shape"]), entry["codec"]
+    if codec == "raw":
+        return {key: (entry["dtype"], shape)}
+    if codec == "cast":
+        return {key: (entry["stored_dtype"], shape)}
+    if codec == "ternary2":
+        return {key: ("uint8", [(math.prod(shape) + 3) // 4])}
+    bits = int(codec[3:])
+    return {key: ("uint8", [packed_numel(math.prod(shape), bits)]),
+            key + SCALES_SUFFIX: ("float16", [shape[0], num_groups(shape[1], entry["group_size"])])}
+
+
+def decode(key: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -> Tensor:
+    """The tensor as the model held it, from the file tensors ``stored_layout`` describes."""
+    codec, shape, dtype = entry["codec"], tuple(entry["shape"]), getattr(torch, entry["dtype"])
+    if codec == "raw":
+        return stored[key]
+    if codec == "cast":
+        return stored[key].to(dtype)
+    if codec == "ternary2":
+        return unpack_ternary(stored[key], shape)
+    bits = int(codec[3:])
+    codes = unpack(stored[key], bits, shape)
+    return dequantize(codes, stored[key + SCALES_SUFFIX], entry["group_size"]).to(dtype)
