@@ -70,8 +70,8 @@ def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | No
         raise ValueError(f"source needs 'kind' (one of {SOURCE_KINDS}) or a Hydra '_target_'; got keys {sorted(source)}")
     if is_hf_model(model):
         return hf_source(model)  # the model's own config is exact (labels, head size), the Hydra one a recipe
-    if target == TIMM_BUILDER:
-        kwargs = {k: v for k, v in source.items() if k not in ("_target_", "name", "pretrained", "pretrained_path")}
+    kwargs = {k: v for k, v in source.items() if k not in ("_target_", "name", "pretrained", "pretrained_path")}
+    if target == TIMM_BUILDER and not _targets(kwargs):  # nested targets (e.g. a conv stem) need Hydra
         spec = timm_source(source.get("name"), **kwargs)
         check_source(spec)
         return spec
