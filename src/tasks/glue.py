@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from .example_input import ExampleInputFromData
 from .optim import build_optimizer
 
 GLUE_METRICS = {
@@ -43,7 +44,7 @@ def build_metric(name: str, num_labels: int) -> Metric:
     return factories[name]()
 
 
-class SequenceClassificationTask(pl.LightningModule):
+class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
     """Cross-entropy (or MSE when ``num_labels == 1``) on a HF sequence classifier; per-task metrics.
 
     ``glue_task`` picks the metrics and evaluation sets; ``metrics`` overrides the metric list (e.g. tweets).
@@ -74,6 +75,10 @@ class SequenceClassificationTask(pl.LightningModule):
     def model_inputs(self, batch: dict) -> torch.Tensor:
         """Token ids, for FLOP counting (padding included)."""
         return batch["input_ids"]
+
+    def example_input(self, batch: dict) -> tuple[dict]:
+        """One sequence's model inputs; a 1-tuple, since Lightning would spread a dict into keyword arguments."""
+        return ({k: batch[k][:1] for k in MODEL_KEYS if k in batch},)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.hparams.num_labels == 1:
