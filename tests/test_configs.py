@@ -8,7 +8,7 @@ from src.layers import check_budget, get_layer_class
 from src.surgery import check_options, select_layers
 from src.utils.run_helpers import instantiate_list
 
-from .conftest import compose_config, experiment_names
+from .conftest import CONFIG_DIR, compose_config, experiment_names
 
 
 def check_layer_config(model, layer_cfg):
@@ -66,3 +66,15 @@ def test_callbacks_compose_one_file_each(tmp_path):
     assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar", "model_summary", "flop_count", "lr_monitor",
                                   "gaudi_shrink", "sigma_annealing", "width_monitor", "tsvd_qat", "export_weights"}
     assert len(instantiate_list(cfg.callbacks)) == len(cfg.callbacks)
+
+
+def unused_model_configs() -> list[str]:
+    """Model configs that no experiment selects (they are reached only as `model=<name>`)."""
+    used = " ".join(p.read_text() for p in (CONFIG_DIR / "experiment").rglob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if f"/model: {p.stem}\n" not in used)
+
+
+@pytest.mark.parametrize("model", unused_model_configs())
+def test_model_configs_outside_experiments_instantiate(model, tmp_path):
+    cfg = compose_config([f"model={model}"], tmp_path)
+    assert sum(p.numel() for p in instantiate(cfg.model).parameters()) > 0
