@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from src.compress import compress
@@ -143,21 +144,23 @@ def stand_in_overrides(cfg, stand_ins: dict) -> list[str]:
         out += SMALL_RESNET if str(cfg.model.get("name")).startswith("resnet") else []
     if cfg.layer.name == "gaudi":
         out.append("layer.options.niter=5")  # a few refinement steps of the structure search: wiring, not results
-    if cfg.model.get("pretrained_path"):
-        out.append("model.pretrained_path=null")
     return out
 
 
-def init_weights_override(cfg, tmp_path: Path) -> list[str]:
-    """InitFromPretrained needs a dense checkpoint: the freshly initialised dense model, saved."""
+def dense_weights_overrides(cfg, tmp_path: Path) -> list[str]:
+    """Whatever loads dense pretrained weights (``model.pretrained_path``, an ``init_from_pretrained`` callback)
+    gets the freshly initialised dense model of the same (stand-in) architecture, saved."""
     callback = (cfg.get("callbacks") or {}).get("init_from_pretrained")
-    if not callback:
+    targets = ["model.pretrained_path"] if cfg.model.get("pretrained_path") else []
+    targets += ["callbacks.init_from_pretrained.path"] if callback else []
+    if not targets:
         return []
     from safetensors.torch import save_file
 
+    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "pretrained_path"}
     path = tmp_path / "dense.safetensors"
-    save_file({k: v.contiguous() for k, v in instantiate(cfg.model).state_dict().items()}, str(path))
-    return [f"callbacks.init_from_pretrained.path={path}", "callbacks.init_from_pretrained.prefix=''"]
+    save_file({k: v.contiguous() for k, v in instantiate(model_cfg).state_dict().items()}, str(path))
+    return [f"{key}={path}" for key in targets] + (["callbacks.init_from_pretrained.prefix=''"] if callback else [])
 
 
 def marked(name: str):
@@ -174,7 +177,7 @@ def test_experiment_runs_under_fast_dev_run(experiment, stand_ins, tmp_path):
     cfg = compose_config(base, tmp_path)
     overrides = stand_in_overrides(cfg, stand_ins)
     cfg = compose_config([*base, *overrides], tmp_path)
-    cfg = compose_config([*base, *overrides, *init_weights_override(cfg, tmp_path)], tmp_path)
+    cfg = compose_config([*base, *overrides, *dense_weights_overrides(cfg, tmp_path)], tmp_path)
     metrics, _ = ENTRY[cfg.mode.name](cfg)
     target = cfg.optimized_metric
     assert target in metrics["metrics"], f"{target} not among {sorted(metrics['metrics'])}"
