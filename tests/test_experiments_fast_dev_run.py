@@ -24,6 +24,7 @@ from PIL import Image
 from src.compress import compress
 from src.datamodules.tweets import packaged_csv
 from src.datamodules.wiki_offline import packaged_summaries
+from src.glue_tasks import GLUE_TASKS
 from src.train import train
 
 from .conftest import FASHION_MNIST_DIR, compose_config, experiment_names
@@ -60,8 +61,6 @@ def _write_data(data: Path) -> None:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
         (cifar / name).write_bytes(pickle.dumps(batch))
-    from src.datamodules.glue import GLUE_TASKS
-
     for task, spec in GLUE_TASKS.items():
         columns = [key for key in spec.text_keys if key]
         labels = [0.5, 4.0, 2.5, 1.0] if spec.num_labels == 1 else [i % spec.num_labels for i in range(4)]
