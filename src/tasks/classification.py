@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .example_input import ExampleInputFromData
 from .optim import build_optimizer
 
 
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(ExampleInputFromData, pl.LightningModule):
     """Trains ``model`` (already compressed by surgery) and logs ``{train,val,test}/{loss,acc,acc_top5}``."""
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: Any, weight_decay: float = 0.05,
@@ -34,6 +35,10 @@ class ClassificationTask(pl.LightningModule):
     def model_inputs(self, batch) -> torch.Tensor:
         """The tensor the model consumes, for FLOP counting."""
         return batch[0]
+
+    def example_input(self, batch) -> torch.Tensor:
+        """One image, for the model summary's FLOPs."""
+        return batch[0][:1]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

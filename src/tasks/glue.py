@@ -15,14 +15,11 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from ..glue_tasks import GLUE_TASKS
+from .example_input import ExampleInputFromData
 from .optim import build_optimizer
 
-GLUE_METRICS = {
-    "cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"),
-    "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",),
-    "wnli": ("accuracy",),
-}
-EVAL_SUFFIXES = {"mnli": ("", "_mm")}  # matched, mismatched
+GLUE_METRICS = {name: task.metrics for name, task in GLUE_TASKS.items()}
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -43,7 +40,7 @@ def build_metric(name: str, num_labels: int) -> Metric:
     return factories[name]()
 
 
-class SequenceClassificationTask(pl.LightningModule):
+class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
     """Cross-entropy (or MSE when ``num_labels == 1``) on a HF sequence classifier; per-task metrics.
 
     ``glue_task`` picks the metrics and evaluation sets; ``metrics`` overrides the metric list (e.g. tweets).
@@ -62,7 +59,7 @@ class SequenceClassificationTask(pl.LightningModule):
         self.model = model
         self.optimizer_factory = optimizer
         self.metric_names = tuple(metrics or GLUE_METRICS[glue_task])
-        self.suffixes = EVAL_SUFFIXES.get(glue_task, ("",))
+        self.suffixes = GLUE_TASKS[glue_task].eval_suffixes if glue_task in GLUE_TASKS else ("",)
         self.metrics = nn.ModuleDict({
             f"{stage}{i}_{name}": build_metric(name, num_labels)
             for stage in ("val", "test") for i in range(len(self.suffixes)) for name in self.metric_names
@@ -74,6 +71,10 @@ class SequenceClassificationTask(pl.LightningModule):
     def model_inputs(self, batch: dict) -> torch.Tensor:
         """Token ids, for FLOP counting (padding included)."""
         return batch["input_ids"]
+
+    def example_input(self, batch: dict) -> tuple[dict]:
+        """One sequence's model inputs; a 1-tuple, since Lightning would spread a dict into keyword arguments."""
+        return ({k: batch[k][:1] for k in MODEL_KEYS if k in batch},)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.hparams.num_labels == 1:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
+from .example_input import ExampleInputFromData
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def shifted_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Te
     return F.cross_entropy(predicted, targets, reduction="sum"), targets.numel()
 
 
-class LanguageModelTask(pl.LightningModule):
+class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
     """Trains a (compressed) causal LM on ``[B, L]`` token windows; logs ``{val,test}/{loss,perplexity}``.
 
     ``freeze``: fnmatch patterns of parameter names kept fixed (e.g. ``["*embed_tokens*"]`` for a large tied
@@ -70,6 +71,10 @@ class LanguageModelTask(pl.LightningModule):
     def model_inputs(self, batch: torch.Tensor) -> torch.Tensor:
         """The token windows themselves, for FLOP counting."""
         return batch
+
+    def example_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """One token window, for the model summary's FLOPs."""
+        return batch[:1]
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         nll, count = shifted_nll(self(batch), batch)
