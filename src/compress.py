@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import pipeline
 from .io import folder_sizes, save_compressed
+from .utils.report_logging import log_report
 from .utils.run_helpers import collect_run_metrics, instantiate_list, make_trainer, seed_run, write_metrics_json
 
 
@@ -63,5 +64,6 @@ def compress(cfg: DictConfig) -> tuple[dict, dict]:
     })
     if trainer.is_global_zero:
         metrics.update(size_metrics(out_dir), wall_time_s=round(time.perf_counter() - start, 2))
+        log_report(trainer.loggers, report, size_metrics(out_dir))
         write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     return metrics, {"cfg": cfg, "task": task, "trainer": trainer, "report": report}

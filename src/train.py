@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from . import pipeline
+from .utils.report_logging import log_report
 from .utils.resume import resume_checkpoint
 from .utils.run_helpers import (collect_run_metrics, instantiate_list, make_trainer, seed_run, tested_checkpoint,
                                 write_metrics_json)
@@ -23,6 +24,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer = make_trainer(cfg, callbacks + pipeline.run_callbacks(cfg, built.report), instantiate_list(cfg.get("logger")),
                            resume_from)
+    if built.report is not None and resume_from is None:  # a resumed run's loggers hold it already
+        log_report(trainer.loggers, built.report)
 
     fit_metrics = {}
     if cfg.get("train", True):

@@ -633,3 +633,17 @@ def test_segments_kernel_gives_each_conv_its_kernel_positions():
     compress_(model, "gaudi", 0.5, options={"segments": "kernel", "sweeps": 1})
     assert [model[0].linear.segments, model[1].linear.segments, model[3].segments] == [9, 1, 1]
     assert model(torch.randn(2, 4, 3, 3)).shape == (2, 6)
+
+
+def test_compact_forward_under_cpu_bf16_autocast_matches_the_dense_mask_path():
+    import copy
+
+    torch.manual_seed(0)
+    layer = GaudiGBLRLinear.from_dense(torch.randn(48, 32), torch.randn(48), 0.25, sigma=None).eval()
+    reference = copy.deepcopy(layer)
+    layer.compute_mode, reference.compute_mode = "compact", "dense"
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, slow = layer(x), reference(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.float(), atol=0.1, rtol=0.05)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..glue_tasks import GLUE_TASKS, glue_task
+from ..glue_tasks import glue_task
 from .hf_local import load_local_dataset
 from .text_classification import TextClassificationDataModule
 

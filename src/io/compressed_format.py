@@ -36,7 +36,7 @@ from ..surgery import dense_view, replace_child
 from .storage import StoragePolicy, choose_codec, decode, dtype_name, embedding_keys, encode, model_dtype, \
     parse_dtype, stored_layout
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json, check_body,
-                       check_sealed, check_weights_entry, read_manifest, sealed_part)
+                       check_sealed, check_weights_entry, read_manifest)
 from .source import build_from_source, describe_source, guard_save_pretrained, write_hf_config
 
 log = logging.getLogger(__name__)

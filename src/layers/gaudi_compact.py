@@ -100,8 +100,16 @@ def _bias_rows(flat: Tensor, size: int, bias: Tensor | None) -> Tensor:
 
 
 def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Tensor:
-    """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``)."""
-    dtype = x.dtype
+    """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``). Under
+    autocast it runs in the autocast dtype itself: the in-place adds need one dtype throughout."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _compact_forward(layer, plan, x.to(dtype), dtype)
+    return _compact_forward(layer, plan, x, x.dtype)
+
+
+def _compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
     flat = x.reshape(-1, layer.in_features)
     hidden = [F.linear(_take(flat, g, g.offset), _take(layer.in_factors[g.components], g).flatten(0, 1).to(dtype))
               for g in plan.inputs]
