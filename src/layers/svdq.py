@@ -150,13 +150,14 @@ class SVDQuantLinear(StructuredLinear):
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, bits: int = 8,
                    group_size: int | None = None, max_error: float | None = None, inputs: Tensor | None = None,
                    rank: int | None = None, fallback_bits: int | None = None, symmetric: bool = True,
-                   rounding: str = "nearest", gram: Tensor | None = None) -> "SVDQuantLinear":
+                   rounding: str = "nearest", gram: Tensor | None = None, svd: bool = True) -> "SVDQuantLinear":
         """Quantized truncated SVD of ``weight``.
 
         rank: ``rank``, else the smallest rank meeting ``max_error`` on ``inputs`` (N x in_features, the
         layer's calibration inputs; relative error ``||W_hat x - W x|| / ||W x + b||`` over all of them), else
         ``rank_for_budget(budget)``. ``symmetric=False`` uses zero-point grids; ``rounding="gptq"`` needs
-        ``gram`` (in_features x in_features, ``sum x x^T``). The result falls back to ``qdense``, then
+        ``gram`` (in_features x in_features, ``sum x x^T``). ``svd=False`` skips the factored form: the whole
+        weight is quantized (plain int4/int8 weight quantization). The result falls back to ``qdense``, then
         ``fallback_bits``, then ``dense`` as the module doc says.
         """
         check_dense_weight(weight, bias)
@@ -176,7 +177,7 @@ class SVDQuantLinear(StructuredLinear):
                 raise ValueError("svdq max_error needs calibration inputs (N x in_features): pass inputs= "
                                  "or calibrate the layer in compress_ (command line: layer.calibration_batches=8)")
             error_of = _output_error_fn(dense, bias, inputs.to(dense.device).reshape(-1, in_features).float())
-        u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
+        u, sv, vh = torch.linalg.svd(dense, full_matrices=False) if svd else (None, None, None)
 
         def factors(k: int) -> tuple[Quantized, Quantized]:
             return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram)
@@ -185,7 +186,9 @@ class SVDQuantLinear(StructuredLinear):
             u_q, v_q = factors(k)
             return (_dequantized(u_q, group_size) * sv[:k]) @ _dequantized(v_q, group_size)
 
-        if rank is None and error_of is not None:
+        if not svd:
+            rank = None
+        elif rank is None and error_of is not None:
             rank = search_rank(lambda k: error_of(reconstruction(k)), max_useful_rank(out_features, in_features),
                                max_error)
         elif rank is None:
@@ -209,7 +212,7 @@ class SVDQuantLinear(StructuredLinear):
                      max_error, fallback_bits)
             return cls.from_dense(weight, bias, budget, bits=fallback_bits, group_size=group_size,
                                   max_error=max_error, inputs=inputs, symmetric=symmetric, rounding=rounding,
-                                  gram=gram)
+                                  gram=gram, svd=svd)
         log.info("svdq %dx%d: even the int%d dense weight misses max_error=%g; keeping it in float",
                  out_features, in_features, bits, max_error)
         layer = cls(in_features, out_features, mode="dense", **kwargs).to(weight.device)
