@@ -217,7 +217,14 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
     budget: a dense fraction in (0, 1], or an ordered dict of patterns -> budget (first match wins).
     options: keyword options for ``from_dense``; with a dict ``layer``, keyed by type name.
     calibration: per layer name, data-aware inputs such as ``{"gram": X X^T}`` (see ``collect_input_gram``).
+    ``layer="auto"`` plans a codec per layer from the calibration data instead (``src/layers/auto.py``; its
+    settings -- choices, target_bytes / target_ratio / max_error -- come in ``options``).
     """
+    if isinstance(layer, str) and layer == "auto":
+        from .layers.auto import compress_auto_
+
+        return compress_auto_(model, calibration, include=include, exclude=exclude, filter_fn=filter_fn,
+                              **dict(options or {}))
     several_types = isinstance(layer, Mapping)
     layer_table = dict(layer) if several_types else {"*": layer}
     budget_table = dict(budget) if isinstance(budget, Mapping) else {"*": budget}

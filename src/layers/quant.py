@@ -1,8 +1,16 @@
-"""Symmetric integer quantization with per-row or per-group scales, and int4/int8 byte packing.
+"""Integer quantization on symmetric or asymmetric (zero-point) grids with per-row or per-group scales,
+and int4/int8 byte packing.
 
-Quantized values are stored as ``uint8`` bytes: int8 as its two's-complement bytes, int4 as two values per
-byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one). Ternary int8 tensors
-({-1, 0, 1}) pack four entries per byte; that is how saved files store them.
+Grids, per group of ``group_size`` consecutive entries of a row (or per whole row):
+
+* symmetric: ``w ~= scale * c`` with codes ``c`` in ``[-qmax, qmax]`` (``qmax = 2^(B-1) - 1``);
+* asymmetric: ``w ~= scale * (c - z)`` with codes in ``[-2^(B-1), 2^(B-1) - 1]`` and an integer zero code
+  ``z`` in the same range: the ``2^B`` levels span ``[min(w, 0), max(w, 0)]``, so 0 is always exact.
+
+Scales are fp16 and codes are computed against the fp16-rounded scale, so what a search evaluates is what
+is stored. Quantized values are stored as ``uint8`` bytes: int8 as its two's-complement bytes, int4 as two
+values per byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one). Ternary
+int8 tensors ({-1, 0, 1}) pack four entries per byte; that is how saved files store them.
 """
 from __future__ import annotations
 
@@ -42,27 +50,53 @@ def _grouped(x: Tensor, group_size: int | None) -> Tensor:
     return padded.reshape(rows, groups, size)
 
 
-def quantize(weight: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric quantization of a 2-D tensor along its rows.
-
-    Returns ``(codes, scales)``: int8 codes in ``[-qmax, qmax]`` with ``weight``'s shape and fp16 scales of
-    shape ``rows x groups``. Codes are computed against the fp16-rounded scales, so ``dequantize`` of the
-    stored pair is exactly what the search evaluated.
-    """
+def grid(groups: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The quantization grid of each group (last axis of ``groups``, float): ``(scales, zero_codes)``, fp16
+    scales and int8 zero codes (``None`` when ``symmetric``), with the shapes of ``groups`` minus its last axis."""
     check_bits(bits)
-    rows, cols = weight.shape
-    grouped = _grouped(weight.detach().float(), group_size)
-    scales = (grouped.abs().amax(dim=-1) / qmax(bits)).clamp(min=_FP16_TINY).half()
-    codes = torch.round(grouped / scales.float()[..., None]).clamp(-qmax(bits), qmax(bits))
-    codes = codes.reshape(rows, -1)[:, :cols].to(torch.int8)
+    if symmetric:
+        return (groups.abs().amax(dim=-1) / qmax(bits)).clamp(min=_FP16_TINY).half(), None
+    low, high = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)
+    scales = ((high - low) / (2 ** bits - 1)).clamp(min=_FP16_TINY).half()
+    zeros = torch.round(-low / scales.float()).clamp(0, 2 ** bits - 1) - 2 ** (bits - 1)
+    return scales, zeros.to(torch.int8)
+
+
+def round_to_grid(values: Tensor, scales: Tensor, zeros: Tensor | None, bits: int) -> Tensor:
+    """Nearest codes of ``values`` on the grid ``(scales, zeros)`` (broadcast against ``values``), as floats."""
+    shifted = values / scales.float()
+    if zeros is None:
+        return torch.round(shifted).clamp(-qmax(bits), qmax(bits))
+    return (torch.round(shifted) + zeros.float()).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def quantize(weight: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric round-to-nearest quantization of a 2-D tensor along its rows: ``(codes, scales)``, int8 codes
+    with ``weight``'s shape and fp16 scales of shape ``rows x groups`` (see :func:`quantize_grid`)."""
+    codes, scales, _ = quantize_grid(weight, bits, group_size, symmetric=True)
     return codes, scales
 
 
-def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None) -> Tensor:
-    """Float32 ``codes * scale`` with the group layout of :func:`quantize`."""
+def quantize_grid(weight: Tensor, bits: int, group_size: int | None = None,
+                  symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest quantization of a 2-D tensor along its rows on a symmetric or asymmetric grid:
+    ``(codes, scales, zero_codes)``; scales and zero codes are ``rows x groups`` (zero codes ``None`` when
+    ``symmetric``)."""
+    rows, cols = weight.shape
+    grouped = _grouped(weight.detach().float(), group_size)
+    scales, zeros = grid(grouped, bits, symmetric)
+    codes = round_to_grid(grouped, scales[..., None], None if zeros is None else zeros[..., None], bits)
+    return codes.reshape(rows, -1)[:, :cols].to(torch.int8), scales, zeros
+
+
+def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None, zeros: Tensor | None = None) -> Tensor:
+    """Float32 ``scale * (codes - zero)`` (``zero = 0`` when ``zeros`` is None) with the group layout of
+    :func:`quantize_grid`."""
     rows, cols = codes.shape
-    grouped = _grouped(codes.float(), group_size) * scales.float()[..., None]
-    return grouped.reshape(rows, -1)[:, :cols]
+    grouped = _grouped(codes.float(), group_size)
+    if zeros is not None:
+        grouped = grouped - zeros.float()[..., None]
+    return (grouped * scales.float()[..., None]).reshape(rows, -1)[:, :cols]
 
 
 def packed_numel(numel: int, bits: int) -> int:

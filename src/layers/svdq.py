@@ -4,13 +4,19 @@ The rank comes from the budget, or -- given ``max_error`` and calibration ``inpu
 for the smallest rank whose relative output error, measured with the quantized factors, meets the bound.
 Three storage modes share the class:
 
-* ``factored``: packed quantized ``U_k`` (out x k) and ``V_k`` (k x in), fp16 group scales, float ``s``;
+* ``factored``: packed quantized ``U_k`` (out x k) and ``V_k`` (k x in), fp16 group scales (and int8 zero
+  codes on an asymmetric grid), float ``s``;
 * ``qdense``: the whole weight quantized with the same quantizer, used when no rank meets the bound or when
   the factored form would take at least as many bytes (so a kept factored form is always the smaller one);
 * ``dense``: the float weight, when even the quantized dense weight misses ``max_error``.
 
 With ``fallback_bits`` (e.g. 8 for an int4 codec) a layer that misses the bound at ``bits`` is searched again at
 ``fallback_bits`` before it is kept in float: a mixed-precision model, each layer's bit width in its config.
+
+Rounding: ``nearest`` (round-to-nearest) or ``gptq`` (Hessian-aware, error-compensating, needs the layer's
+input Gram matrix ``gram``): ``V_k`` is GPTQ-rounded against ``gram``, then ``U_k`` is refitted by least squares to
+the rounded ``V_k`` on the same inputs (absorbing its error) and GPTQ-rounded against the Gram matrix of its own
+inputs ``diag(s) V_hat x``; a whole matrix is GPTQ-rounded directly.
 
 fp16 scales are kept as their int16 bit patterns so ``model.half()``/``.to(dtype)`` cannot round them.
 """
@@ -25,11 +31,14 @@ from torch import Tensor
 
 from .base import StructuredLinear, check_dense_weight, register_layer
 from .lowrank import rank_for_budget
-from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, unpack
+from .gptq import gptq_quantize
+from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, quantize_grid, unpack
 
 log = logging.getLogger(__name__)
 
 MODES = ("factored", "qdense", "dense")
+ROUNDINGS = ("nearest", "gptq")
+Quantized = tuple[Tensor, Tensor, "Tensor | None"]  # (codes, fp16 scales, int8 zero codes or None)
 
 
 def max_useful_rank(out_features: int, in_features: int) -> int:
@@ -57,6 +66,36 @@ def fake_quantize(matrix: Tensor, bits: int, group_size: int | None) -> Tensor:
     return dequantize(*quantize(matrix, bits, group_size), group_size)
 
 
+def quantize_matrix(matrix: Tensor, bits: int, group_size: int | None, symmetric: bool,
+                    gram: Tensor | None) -> Quantized:
+    """Round ``matrix`` (rows x cols) onto the grid: to nearest, or by GPTQ when ``gram`` (cols x cols) is given."""
+    if gram is None:
+        return quantize_grid(matrix, bits, group_size, symmetric)
+    return gptq_quantize(matrix, gram, bits, group_size, symmetric)
+
+
+def quantize_factors(weight: Tensor, u: Tensor, s: Tensor, vh: Tensor, bits: int, group_size: int | None,
+                     symmetric: bool, gram: Tensor | None) -> tuple[Quantized, Quantized]:
+    """Quantized ``(U, V)`` of the rank-k SVD ``weight ~= U diag(s) V``; with ``gram`` (the inputs' ``X^T X``)
+    ``V`` is GPTQ-rounded, ``U`` refitted to it -- ``argmin_U ||(U diag(s) V_hat - W) X^T||`` -- and
+    GPTQ-rounded on its own inputs, as the module doc says."""
+    if gram is None:
+        return (quantize_matrix(u, bits, group_size, symmetric, None),
+                quantize_matrix(vh, bits, group_size, symmetric, None))
+    gram = gram.to(weight.device, torch.float64)
+    v_q = gptq_quantize(vh, gram, bits, group_size, symmetric)
+    hidden_map = (dequantize(*v_q[:2], group_size, v_q[2]) * s[:, None]).double()  # x -> diag(s) V_hat x
+    hidden_gram = hidden_map @ gram @ hidden_map.T
+    ridge = 1e-8 * hidden_gram.diagonal().mean().clamp(min=1e-30) * torch.eye(len(s), dtype=torch.float64,
+                                                                           device=weight.device)
+    refit = torch.linalg.solve(hidden_gram + ridge, hidden_map @ gram @ weight.double().T).T
+    return gptq_quantize(refit.float(), hidden_gram, bits, group_size, symmetric), v_q
+
+
+def _dequantized(q: Quantized, group_size: int | None) -> Tensor:
+    return dequantize(q[0], q[1], group_size, q[2])
+
+
 @register_layer("svdq")
 class SVDQuantLinear(StructuredLinear):
     """``y = U (s * (V x)) + b`` with quantized, packed ``U``/``V`` (or a quantized/float dense weight).
@@ -66,11 +105,11 @@ class SVDQuantLinear(StructuredLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bits: int = 8,
-                 group_size: int | None = None, mode: str = "factored", bias: bool = True):
+                 group_size: int | None = None, mode: str = "factored", bias: bool = True, symmetric: bool = True):
         super().__init__(in_features, out_features, bias)
         if mode not in MODES:
             raise ValueError(f"svdq mode must be one of {MODES}, got {mode!r}")
-        self.bits, self.group_size, self.mode = check_bits(bits), group_size, mode
+        self.bits, self.group_size, self.mode, self.symmetric = check_bits(bits), group_size, mode, bool(symmetric)
         self.rank: int | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
         if mode == "factored":
@@ -89,56 +128,79 @@ class SVDQuantLinear(StructuredLinear):
     def _register_quantized(self, name: str, rows: int, cols: int) -> None:
         self._shapes[name] = (rows, cols)
         self.register_buffer(f"{name}_packed", torch.zeros(packed_numel(rows * cols, self.bits), dtype=torch.uint8))
-        self.register_buffer(f"{name}_scales", torch.zeros(rows, num_groups(cols, self.group_size), dtype=torch.int16))
+        groups = num_groups(cols, self.group_size)
+        self.register_buffer(f"{name}_scales", torch.zeros(rows, groups, dtype=torch.int16))
+        if not self.symmetric:
+            self.register_buffer(f"{name}_zeros", torch.zeros(rows, groups, dtype=torch.int8))
 
-    def _store(self, name: str, matrix: Tensor) -> None:
-        codes, scales = quantize(matrix, self.bits, self.group_size)
+    def _store(self, name: str, quantized: Quantized) -> None:
+        """Write ``(codes, scales, zero codes)`` (as :func:`quantize_matrix` returns them) into the buffers."""
+        codes, scales, zeros = quantized
         getattr(self, f"{name}_packed").copy_(pack(codes, self.bits))
         getattr(self, f"{name}_scales").copy_(scales.view(torch.int16))
+        if not self.symmetric:
+            getattr(self, f"{name}_zeros").copy_(zeros)
 
     def _load(self, name: str) -> Tensor:
         codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
-        return dequantize(codes, getattr(self, f"{name}_scales").view(torch.float16), self.group_size)
+        zeros = None if self.symmetric else getattr(self, f"{name}_zeros")
+        return dequantize(codes, getattr(self, f"{name}_scales").view(torch.float16), self.group_size, zeros)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, bits: int = 8,
                    group_size: int | None = None, max_error: float | None = None, inputs: Tensor | None = None,
-                   rank: int | None = None, fallback_bits: int | None = None) -> "SVDQuantLinear":
+                   rank: int | None = None, fallback_bits: int | None = None, symmetric: bool = True,
+                   rounding: str = "nearest", gram: Tensor | None = None, svd: bool = True) -> "SVDQuantLinear":
         """Quantized truncated SVD of ``weight``.
 
         rank: ``rank``, else the smallest rank meeting ``max_error`` on ``inputs`` (N x in_features, the
         layer's calibration inputs; relative error ``||W_hat x - W x|| / ||W x + b||`` over all of them), else
-        ``rank_for_budget(budget)``. The result falls back to ``qdense``, then ``fallback_bits``, then ``dense``
-        as the module doc says.
+        ``rank_for_budget(budget)``. ``symmetric=False`` uses zero-point grids; ``rounding="gptq"`` needs
+        ``gram`` (in_features x in_features, ``sum x x^T``). ``svd=False`` skips the factored form: the whole
+        weight is quantized (plain int4/int8 weight quantization). The result falls back to ``qdense``, then
+        ``fallback_bits``, then ``dense`` as the module doc says.
         """
         check_dense_weight(weight, bias)
         check_bits(bits)
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"svdq rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if rounding == "gptq" and gram is None:
+            raise ValueError("svdq rounding=gptq needs the layer's input Gram matrix: pass gram= or calibrate the "
+                             "layer in compress_ (command line: layer.calibration_batches=8)")
+        gram = gram if rounding == "gptq" else None
         out_features, in_features = weight.shape
         dense = weight.detach().float()
-        kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None}
+        kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None, "symmetric": symmetric}
         error_of = None
         if max_error is not None:
             if inputs is None:
                 raise ValueError("svdq max_error needs calibration inputs (N x in_features): pass inputs= "
                                  "or calibrate the layer in compress_ (command line: layer.calibration_batches=8)")
             error_of = _output_error_fn(dense, bias, inputs.to(dense.device).reshape(-1, in_features).float())
-        u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
+        u, sv, vh = torch.linalg.svd(dense, full_matrices=False) if svd else (None, None, None)
+
+        def factors(k: int) -> tuple[Quantized, Quantized]:
+            return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram)
 
         def reconstruction(k: int) -> Tensor:
-            return (fake_quantize(u[:, :k], bits, group_size) * sv[:k]) @ fake_quantize(vh[:k], bits, group_size)
+            u_q, v_q = factors(k)
+            return (_dequantized(u_q, group_size) * sv[:k]) @ _dequantized(v_q, group_size)
 
-        if rank is None and error_of is not None:
+        if not svd:
+            rank = None
+        elif rank is None and error_of is not None:
             rank = search_rank(lambda k: error_of(reconstruction(k)), max_useful_rank(out_features, in_features),
                                max_error)
         elif rank is None:
             rank = rank_for_budget(budget, out_features, in_features)
 
         qdense = cls(in_features, out_features, mode="qdense", **kwargs).to(weight.device)
-        qdense._store("w", dense)
+        qdense._store("w", quantize_matrix(dense, bits, group_size, symmetric, gram))
         if rank is not None:
             layer = cls(in_features, out_features, rank=rank, mode="factored", **kwargs).to(weight.device)
-            layer._store("u", u[:, :rank])
-            layer._store("v", vh[:rank])
+            u_q, v_q = factors(rank)
+            layer._store("u", u_q)
+            layer._store("v", v_q)
             layer.s.copy_(sv[:rank])
             if layer.storage_bytes() < qdense.storage_bytes():
                 return _finish(layer, bias, weight.dtype)
@@ -149,7 +211,8 @@ class SVDQuantLinear(StructuredLinear):
             log.info("svdq %dx%d: int%d misses max_error=%g; trying int%d", out_features, in_features, bits,
                      max_error, fallback_bits)
             return cls.from_dense(weight, bias, budget, bits=fallback_bits, group_size=group_size,
-                                  max_error=max_error, inputs=inputs)
+                                  max_error=max_error, inputs=inputs, symmetric=symmetric, rounding=rounding,
+                                  gram=gram, svd=svd)
         log.info("svdq %dx%d: even the int%d dense weight misses max_error=%g; keeping it in float",
                  out_features, in_features, bits, max_error)
         layer = cls(in_features, out_features, mode="dense", **kwargs).to(weight.device)
@@ -180,7 +243,7 @@ class SVDQuantLinear(StructuredLinear):
 
     def config(self) -> dict:
         return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, "symmetric": self.symmetric}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}, rank={self.rank}, bits={self.bits}"
