@@ -62,10 +62,10 @@ def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | No
     source = _plain(source)
     if not isinstance(source, dict):
         raise ValueError(f"source must be a dict (a source spec or a Hydra model config), got {source!r}")
-    if "kind" in source:
+    target = source.get("_target_")
+    if target is None and "kind" in source:  # a spec (a Hydra config may have its own "kind" argument)
         check_source(source)
         return source
-    target = source.get("_target_")
     if target is None:
         raise ValueError(f"source needs 'kind' (one of {SOURCE_KINDS}) or a Hydra '_target_'; got keys {sorted(source)}")
     if is_hf_model(model):
