@@ -28,8 +28,8 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PAPER = {  # the paper's numbers (algorithms.md §9): absolute MACs per image, or GPT-2's relative FLOPs
     "imagenet/vit-b-gaudi": ("macs", 5.65e9),
     "imagenet/vit-b-gaudi-finetune": ("macs", 5.65e9),
-    "imagenet/resnet18": ("macs", 1.01e9),
-    "wt103/gpt2-ft-gaudi": ("relative", 0.437),
+    "imagenet/resnet18-gaudi-finetune": ("macs", 1.01e9),
+    "wt103/gpt2-gaudi-finetune": ("relative", 0.437),
 }
 
 
