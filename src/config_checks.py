@@ -35,7 +35,7 @@ NOT_OPTIONS = ("cls", "weight", "bias", "budget")  # from_dense arguments that a
 # the layer modules' own constants (gaudi.COMPUTE_MODES, quant.SUPPORTED_BITS).
 POSITIVE = {"rank", "max_rank", "nblocks", "num_components", "steps", "tolerance", "loss_max", "rect_l",
             "rect_l_std", "weight_lr", "structure_lr_base", "filter_std", "group_size", "max_error", "prune_rate",
-            "sigma", "max_classes"}
+            "sigma", "max_classes", "target_ratio", "target_bytes"}
 NON_NEGATIVE = {"calibration_batches", "refine_steps", "residual_rank", "niter"}
 CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("auto", "dense", "lr", "compact"), "bits": (4, 8), "fallback_bits": (4, 8)}
 
@@ -219,7 +219,7 @@ def check_layer(layer: Mapping) -> None:
                 isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)):
             fail(f"layer.{key}", value, "must be a list of fnmatch patterns of layer names",
                  f"e.g. layer.{key}=[blocks.*]")
-    for key in ("calibration_batches", "max_error"):
+    for key in ("calibration_batches", "max_error", "target_ratio", "target_bytes"):
         if key in layer:
             _check_option_value(f"layer.{key}", key, layer[key], (int,) if key == "calibration_batches"
                                 else (int, float, type(None)))
@@ -235,7 +235,21 @@ def check_layer(layer: Mapping) -> None:
             _check_options(f"layer.options.{key}", key, sub or {})
     else:
         _check_options("layer.options", types[0], options)
+    if "auto" in types:
+        _check_plan_choices(options.get("choices") or {}, defaults)
     _check_calibration(layer, types)
+
+
+def _check_plan_choices(choices: Mapping, defaults: Mapping) -> None:
+    """``layer=auto``: every candidate codec names a layer type and that type's options."""
+    for label, choice in choices.items():
+        key = f"layer.options.choices.{label}"
+        if not isinstance(choice, Mapping) or "layer" not in choice:
+            fail(key, choice, "must be {layer: <type>, options: {...}}", "e.g. {layer: svdq, options: {bits: 8}}")
+        if choice["layer"] not in defaults or choice["layer"] == "auto":
+            fail(f"{key}.layer", choice["layer"], "unknown layer type",
+                 f"{did_you_mean(choice['layer'], defaults)}use one of {', '.join(t for t in defaults if t != 'auto')}")
+        _check_options(f"{key}.options", choice["layer"], choice.get("options") or {})
 
 
 def _check_layer_names(names: Any, defaults: Mapping) -> list[str]:
