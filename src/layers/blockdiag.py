@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .fastpath import fast_paths_enabled
 from .lowrank import spectral_factors
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,26 @@ class BlockDiagLinear(StructuredLinear):
         dense = torch.block_diag(*blocks.unbind(0))
         return dense[: self.out_features, : self.in_features]
 
+    def _forward_bmm(self, flat: Tensor) -> Tensor:
+        """The forward on a 2-D batch as one ``bmm`` over strided input chunks; the copy that lays the blocks'
+        outputs side by side also adds the bias, and the residual's second matmul adds into the result."""
+        b, s, rows = self.nblocks, self.out_block, flat.shape[0]
+        x = flat if b * self.in_block == self.in_features else F.pad(flat, (0, b * self.in_block - self.in_features))
+        y = torch.bmm(x.reshape(rows, b, self.in_block).transpose(0, 1), self.blocks.transpose(1, 2)).transpose(0, 1)
+        bias = self.bias
+        if bias is not None and b * s == self.out_features:
+            y, bias = (y + bias.view(b, s)).reshape(rows, self.out_features), None
+        else:
+            y = y.reshape(rows, b * s)[:, : self.out_features]
+        if self.residual_rank:
+            y = torch.addmm(y, F.linear(flat, self.right), self.left.t())
+        return y if bias is None else y + bias
+
     def forward(self, x: Tensor) -> Tensor:
-        b = self.nblocks
         flat = x.reshape(-1, self.in_features)
+        if fast_paths_enabled():
+            return self._forward_bmm(flat).reshape(*x.shape[:-1], self.out_features)
+        b = self.nblocks
         chunks = F.pad(flat, (0, b * self.in_block - self.in_features)).reshape(-1, b, self.in_block)
         y = torch.einsum("ksp,nkp->nks", self.blocks, chunks).reshape(-1, b * self.out_block)[:, : self.out_features]
         if self.residual_rank:

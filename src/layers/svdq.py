@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import StructuredLinear, check_dense_weight, register_layer
+from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, int8_matmul, int_mm_supported
 from .lowrank import rank_for_budget
 from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, unpack
 
@@ -156,7 +157,48 @@ class SVDQuantLinear(StructuredLinear):
         layer.weight.copy_(dense)
         return _finish(layer, bias, weight.dtype)
 
+    int8_activations = False  # opt-in: integer matmuls with int8-rounded activations (see fastpath)
+
     def forward(self, x: Tensor) -> Tensor:
+        """Fast paths (same function): int8 codes through integer matmuls when ``int8_activations`` is set;
+        else the float weights dequantized once and cached (factored: ``s`` folded into ``V``, merged into
+        one matrix when that is cheaper); the reference path dequantizes on every call."""
+        if not fast_paths_enabled():
+            return self._forward_reference(x)
+        flat = x.reshape(-1, self.in_features)
+        if self._int8_path_ok(flat):
+            hidden = int8_matmul(flat, *self._int8_operands("v")) * self.s.float()
+            y = int8_matmul(hidden, *self._int8_operands("u")).to(x.dtype)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self.mode == "factored" and factored_is_cheaper(self.rank, self.out_features, self.in_features):
+            left, right = cached(self, "factors", self._state(), lambda: self._float_factors(x.dtype), (x.dtype,))
+            return F.linear(F.linear(x, right), left, self.bias)
+        weight = cached(self, "weight", self._state(), lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
+        return F.linear(x, weight, self.bias)
+
+    def _state(self) -> tuple[Tensor, ...]:
+        """The buffers every derived tensor depends on (the cache key)."""
+        return tuple(self.buffers())
+
+    def _float_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(U, s V)`` dequantized in ``dtype``."""
+        return self._load("u").to(dtype), (self.s.float()[:, None] * self._load("v")).to(dtype)
+
+    def _int8_path_ok(self, flat: Tensor) -> bool:
+        """The integer path needs factored int8 codes with one scale per row, and a shape ``_int_mm`` takes."""
+        return (self.int8_activations and self.mode == "factored" and self.bits == 8 and self.group_size is None
+                and int_mm_supported(flat.shape[0], self.in_features, self.rank, flat.device)
+                and int_mm_supported(flat.shape[0], self.rank, self.out_features, flat.device))
+
+    def _int8_operands(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(codes^T, per-column scales)`` of factor ``name`` for :func:`int8_matmul`."""
+        def build() -> tuple[Tensor, Tensor]:
+            codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
+            return codes.t(), getattr(self, f"{name}_scales").view(torch.float16).float().reshape(1, -1)
+        return cached(self, f"int8_{name}", self._state(), build)
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
         if self.mode == "factored":
             hidden = F.linear(x, self._load("v").to(x.dtype)) * self.s.to(x.dtype)
             return F.linear(hidden, self._load("u").to(x.dtype), self.bias)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, int8_matmul, int_mm_supported
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,35 @@ class TernarySVDLinear(StructuredLinear):
         """Drop the latent weight; the layer is the deployable factored form again."""
         self.latent_weight = None
 
+    int8_activations = False  # opt-in: ternaries as int8 integer matmuls, activations rounded to int8
+
     def forward(self, x: Tensor) -> Tensor:
+        """Fast paths (same function): with ``int8_activations``, two integer matmuls on the int8 ternaries,
+        one scale per component; else float copies of the factors cast once and cached (``s`` folded into
+        ``T_V``), or the cached reconstruction when the rank is past break-even (``r (m + n) >= m n``)."""
         if self.latent_weight is not None:
             # value: the ternary reconstruction exactly; gradient: identity onto the latent weight
             latent = self.latent_weight
             weight = self.to_dense_weight().to(latent.dtype).detach() + (latent - latent.detach())
             return F.linear(x, weight.to(x.dtype), self.bias)
-        hidden = F.linear(x, self.v.to(x.dtype)) * self.s.to(x.dtype)
-        return F.linear(hidden, self.u.to(x.dtype), self.bias)
+        if not fast_paths_enabled() or self.rank == 0:
+            hidden = F.linear(x, self.v.to(x.dtype)) * self.s.to(x.dtype)
+            return F.linear(hidden, self.u.to(x.dtype), self.bias)
+        flat = x.reshape(-1, self.in_features)
+        state = (self.u, self.s, self.v)
+        if (self.int8_activations and int_mm_supported(flat.shape[0], self.in_features, self.rank, flat.device)
+                and int_mm_supported(flat.shape[0], self.rank, self.out_features, flat.device)):
+            v_t, u_t = cached(self, "int8", state, lambda: (self.v.t(), self.u.t()))
+            hidden = int8_matmul(flat, v_t, self.s.float().reshape(1, -1))
+            y = int8_matmul(hidden, u_t, 1.0).to(x.dtype)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if factored_is_cheaper(self.rank, self.out_features, self.in_features):
+            left, right = cached(self, "factors", state, lambda: (
+                self.u.to(x.dtype), (self.s.float()[:, None] * self.v.float()).to(x.dtype)), (x.dtype,))
+            return F.linear(F.linear(x, right), left, self.bias)
+        weight = cached(self, "weight", state, lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
+        return F.linear(x, weight, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         return (self.u.to(self.s.dtype) * self.s) @ self.v.to(self.s.dtype)
