@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from src.layers import LAYERS
-from src.layers.fastpath import (cached, int8_matmul, quantize_rows, reference_paths, set_int8_activations)
+from src.layers.fastpath import (cached, clear_caches, int8_matmul, quantize_rows, reference_paths,
+                                  set_int8_activations)
 
 IN, OUT = 96, 64
 
@@ -201,3 +202,13 @@ def test_gpu_int8_matmul_within_activation_rounding_bound():
     _, step = quantize_rows(x)
     bound = step / 2 * codes.float().abs().sum(0) + 1e-4 * exact.abs().max()
     assert ((int8_matmul(x, codes, torch.ones(1, 24, device="cuda")) - exact).abs() <= bound).all()
+
+
+def test_clear_caches_frees_and_rebuilds():
+    model = torch.nn.Sequential(_layer("svdq", {}), torch.nn.ReLU(), _layer("tsvd", {}, shape=(IN, OUT))).eval()
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        before = model(x)
+        assert clear_caches(model) == 2
+        assert clear_caches(model) == 0
+        assert torch.equal(model(x), before)

@@ -97,3 +97,10 @@ def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
     for layer in layers:
         layer.int8_activations = bool(enabled)
     return len(layers)
+
+
+def clear_caches(model: nn.Module) -> int:
+    """Free every cached derived tensor under ``model`` (they hold float copies: up to the dense weights'
+    size); the next forward rebuilds what it needs. Returns how many modules held a cache."""
+    holders = [m for m in model.modules() if m.__dict__.pop("_fast_cache", None) is not None]
+    return len(holders)
