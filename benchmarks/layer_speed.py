@@ -16,7 +16,6 @@ graph: ``graph_ms`` excludes the launch latency that ``ms`` includes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -101,6 +100,14 @@ def make_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None
             x_grad.grad = None
             layer.zero_grad(set_to_none=True)
     return step
+
+
+def on_reference_paths(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run with every layer on its reference forward."""
+    def reference_step() -> None:
+        with reference_paths():
+            step()
+    return reference_step
 
 
 def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device,
@@ -214,8 +221,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gpu-iters", type=int, default=20, help="back-to-back calls per timed CUDA round")
     parser.add_argument("--int8", action="store_true", help="turn on the opt-in int8-activation paths")
-    parser.add_argument("--reference-paths", action="store_true",
-                        help="time the layers' readable reference forwards instead of their fast paths")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also time each type's readable reference forward (rows TYPE@ref), same rounds")
     parser.add_argument("--option", action="append", default=[], metavar="TYPE.KEY=VALUE",
                         help="a from_dense option for one type (YAML value), e.g. gaudi.compute_mode=lr")
     args = parser.parse_args()
@@ -232,10 +239,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
         "repeats": args.repeats, "gpu_iters": args.gpu_iters if device.type == "cuda" else None,
-        "int8_activations": args.int8, "reference_paths": args.reference_paths, "options": options,
+        "int8_activations": args.int8, "with_reference": args.with_reference, "options": options,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}), flush=True)
-    with reference_paths() if args.reference_paths else contextlib.nullcontext():
-        run(args, shapes, budgets, dtypes, types, options, device)
+    run(args, shapes, budgets, dtypes, types, options, device)
 
 
 def run(args: argparse.Namespace, shapes: list[tuple[str, int, int]], budgets: list[float], dtypes: list[str],
@@ -257,10 +263,15 @@ def run(args: argparse.Namespace, shapes: list[tuple[str, int, int]], budgets: l
                         print(json.dumps({**base, **fact}), flush=True)
                 for mode in args.modes:
                     steps = {name: make_step(layer, x, mode) for name, layer in layers.items()}
+                    if args.with_reference:
+                        steps.update({f"{name}@ref": on_reference_paths(make_step(layer, x, mode))
+                                      for name, layer in layers.items() if name not in ("nn.Linear", "dense")})
                     seconds = time_round_robin(steps, args.repeats, args.warmup, device, args.gpu_iters)
                     graphs = (time_cuda_graphs(layers, x, args.repeats, args.gpu_iters)
                               if device.type == "cuda" and mode == "inference" else {})
-                    for fact in [{"layer": "nn.Linear"}] + [f for f in facts if "error" not in f]:
+                    built = [f for f in facts if "error" not in f]
+                    for fact in [{"layer": "nn.Linear"}] + built + [
+                            {**f, "layer": f"{f['layer']}@ref"} for f in built if f"{f['layer']}@ref" in steps]:
                         name = fact["layer"]
                         row = {**base, **fact, "mode": mode, "ms": round(1e3 * seconds[name], 4),
                                "ratio": round(seconds[name] / seconds["nn.Linear"], 4)}

@@ -25,6 +25,7 @@ CASES = [
     ("monarch", {"nblocks": 5}),  # padding on both sides
     ("blockdiag", {}),
     ("blockdiag", {"nblocks": 5}),  # padded, bias added after the slice
+    ("blockdiag", {"nblocks": 30}),  # 3-row blocks: the block cut at out_features is not the last one
     ("blockdiag", {"residual_fraction": 0.4}),
     ("svdq", {}),
     ("svdq", {"bits": 4, "group_size": 16}),

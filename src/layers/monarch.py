@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
-from .fastpath import fast_paths_enabled
+from .fastpath import add_row_major, fast_paths_enabled
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class MonarchLinear(StructuredLinear):
         z = z.transpose(0, 1).reshape(rows, q, b).permute(2, 0, 1)  # (b, N, q): z[l, :, c] = inner c b + l
         y = torch.bmm(z, self.blocks2.transpose(1, 2)).permute(1, 2, 0)  # (N, s, b): output sigma b + l
         if self.bias is not None and b * s == self.out_features:
-            return (y + self.bias.view(s, b)).reshape(rows, self.out_features)
+            return add_row_major(y, self.bias.view(s, b)).reshape(rows, self.out_features)
         y = y.reshape(rows, b * s)[:, : self.out_features]
         return y if self.bias is None else y + self.bias
 
