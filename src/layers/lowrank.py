@@ -107,7 +107,8 @@ class LowRankLinear(StructuredLinear):
         gradient to the factors and a rank past break-even, one matmul by the cached product instead."""
         if (fast_paths_enabled() and grad_free(self.left, self.right)
                 and not factored_is_cheaper(self.rank, self.out_features, self.in_features)):
-            weight = cached(self, "weight", (self.left, self.right), self.to_dense_weight)
+            weight = cached(self, "weight", (self.left, self.right),
+                            lambda: (self.left.float() @ self.right.float()).to(self.left.dtype))
             return F.linear(x, weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)
 

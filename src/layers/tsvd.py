@@ -222,7 +222,8 @@ class TernarySVDLinear(StructuredLinear):
             left, right = cached(self, "factors", state, lambda: (
                 self.u.to(x.dtype), (self.s.float()[:, None] * self.v.float()).to(x.dtype)), (x.dtype,))
             return F.linear(F.linear(x, right), left, self.bias)
-        weight = cached(self, "weight", state, lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
+        weight = cached(self, "weight", state, lambda: (
+            (self.u.float() * self.s.float()) @ self.v.float()).to(x.dtype), (x.dtype,))
         return F.linear(x, weight, self.bias)
 
     def to_dense_weight(self) -> Tensor:
