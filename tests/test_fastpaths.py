@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from src.layers import LAYERS
-from src.layers.fastpath import (cached, clear_caches, int8_matmul, quantize_rows, reference_paths,
+from src.layers.fastpath import (cached, clear_caches, int8_factors, int8_matmul, quantize_rows, reference_paths,
                                   set_int8_activations)
 
 IN, OUT = 96, 64
@@ -213,3 +213,15 @@ def test_clear_caches_frees_and_rebuilds():
         assert clear_caches(model) == 2
         assert clear_caches(model) == 0
         assert torch.equal(model(x), before)
+
+
+def test_int8_factors_pad_rank_without_changing_the_product():
+    torch.manual_seed(2)
+    v, u = torch.randint(-5, 6, (5, 24), dtype=torch.int8), torch.randint(-5, 6, (16, 5), dtype=torch.int8)
+    v_scale, u_scale = torch.rand(5) + 0.1, torch.rand(16) + 0.1
+    v_t, v_row, u_t, u_row = int8_factors(v, v_scale, u, u_scale)
+    assert v_t.shape == (24, 8) and u_t.shape == (8, 16) and v_row.shape == (1, 8)
+    x = torch.randn(9, 24)
+    padded = int8_matmul(int8_matmul(x, v_t, v_row), u_t, u_row)
+    plain = int8_matmul(int8_matmul(x, v.t(), v_scale[None]), u.t(), u_scale[None])
+    torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())

@@ -101,6 +101,23 @@ def int8_matmul(x: Tensor, codes_t: Tensor, col_scale: Tensor) -> Tensor:
     return torch._int_mm(x_codes, codes_t).float() * x_scale * col_scale
 
 
+def int8_factors(v_codes: Tensor, v_scale: Tensor, u_codes: Tensor, u_scale: Tensor) -> tuple[Tensor, ...]:
+    """Operands of ``y = (U * u_scale) (v_scale * (V x))`` as two :func:`int8_matmul` calls: ``(V^T, v_scale,
+    U^T, u_scale)`` with the scales as float32 rows and the rank zero-padded to a multiple of 8 (CUDA's
+    ``_int_mm`` needs it; a zero component adds exactly nothing)."""
+    pad = -v_codes.shape[0] % 8
+    v_t = torch.nn.functional.pad(v_codes.t(), (0, pad))
+    u_t = torch.nn.functional.pad(u_codes.t(), (0, 0, 0, pad))
+    v_scale = torch.nn.functional.pad(v_scale.float().reshape(1, -1), (0, pad))
+    return v_t, v_scale, u_t, u_scale.float().reshape(1, -1)
+
+
+def int8_factors_supported(rows: int, in_features: int, rank: int, out_features: int, device: torch.device) -> bool:
+    """Whether both integer matmuls of :func:`int8_factors` (rank padded to a multiple of 8) can run."""
+    rank = rank + -rank % 8
+    return int_mm_supported(rows, in_features, rank, device) and int_mm_supported(rows, rank, out_features, device)
+
+
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
     """Let every layer that has an int8 path (``int8_activations`` attribute) use it; returns how many."""
     layers = [m for m in model.modules() if hasattr(type(m), "int8_activations")]

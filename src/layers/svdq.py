@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import StructuredLinear, check_dense_weight, register_layer
-from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, int8_matmul, int_mm_supported
+from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
+                       int8_matmul)
 from .lowrank import rank_for_budget
 from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, unpack
 
@@ -167,8 +168,8 @@ class SVDQuantLinear(StructuredLinear):
             return self._forward_reference(x)
         flat = x.reshape(-1, self.in_features)
         if self._int8_path_ok(flat):
-            hidden = int8_matmul(flat, *self._int8_operands("v")) * self.s.float()
-            y = int8_matmul(hidden, *self._int8_operands("u")).to(x.dtype)
+            v_t, v_scale, u_t, u_scale = cached(self, "int8", self._state(), self._int8_operands)
+            y = int8_matmul(int8_matmul(flat, v_t, v_scale), u_t, u_scale).to(x.dtype)
             y = y if self.bias is None else y + self.bias.to(x.dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.mode == "factored" and factored_is_cheaper(self.rank, self.out_features, self.in_features):
@@ -188,15 +189,14 @@ class SVDQuantLinear(StructuredLinear):
     def _int8_path_ok(self, flat: Tensor) -> bool:
         """The integer path needs factored int8 codes with one scale per row, and a shape ``_int_mm`` takes."""
         return (self.int8_activations and self.mode == "factored" and self.bits == 8 and self.group_size is None
-                and int_mm_supported(flat.shape[0], self.in_features, self.rank, flat.device)
-                and int_mm_supported(flat.shape[0], self.rank, self.out_features, flat.device))
+                and int8_factors_supported(flat.shape[0], self.in_features, self.rank, self.out_features,
+                                           flat.device))
 
-    def _int8_operands(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(codes^T, per-column scales)`` of factor ``name`` for :func:`int8_matmul`."""
-        def build() -> tuple[Tensor, Tensor]:
-            codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
-            return codes.t(), getattr(self, f"{name}_scales").view(torch.float16).float().reshape(1, -1)
-        return cached(self, f"int8_{name}", self._state(), build)
+    def _int8_operands(self) -> tuple[Tensor, ...]:
+        """:func:`int8_factors` of the stored codes, ``s`` folded into the scales of ``V``'s rows."""
+        codes = {name: unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name]) for name in "uv"}
+        scales = {name: getattr(self, f"{name}_scales").view(torch.float16).float()[:, 0] for name in "uv"}
+        return int8_factors(codes["v"], scales["v"] * self.s.float(), codes["u"], scales["u"])
 
     def _forward_reference(self, x: Tensor) -> Tensor:
         if self.mode == "factored":

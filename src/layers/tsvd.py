@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
-from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, int8_matmul, int_mm_supported
+from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
+                       int8_matmul)
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,11 @@ class TernarySVDLinear(StructuredLinear):
             return F.linear(hidden, self.u.to(x.dtype), self.bias)
         flat = x.reshape(-1, self.in_features)
         state = (self.u, self.s, self.v)
-        if (self.int8_activations and int_mm_supported(flat.shape[0], self.in_features, self.rank, flat.device)
-                and int_mm_supported(flat.shape[0], self.rank, self.out_features, flat.device)):
-            v_t, u_t = cached(self, "int8", state, lambda: (self.v.t(), self.u.t()))
-            hidden = int8_matmul(flat, v_t, self.s.float().reshape(1, -1))
-            y = int8_matmul(hidden, u_t, 1.0).to(x.dtype)
+        if self.int8_activations and int8_factors_supported(flat.shape[0], self.in_features, self.rank,
+                                                            self.out_features, flat.device):
+            v_t, v_scale, u_t, u_scale = cached(self, "int8", state, lambda: int8_factors(
+                self.v, self.s, self.u, torch.ones(self.out_features, device=self.u.device)))
+            y = int8_matmul(int8_matmul(flat, v_t, v_scale), u_t, u_scale).to(x.dtype)
             y = y if self.bias is None else y + self.bias.to(x.dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
         if factored_is_cheaper(self.rank, self.out_features, self.in_features):
