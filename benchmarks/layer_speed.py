@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -240,6 +241,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
         "repeats": args.repeats, "gpu_iters": args.gpu_iters if device.type == "cuda" else None,
         "int8_activations": args.int8, "with_reference": args.with_reference, "options": options,
+        "load_avg_1_5_15": os.getloadavg(),  # other jobs on the machine skew the milliseconds
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}), flush=True)
     run(args, shapes, budgets, dtypes, types, options, device)
 

@@ -17,6 +17,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
         "budget": args.budget, "repeats": args.repeats,
+        "load_avg_1_5_15": os.getloadavg(),  # other jobs on the machine skew the milliseconds
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}), flush=True)
     for model_name in models:
         workload = WORKLOADS[model_name]
