@@ -11,11 +11,16 @@ from collections import defaultdict
 
 
 def load_rows(paths: list[str]) -> list[dict]:
-    """Result lines of every file (the ``meta`` lines and error lines left out)."""
+    """Result lines of every file (``meta`` and error lines left out), each tagged with its file, date and
+    load average (``source``)."""
     rows = []
     for path in paths:
         with open(path) as lines:
-            rows += [row for row in map(json.loads, lines) if "meta" not in row and "error" not in row]
+            parsed = [json.loads(line) for line in lines]
+        meta = next((row["meta"] for row in parsed if "meta" in row), {})
+        load = meta.get("load_avg_1_5_15")
+        source = f"{path}, {meta.get('date', 'undated')}" + (f", load {load[0]:.1f}" if load else "")
+        rows += [{**row, "source": source} for row in parsed if "meta" not in row and "error" not in row]
     return rows
 
 
@@ -29,7 +34,7 @@ def tables(rows: list[dict]) -> str:
             title = f"{row['shape']} {row['in']}->{row['out']}, budget {row['budget']}, {row['dtype']} " \
                     f"(time / nn.Linear, lower is better)"
             cell = f"{row['ratio']:.2f}" + (f" (graph {row['graph_ratio']:.2f})" if row.get("graph_ratio") else "")
-        groups[title][row["layer"]][row["mode"]] = cell
+        groups[f"{title}<br>{row['source']}"][row["layer"]][row["mode"]] = cell
     out = []
     for title, by_layer in groups.items():
         modes = list(dict.fromkeys(mode for cells in by_layer.values() for mode in cells))
