@@ -225,3 +225,14 @@ def test_int8_factors_pad_rank_without_changing_the_product():
     padded = int8_matmul(int8_matmul(x, v_t, v_row), u_t, u_row)
     plain = int8_matmul(int8_matmul(x, v.t(), v_scale[None]), u.t(), u_scale[None])
     torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6 * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("name,options", [("tsvd", {"max_rank": 8}), ("svdq", {})])
+def test_int8_paths_leave_gradients_to_the_float_path(name, options):
+    layer = _layer(name, options).eval()
+    set_int8_activations(layer)
+    x = torch.randn(6, IN, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).sum(), x)
+    with reference_paths():
+        (expected,) = torch.autograd.grad(layer(x).sum(), x)
+    _assert_close(grad, expected)

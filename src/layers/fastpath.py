@@ -82,8 +82,9 @@ def factored_is_cheaper(rank: int, out_features: int, in_features: int) -> bool:
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 codes of a 2-D float tensor with one float32 scale per row (dynamic quantization)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / 127
-    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+    scale = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    scale = scale.clamp(min=_TINY) / 127
+    return torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def int_mm_supported(rows: int, inner: int, cols: int, device: torch.device) -> bool:
@@ -98,7 +99,7 @@ def int8_matmul(x: Tensor, codes_t: Tensor, col_scale: Tensor) -> Tensor:
     """``x @ (codes_t * col_scale)`` in float32 with ``x`` rounded to int8 per row: one integer matmul
     (``codes_t``: int8, inner x cols) and two rescales. Exact except for the rounding of ``x``."""
     x_codes, x_scale = quantize_rows(x)
-    return torch._int_mm(x_codes, codes_t).float() * x_scale * col_scale
+    return torch.mul(torch._int_mm(x_codes, codes_t), x_scale).mul_(col_scale)
 
 
 def int8_factors(v_codes: Tensor, v_scale: Tensor, u_codes: Tensor, u_scale: Tensor) -> tuple[Tensor, ...]:
@@ -112,9 +113,12 @@ def int8_factors(v_codes: Tensor, v_scale: Tensor, u_codes: Tensor, u_scale: Ten
     return v_t, v_scale, u_t, u_scale.float().reshape(1, -1)
 
 
-def int8_factors_supported(rows: int, in_features: int, rank: int, out_features: int, device: torch.device) -> bool:
-    """Whether both integer matmuls of :func:`int8_factors` (rank padded to a multiple of 8) can run."""
-    rank = rank + -rank % 8
+def int8_factors_supported(x: Tensor, in_features: int, rank: int, out_features: int) -> bool:
+    """Whether both integer matmuls of :func:`int8_factors` (rank padded to a multiple of 8) can run on the
+    2-D input ``x``: no gradient may be needed (integer matmuls have none), and the shapes must suit."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    rows, device, rank = x.shape[0], x.device, rank + -rank % 8
     return int_mm_supported(rows, in_features, rank, device) and int_mm_supported(rows, rank, out_features, device)
 
 

@@ -189,8 +189,7 @@ class SVDQuantLinear(StructuredLinear):
     def _int8_path_ok(self, flat: Tensor) -> bool:
         """The integer path needs factored int8 codes with one scale per row, and a shape ``_int_mm`` takes."""
         return (self.int8_activations and self.mode == "factored" and self.bits == 8 and self.group_size is None
-                and int8_factors_supported(flat.shape[0], self.in_features, self.rank, self.out_features,
-                                           flat.device))
+                and int8_factors_supported(flat, self.in_features, self.rank, self.out_features))
 
     def _int8_operands(self) -> tuple[Tensor, ...]:
         """:func:`int8_factors` of the stored codes, ``s`` folded into the scales of ``V``'s rows."""

@@ -212,8 +212,7 @@ class TernarySVDLinear(StructuredLinear):
             return F.linear(hidden, self.u.to(x.dtype), self.bias)
         flat = x.reshape(-1, self.in_features)
         state = (self.u, self.s, self.v)
-        if self.int8_activations and int8_factors_supported(flat.shape[0], self.in_features, self.rank,
-                                                            self.out_features, flat.device):
+        if self.int8_activations and int8_factors_supported(flat, self.in_features, self.rank, self.out_features):
             v_t, v_scale, u_t, u_scale = cached(self, "int8", state, lambda: int8_factors(
                 self.v, self.s, self.u, torch.ones(self.out_features, device=self.u.device)))
             y = int8_matmul(int8_matmul(flat, v_t, v_scale), u_t, u_scale).to(x.dtype)
