@@ -187,12 +187,29 @@ class HyperCompressedLinear(StructuredLinear):
         layer.decode_()
         return layer
 
+    encoded_only = False  # set by keep_encoded_: decode on every forward instead of keeping the weight
+
     @torch.no_grad()
     def decode_(self) -> None:
-        """Rebuild the non-persistent ``weight`` buffer from the stored state."""
+        """Rebuild the non-persistent ``weight`` buffer from the stored state (an empty placeholder while
+        :meth:`keep_encoded_` is on)."""
         if self.raw:
             self.weight = self.raw_weight
-            return
+        elif self.encoded_only:
+            self.weight = self.codes.new_empty(0, dtype=self.weight.dtype)
+        else:
+            self.weight = self._decoded()
+
+    def keep_encoded_(self, enabled: bool = True) -> None:
+        """Hold only the codes (``index_bits / 2`` bits per weight) and decode the weight in every forward, as
+        for memory-bound inference: the decode time (``benchmarks/layer_speed.py`` reports ``decode_ms``)
+        is paid per call. ``False`` decodes once and keeps the weight again. Raw layers are unaffected."""
+        self.encoded_only = bool(enabled) and not self.raw
+        self.decode_()
+
+    @torch.no_grad()
+    def _decoded(self) -> Tensor:
+        """The weight decoded from ``codes`` and ``side``, on the codes' device in the float dtype."""
         center_x, center_y, farthest, side = self.side.cpu().numpy().view(np.float32).astype(np.float64)
         indices = unpack_indices(self.codes.cpu().numpy(), self.index_bits, self.num_pairs)
         if indices.max(initial=0) >= (self.codebook_size + 1) * (self.classes + 1):
@@ -200,13 +217,13 @@ class HyperCompressedLinear(StructuredLinear):
                              f"and classes={self.classes}: corrupted or mismatched state")
         pairs = decode_pairs(indices, np.array([center_x, center_y]), side, farthest, self.codebook_size, self.classes)
         flat = torch.from_numpy(pairs.reshape(-1)[: self.in_features * self.out_features].astype(np.float32))
-        self.weight = flat.reshape(self.out_features, self.in_features).to(self.codes.device, self.weight.dtype)
+        return flat.reshape(self.out_features, self.in_features).to(self.codes.device, self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        return F.linear(x, self.to_dense_weight().to(x.dtype), self.bias)
 
     def to_dense_weight(self) -> Tensor:
-        return self.weight
+        return self._decoded() if self.encoded_only else self.weight
 
     def num_params(self) -> int:
         """Numbers stored: one integer per pair (or every raw weight), the side information, the bias."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, grad_free
 
 
 def rank_for_budget(budget: float, out_features: int, in_features: int) -> int:
@@ -102,6 +103,13 @@ class LowRankLinear(StructuredLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        """Two ``F.linear`` calls (the second adds the bias in its GEMM, no copies, compiles as is); with no
+        gradient to the factors and a rank past break-even, one matmul by the cached product instead."""
+        if (fast_paths_enabled() and grad_free(self.left, self.right)
+                and not factored_is_cheaper(self.rank, self.out_features, self.in_features)):
+            weight = cached(self, "weight", (self.left, self.right),
+                            lambda: (self.left.float() @ self.right.float()).to(self.left.dtype))
+            return F.linear(x, weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)
 
     def to_dense_weight(self) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .fastpath import add_row_major, fast_paths_enabled
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,30 @@ class MonarchLinear(StructuredLinear):
         y = torch.einsum("lsc,ncl->nsl", self.blocks2, z).reshape(-1, b * self.out_block)
         return y[:, : self.out_features]
 
+    def _forward_bmm(self, x: Tensor) -> Tensor:
+        """``_apply_factors`` plus bias as two ``bmm`` calls: the input chunks enter as a strided view, the
+        stride permutation is one copy of the small ``(N, b q)`` intermediate, and the output interleave
+        (index ``sigma*b + l``) is one copy of the result that also adds the bias."""
+        b, q, s, rows = self.nblocks, self.inner, self.out_block, x.shape[0]
+        if b * self.in_block != self.in_features:
+            x = F.pad(x, (0, b * self.in_block - self.in_features))
+        chunks = x.reshape(rows, b, self.in_block).transpose(0, 1)  # (b, N, p), a view
+        z = torch.bmm(chunks, self.blocks1.transpose(1, 2))  # (b, N, q): z[k, :, i] = inner index k q + i
+        z = z.transpose(0, 1).reshape(rows, q, b).permute(2, 0, 1)  # (b, N, q): z[l, :, c] = inner c b + l
+        y = torch.bmm(z, self.blocks2.transpose(1, 2)).permute(1, 2, 0)  # (N, s, b): output sigma b + l
+        if self.bias is not None and b * s == self.out_features:
+            return add_row_major(y, self.bias.view(s, b)).reshape(rows, self.out_features)
+        y = y.reshape(rows, b * s)[:, : self.out_features]
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self._apply_factors(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias
+        flat = x.reshape(-1, self.in_features)
+        if fast_paths_enabled():
+            y = self._forward_bmm(flat)
+        else:
+            y = self._apply_factors(flat)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense_weight(self) -> Tensor:

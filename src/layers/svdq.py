@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import StructuredLinear, check_dense_weight, register_layer
+from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
+                       int8_matmul)
 from .lowrank import rank_for_budget
 from .gptq import gptq_quantize
 from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, quantize_grid, unpack
@@ -219,7 +221,46 @@ class SVDQuantLinear(StructuredLinear):
         layer.weight.copy_(dense)
         return _finish(layer, bias, weight.dtype)
 
+    int8_activations = False  # opt-in: integer matmuls with int8-rounded activations (see fastpath)
+
     def forward(self, x: Tensor) -> Tensor:
+        """Fast paths (same function): int8 codes through integer matmuls when ``int8_activations`` is set;
+        else the float weights dequantized once and cached (factored: ``s`` folded into ``V``, merged into
+        one matrix when that is cheaper); the reference path dequantizes on every call."""
+        if not fast_paths_enabled():
+            return self._forward_reference(x)
+        flat = x.reshape(-1, self.in_features)
+        if self._int8_path_ok(flat):
+            v_t, v_scale, u_t, u_scale = cached(self, "int8", self._state(), self._int8_operands)
+            y = int8_matmul(int8_matmul(flat, v_t, v_scale), u_t, u_scale).to(x.dtype)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self.mode == "factored" and factored_is_cheaper(self.rank, self.out_features, self.in_features):
+            left, right = cached(self, "factors", self._state(), lambda: self._float_factors(x.dtype), (x.dtype,))
+            return F.linear(F.linear(x, right), left, self.bias)
+        weight = cached(self, "weight", self._state(), lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
+        return F.linear(x, weight, self.bias)
+
+    def _state(self) -> tuple[Tensor, ...]:
+        """The buffers every derived tensor depends on (the cache key)."""
+        return tuple(self.buffers())
+
+    def _float_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(U, s V)`` dequantized in ``dtype``."""
+        return self._load("u").to(dtype), (self.s.float()[:, None] * self._load("v")).to(dtype)
+
+    def _int8_path_ok(self, flat: Tensor) -> bool:
+        """The integer path needs factored int8 codes with one scale per row, and a shape ``_int_mm`` takes."""
+        return (self.int8_activations and self.mode == "factored" and self.bits == 8 and self.group_size is None
+                and int8_factors_supported(flat, self.in_features, self.rank, self.out_features))
+
+    def _int8_operands(self) -> tuple[Tensor, ...]:
+        """:func:`int8_factors` of the stored codes, ``s`` folded into the scales of ``V``'s rows."""
+        codes = {name: unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name]) for name in "uv"}
+        scales = {name: getattr(self, f"{name}_scales").view(torch.float16).float()[:, 0] for name in "uv"}
+        return int8_factors(codes["v"], scales["v"] * self.s.float(), codes["u"], scales["u"])
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
         if self.mode == "factored":
             hidden = F.linear(x, self._load("v").to(x.dtype)) * self.s.to(x.dtype)
             return F.linear(hidden, self._load("u").to(x.dtype), self.bias)

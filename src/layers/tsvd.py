@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
+                       int8_matmul)
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +216,35 @@ class TernarySVDLinear(StructuredLinear):
         """Drop the latent weight; the layer is the deployable factored form again."""
         self.latent_weight = None
 
+    int8_activations = False  # opt-in: ternaries as int8 integer matmuls, activations rounded to int8
+
     def forward(self, x: Tensor) -> Tensor:
+        """Fast paths (same function): with ``int8_activations``, two integer matmuls on the int8 ternaries,
+        one scale per component; else float copies of the factors cast once and cached (``s`` folded into
+        ``T_V``), or the cached reconstruction when the rank is past break-even (``r (m + n) >= m n``)."""
         if self.latent_weight is not None:
             # value: the ternary reconstruction exactly; gradient: identity onto the latent weight
             latent = self.latent_weight
             weight = self.to_dense_weight().to(latent.dtype).detach() + (latent - latent.detach())
             return F.linear(x, weight.to(x.dtype), self.bias)
-        hidden = F.linear(x, self.v.to(x.dtype)) * self.s.to(x.dtype)
-        return F.linear(hidden, self.u.to(x.dtype), self.bias)
+        if not fast_paths_enabled() or self.rank == 0:
+            hidden = F.linear(x, self.v.to(x.dtype)) * self.s.to(x.dtype)
+            return F.linear(hidden, self.u.to(x.dtype), self.bias)
+        flat = x.reshape(-1, self.in_features)
+        state = (self.u, self.s, self.v)
+        if self.int8_activations and int8_factors_supported(flat, self.in_features, self.rank, self.out_features):
+            v_t, v_scale, u_t, u_scale = cached(self, "int8", state, lambda: int8_factors(
+                self.v, self.s, self.u, torch.ones(self.out_features, device=self.u.device)))
+            y = int8_matmul(int8_matmul(flat, v_t, v_scale), u_t, u_scale).to(x.dtype)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if factored_is_cheaper(self.rank, self.out_features, self.in_features):
+            left, right = cached(self, "factors", state, lambda: (
+                self.u.to(x.dtype), (self.s.float()[:, None] * self.v.float()).to(x.dtype)), (x.dtype,))
+            return F.linear(F.linear(x, right), left, self.bias)
+        weight = cached(self, "weight", state, lambda: (
+            (self.u.float() * self.s.float()) @ self.v.float()).to(x.dtype), (x.dtype,))
+        return F.linear(x, weight, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         return (self.u.to(self.s.dtype) * self.s) @ self.v.to(self.s.dtype)
