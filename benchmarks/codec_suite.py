@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from src.compress import dense_bytes, size_metrics
+from src.compress import size_metrics
 from src.io import load_compressed, save_compressed
 from src.surgery import collect_input_gram, compress_, select_layers
 
@@ -49,7 +49,7 @@ def round_trip(original: nn.Module, codec: Codec, include: list[str], calibratio
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, pathlib.Path(tmp) / "model")
-        sizes = size_metrics(dense_bytes(original, 4), dense_bytes(original, 2), model, report, folder)
+        sizes = size_metrics(folder)
         restored = load_compressed(folder, skeleton()).eval()
     return restored, {"compress_s": round(seconds, 2), "threads": torch.get_num_threads(),
                       "replaced_layers": len(report.layers), **sizes}
