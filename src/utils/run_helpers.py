@@ -67,7 +67,7 @@ def collect_run_metrics(logged: dict, report: CompressionReport | None, layer_cf
     """Everything a results table needs from one run (``logged``: Lightning's callback metrics), as JSON."""
     metrics = {k: float(v) for k, v in logged.items() if v.numel() == 1}
     out = {
-        "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith("train/")},
+        "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith(("train/", "lr-"))},
         "train_loss": metrics.get("train/loss"),
         "layer_type": OmegaConf.to_container(layer_cfg.name) if isinstance(layer_cfg.name, DictConfig) else layer_cfg.name,
         "budget": OmegaConf.to_container(layer_cfg.budget) if isinstance(layer_cfg.budget, DictConfig) else layer_cfg.budget,
