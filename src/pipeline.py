@@ -42,16 +42,14 @@ class Built:
 
     task: pl.LightningModule
     report: CompressionReport | None
-
-
-def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved model config as a plain dict (what a checkpoint records and eval compares)."""
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    resumed_step: int | None = None  # global step of the checkpoint the structure came from
 
 
 def dense_model_factory_config(cfg: DictConfig) -> dict[str, Any]:
-    """The model config the factory receives (what a compressed folder records to rebuild its skeleton)."""
-    return {k: v for k, v in model_config(cfg).items() if k not in PIPELINE_MODEL_KEYS}
+    """The resolved model config the factory receives: what checkpoints and compressed folders record to
+    rebuild the model, and what eval compares (``model.pretrained_path`` is not part of the architecture)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return {k: v for k, v in model.items() if k not in PIPELINE_MODEL_KEYS}
 
 
 def build_dense_model(cfg: DictConfig) -> nn.Module:
@@ -152,7 +150,7 @@ def build(cfg: DictConfig, datamodule: pl.LightningDataModule | None, checkpoint
 
 def run_callbacks(cfg: DictConfig, report: CompressionReport | None) -> list[pl.Callback]:
     """Callbacks every training run needs to be resumable: the structure record and the RNG states."""
-    return [StructureRecord(report, model_config(cfg)), ResumeState()]
+    return [StructureRecord(report, dense_model_factory_config(cfg)), ResumeState()]
 
 
 # ---------------------------------------------------------------- structure in checkpoints
@@ -207,7 +205,7 @@ def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
     if record is None:
         raise ValueError(f"checkpoint {path} has no structure record (it was not written by this project's "
                          f"train mode); start from its weights with model.pretrained_path={path}")
-    _check_same_model(record["model"], model_config(cfg), path)
+    _check_same_model(record["model"], dense_model_factory_config(cfg), path)
     model = build_dense_model(cfg)
     with torch.random.fork_rng(devices=[]):  # layer constructors may draw random inits; keep the run's RNG
         for entry in record["layers"]:
@@ -218,4 +216,4 @@ def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
         _fill_optional_parameters(model.get_submodule(entry["name"]), state, entry["name"])
     report = CompressionReport.from_dict(record["report"]) if record.get("report") else None
     log.info("rebuilt %d structured layers from %s", len(record["layers"]), path)
-    return Built(instantiate(cfg.task, model=model), report)
+    return Built(instantiate(cfg.task, model=model), report, int(checkpoint.get("global_step", 0)))

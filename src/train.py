@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     built = pipeline.build(cfg, datamodule, checkpoint=resume_from)
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer = make_trainer(cfg, callbacks + pipeline.run_callbacks(cfg, built.report), instantiate_list(cfg.get("logger")),
-                           resume_from)
+                           built.resumed_step)
     if built.report is not None and resume_from is None:  # a resumed run's loggers hold it already
         log_report(trainer.loggers, built.report)
 

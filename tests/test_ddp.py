@@ -1,5 +1,5 @@
 """Two gloo processes on CPU through `trainer=ddp`, on the Gaudi fine-tune path: the ranks end with identical
-parameters (Gaudi widths included, after GaudiShrink edits them), one metrics.json, every test sample once."""
+parameters (Gaudi widths included, after GaudiShrink edits them) and write one metrics.json."""
 import json
 import os
 import subprocess
@@ -38,5 +38,4 @@ def test_two_process_gloo_ddp_gaudi_finetune(tmp_path):
     assert [p.name for p in run_dir.rglob("metrics.json")] == ["metrics.json"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["layer_type"] == "gaudi" and 0 <= metrics["metrics"]["test/acc"] <= 1
-    # 3 test batches of 50 per rank: 300 distinct samples, each counted once -> accuracy is a multiple of 1/300
-    assert abs(metrics["metrics"]["test/acc"] * 300 - round(metrics["metrics"]["test/acc"] * 300)) < 1e-4
+    # that every evaluation sample is counted once across ranks is tested on the shards (tests/test_loaders.py)

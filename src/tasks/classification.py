@@ -36,10 +36,6 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
         """The tensor the model consumes, for FLOP counting."""
         return batch[0]
 
-    def example_input(self, batch) -> torch.Tensor:
-        """One image, for the model summary's FLOPs."""
-        return batch[0][:1]
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)

@@ -7,10 +7,11 @@ from typing import Any
 
 class ExampleInputFromData:
     """LightningModule mixin: at ``setup("fit")``, one sample of the first validation batch, as ``forward``
-    takes it (``example_input(batch)``, defined by each task), becomes ``example_input_array``."""
+    takes it, becomes ``example_input_array``."""
 
     def example_input(self, batch: Any) -> Any:
-        raise NotImplementedError
+        """One sample of what ``forward`` takes: by default the first row of the task's ``model_inputs``."""
+        return self.model_inputs(batch)[:1]
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None

@@ -72,10 +72,6 @@ class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
         """The token windows themselves, for FLOP counting."""
         return batch
 
-    def example_input(self, batch: torch.Tensor) -> torch.Tensor:
-        """One token window, for the model summary's FLOPs."""
-        return batch[:1]
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         nll, count = shifted_nll(self(batch), batch)
         loss = nll / count

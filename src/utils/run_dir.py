@@ -3,11 +3,13 @@
 ``run.py`` rewrites its command line before Hydra creates an output folder: with ``ckpt_path=<run>/checkpoints/
 x.ckpt`` (train mode) the run folder is ``<run>``; with ``resume=auto`` it is the newest unfinished run (no
 metrics.json) whose recorded overrides equal this command's. An explicit ``hydra.run.dir=`` always wins.
-Pure Python (no torch import): it runs before every command.
+No torch import: it runs before every command.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 IGNORED_KEYS = ("resume", "ckpt_path", "hydra.")
 
@@ -23,10 +25,7 @@ def _comparable(overrides: list[str]) -> list[str]:
 
 def _recorded_overrides(run_dir: Path) -> list[str] | None:
     file = run_dir / ".hydra" / "overrides.yaml"
-    if not file.is_file():
-        return None
-    lines = [line[2:].strip() for line in file.read_text().splitlines() if line.startswith("- ")]
-    return [line.strip("'\"") for line in lines]
+    return [str(o) for o in OmegaConf.load(file)] if file.is_file() else None
 
 
 def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:

@@ -30,7 +30,7 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return [instantiate(cfg) for cfg in group.values() if isinstance(cfg, DictConfig) and "_target_" in cfg]
 
 
-def make_trainer(cfg: DictConfig, callbacks: list, loggers: list, resume_from: str | Path | None = None) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, callbacks: list, loggers: list, resumed_step: int | None = None) -> pl.Trainer:
     """The Lightning trainer of ``cfg.trainer``; sync BatchNorm only where it can run (CUDA), loggers told
     where a resumed run continues so their history stays one unbroken record."""
     overrides = {}
@@ -38,11 +38,10 @@ def make_trainer(cfg: DictConfig, callbacks: list, loggers: list, resume_from: s
         overrides["sync_batchnorm"] = False
         log.info("sync_batchnorm needs CUDA; BatchNorm statistics stay per process on this machine")
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
-    if resume_from is not None:
-        step = int(torch.load(str(resume_from), map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    if resumed_step is not None:
         for logger in loggers:
             if hasattr(logger, "resume_at"):
-                logger.resume_at(step)
+                logger.resume_at(resumed_step)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer
