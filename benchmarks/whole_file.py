@@ -16,7 +16,9 @@ Codec names: those of ``codec_suite.CODECS`` and ``quant_int4.int4_codecs()``, `
 the storage policy alone), curves ``svdq-int8-e<bound>``, ``lowrank[-whiten]-<budget>``, ``hyper-e<loss>``,
 ``tsvd-<tolerance>``, ``int8-rtn`` / ``int8-gptq`` (whole matrices, one scale per row), and
 ``auto-e2e-r<ratio>``: the ``layer=auto`` plan with each layer's errors weighted by its end-to-end gain
-(``auto.output_weights``, probed with int4 GPTQ zero-point groups of 64), whose time is included.
+(``auto.output_weights``, probed with the int4 zero-point groups of 64 choice), whose time is included;
+``auto-rtn-e2e-r<ratio>`` the same with round-to-nearest instead of GPTQ choices; ``auto-r<ratio>`` the
+per-layer proxy alone.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ STORAGE = {
 SIZE_KEYS = ("bytes_on_disk", "dense_fp32_bytes", "dense_fp16_bytes", "ratio_vs_fp32", "ratio_vs_fp16",
              "replaced_bytes", "replaced_ratio_vs_fp16", "embeddings_bytes", "embeddings_ratio_vs_fp16",
              "rest_bytes", "rest_ratio_vs_fp16", "metadata_bytes")
-PROBE = AUTO_CHOICES["int4-g64"]
+RTN_CHOICES = {name: {"layer": "svdq", "options": {**spec["options"], "rounding": "nearest"}}
+               for name, spec in AUTO_CHOICES.items()}
 
 
 def curve_codecs() -> dict[str, Codec]:
@@ -74,9 +77,12 @@ def curve_codecs() -> dict[str, Codec]:
     for rounding in ("rtn", "gptq"):
         codecs[f"int8-{rounding}"] = Codec("svdq", options={
             "bits": 8, "svd": False, "rounding": {"rtn": "nearest", "gptq": "gptq"}[rounding]}, calibrate=True)
-    for ratio in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0):
-        codecs[f"auto-e2e-r{ratio}"] = Codec("auto", options={"choices": AUTO_CHOICES, "target_ratio": ratio},
-                                             calibrate=True)
+    for ratio in (2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0):
+        for family, choices in (("auto-e2e", AUTO_CHOICES), ("auto-rtn-e2e", RTN_CHOICES)):
+            codecs[f"{family}-r{ratio}"] = Codec("auto", options={"choices": choices, "target_ratio": ratio},
+                                                 calibrate=True)
+        codecs.setdefault(f"auto-r{ratio}", Codec("auto", options={"choices": AUTO_CHOICES, "target_ratio": ratio},
+                                                  calibrate=True))
     return {**CODECS, **codecs}
 
 
@@ -170,12 +176,13 @@ def compressed(bench: Bench, name: str, codec: Codec | None) -> tuple[torch.nn.M
         return copy.deepcopy(bench.original), {"compress_s": 0.0, "threads": torch.get_num_threads(),
                                                "replaced_layers": 0}
     extra_s = 0.0
-    if name.startswith("auto-e2e"):
+    if "e2e" in name:
         start = time.perf_counter()
         probe_model = copy.deepcopy(bench.original)
         stats = collect_input_gram(probe_model, bench.calibration, select_layers(probe_model, bench.include),
                                    forward=bench.forward)
-        weights = output_weights(probe_model, stats, PROBE, bench.calibration, bench.forward, bench.output,
+        probe = codec.options["choices"]["int4-g64"]
+        weights = output_weights(probe_model, stats, probe, bench.calibration, bench.forward, bench.output,
                                  include=bench.include)
         codec = replace(codec, options={**codec.options, "weights": weights})
         extra_s = time.perf_counter() - start
