@@ -35,21 +35,35 @@ CODECS = {
 }
 
 
-def round_trip(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
-               forward: Callable[[nn.Module, object], object],
-               skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
-    """Compress a copy of ``original`` with ``codec`` (timed, calibration included), save it, load it into
-    ``skeleton()`` and return ``(restored model, stats)``; stats hold time, bytes on disk and ratios."""
+def compress_copy(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
+                  forward: Callable[[nn.Module, object], object]) -> tuple[nn.Module, dict]:
+    """A copy of ``original`` compressed with ``codec`` (timed, calibration included) and its stats."""
     model = copy.deepcopy(original)
     start = time.perf_counter()
     stats = None
     if codec.calibrate:
         stats = collect_input_gram(model, calibration_batches, select_layers(model, include), forward=forward)
     report = compress_(model, codec.layer, codec.budget, include=include, options=codec.options, calibration=stats)
-    seconds = time.perf_counter() - start
+    return model, {"compress_s": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
+                   "replaced_layers": len(report.layers)}
+
+
+def save_reload(model: nn.Module, skeleton: Callable[[], nn.Module], storage=None,
+                calibration=None) -> tuple[nn.Module, dict]:
+    """Save ``model`` under the storage policy ``storage`` (``calibration``: its Gram matrices, see
+    ``save_compressed``), load it into ``skeleton()``, return ``(restored model, size figures)``."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_compressed(model, pathlib.Path(tmp) / "model")
+        folder = save_compressed(model, pathlib.Path(tmp) / "model", storage=storage, calibration=calibration)
         sizes = size_metrics(folder)
         restored = load_compressed(folder, skeleton()).eval()
-    return restored, {"compress_s": round(seconds, 2), "threads": torch.get_num_threads(),
-                      "replaced_layers": len(report.layers), **sizes}
+    return restored, sizes
+
+
+def round_trip(original: nn.Module, codec: Codec, include: list[str], calibration_batches: Iterable,
+               forward: Callable[[nn.Module, object], object],
+               skeleton: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    """Compress a copy of ``original`` with ``codec`` (timed, calibration included), save it, load it into
+    ``skeleton()`` and return ``(restored model, stats)``; stats hold time, bytes on disk and ratios."""
+    model, stats = compress_copy(original, codec, include, calibration_batches, forward)
+    restored, sizes = save_reload(model, skeleton)
+    return restored, {**stats, **sizes}

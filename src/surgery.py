@@ -313,3 +313,17 @@ def evenly_spaced_rows(rows: Tensor, count: int) -> Tensor:
     if len(rows) <= count:
         return rows
     return rows[torch.linspace(0, len(rows) - 1, count, device=rows.device).long()]
+
+
+def collect_output_embedding_gram(model: nn.Module, batches: Iterable,
+                                  forward: Callable[[nn.Module, object], object] | None = None) -> dict[str, Tensor]:
+    """``{state-dict key of the LM head weight: Gram matrix of its inputs}`` over ``batches``: what
+    ``save_compressed(..., storage={"embeddings_rounding": "gptq"}, calibration=...)`` rounds the output
+    embedding (tied or not) against, so it keeps the logits rather than each weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output embedding (get_output_embeddings) to "
+                         "calibrate: GPTQ embedding rounding is for LM heads")
+    name = next(n for n, module in model.named_modules() if module is head)
+    gram = collect_input_gram(model, batches, [name], forward=forward, max_inputs=1)[name]["gram"]
+    return {f"{name}.weight": gram}

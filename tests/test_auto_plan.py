@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.layers.auto import KEEP, Option, greedy_plan, lower_hull
+from src.layers.auto import KEEP, Option, greedy_plan, lower_hull, output_weights
 from src.layers.svdq import SVDQuantLinear
 from src.surgery import collect_input_gram, compress_, select_layers
 
@@ -80,3 +80,38 @@ def test_auto_needs_calibration_and_choices():
         compress_(model, "auto", options={"choices": CHOICES, "target_ratio": 2.0})
     with pytest.raises(ValueError, match="choices"):
         compress_(model, "auto", options={"target_ratio": 2.0})
+
+
+class DampedBranch(nn.Module):
+    """``loud(x) + 0.01 * quiet(x)``: twin layers whose errors reach the output 10,000x apart (squared)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud, self.quiet = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_output_weights_measure_each_layers_end_to_end_gain():
+    model = DampedBranch()
+    inputs = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    calibration = collect_input_gram(model, [inputs], select_layers(model))
+    weights = output_weights(model, calibration, CHOICES["int4-g32"], [inputs], forward=lambda m, x: m(x))
+    assert isinstance(model.quiet, nn.Linear) and isinstance(model.loud, nn.Linear)  # restored after probing
+    reference = model(inputs)
+    for name, factor in (("loud", 1.0), ("quiet", 0.01)):  # the branch's share of the output, squared
+        share = (factor * getattr(model, name)(inputs)).square().sum() / reference.square().sum()
+        assert weights[name] == pytest.approx(share.item(), rel=1e-4)
+
+
+def test_output_weights_move_the_bits_to_the_layer_the_output_needs():
+    model = DampedBranch()
+    inputs = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    calibration = collect_input_gram(model, [inputs], select_layers(model))
+    weights = output_weights(model, calibration, CHOICES["int4-g32"], [inputs], forward=lambda m, x: m(x))
+    # room for one fp16 layer and one int4 layer: the damped one must be the int4 one
+    compress_(model, "auto", options={"choices": CHOICES, "target_ratio": 1.5, "weights": weights},
+              calibration=calibration)
+    assert isinstance(model.loud, nn.Linear) and model.quiet.bits == 4

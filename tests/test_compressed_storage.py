@@ -11,8 +11,8 @@ from src import load_compressed, save_compressed
 from src.compress import dense_bytes
 from src.io import StoragePolicy, folder_sizes, read_manifest
 from src.io.compressed_format import WEIGHTS_FILE, structured_layers
-from src.layers.quant import dequantize, quantize
-from src.surgery import compress_
+from src.layers.quant import dequantize, quantize, quantize_grid
+from src.surgery import collect_output_embedding_gram, compress_
 
 
 class TinyLM(nn.Module):
@@ -111,6 +111,77 @@ def test_tied_embedding_quantized_once_and_stays_tied(tmp_path, bits, group_size
         assert torch.equal(loaded(IDS), model(IDS))
 
 
+def embedding_after_save(tmp_path, storage, gram=None) -> torch.Tensor:
+    """The (tied) embedding weight ``compressed_lm(vocab=200, width=64)`` loads back with ``storage``."""
+    model = compressed_lm(vocab=200, width=64)
+    save_compressed(model, tmp_path / "m", storage=storage, calibration=None if gram is None else {"head.weight": gram})
+    return load_compressed(tmp_path / "m", TinyLM(vocab=200, width=64).eval()).emb.weight.detach()
+
+
+def test_gptq_embedding_with_identity_gram_is_round_to_nearest(tmp_path):
+    weight = compressed_lm(vocab=200, width=64).emb.weight.detach()
+    storage = {"embeddings": "int4", "group_size": 16, "zero_point": True, "embeddings_rounding": "gptq"}
+    loaded = embedding_after_save(tmp_path, storage, torch.eye(64, dtype=torch.float64))
+    codes, scales, zeros = quantize_grid(weight, 4, 16, symmetric=False)
+    assert torch.equal(loaded, dequantize(codes, scales, 16, zeros))
+    assert read_manifest(tmp_path / "m")["tensors"]["emb.weight"]["rounding"] == "gptq"
+
+
+def test_gptq_embedding_keeps_logits_better_than_nearest_on_correlated_inputs(tmp_path):
+    weight = compressed_lm(vocab=200, width=64).emb.weight.detach()
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(512, 8, generator=generator) @ torch.randn(8, 64, generator=generator) \
+        + 0.1 * torch.randn(512, 64, generator=generator)  # head inputs on a low-dimensional subspace
+    storage = {"embeddings": "int4", "group_size": 16, "zero_point": True}
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        loaded = embedding_after_save(tmp_path / rounding, {**storage, "embeddings_rounding": rounding},
+                                      inputs.double().T @ inputs.double())
+        errors[rounding] = ((loaded - weight) @ inputs.T).norm()
+    assert errors["gptq"] < 0.9 * errors["nearest"]
+
+
+def test_gptq_embedding_gram_comes_from_the_head_inputs(tmp_path):
+    model = compressed_lm()
+    captured = []
+    model.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].reshape(-1, 24)))
+    grams = collect_output_embedding_gram(model, [IDS, IDS[:1]])
+    inputs = torch.cat(captured).double()
+    assert list(grams) == ["head.weight"] and torch.allclose(grams["head.weight"], inputs.T @ inputs)
+    with pytest.raises(ValueError, match="embeddings_rounding=gptq needs the Gram matrix of the LM head's inputs"):
+        save_compressed(model, tmp_path / "m", storage={"embeddings": "int8", "embeddings_rounding": "gptq"})
+
+
+class DepthwiseNet(nn.Module):
+    """A depthwise conv and a batch norm: tensors no codec replaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_rest_int8_stores_convs_per_output_channel(tmp_path, zero_point):
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    weight = model.conv.weight.detach().clone()
+    save_compressed(model, tmp_path / "m", storage={"rest": "int8", "zero_point": zero_point})
+    loaded = load_compressed(tmp_path / "m", DepthwiseNet().eval())
+    codes, scales, zeros = quantize_grid(weight.reshape(4, 9), 8, None, symmetric=not zero_point)
+    assert torch.equal(loaded.conv.weight, dequantize(codes, scales, None, zeros).reshape(4, 1, 3, 3))
+    assert read_manifest(tmp_path / "m")["tensors"]["bn.weight"]["codec"] == "cast"  # 1-D tensors: fp16
+    per_channel = 9 + 2 + (1 if zero_point else 0)  # int8 codes, fp16 scale (, int8 zero code)
+    batch_norm = 4 * 4 * 2 + 8  # weight, bias, running mean and variance in fp16; the int64 step count
+    assert folder_sizes(tmp_path / "m")["rest_bytes"] == 4 * per_channel + batch_norm
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_untied_lm_head_is_an_embedding_too(tmp_path):
     model = compressed_lm(tied=False)
     roundtrip(model, tmp_path / "m", storage={"embeddings": "int8"})
@@ -124,6 +195,9 @@ def test_untied_lm_head_is_an_embedding_too(tmp_path):
     ({"dtype": "fp8"}, r"storage.dtype must be one of"),
     ({"embeddings": "int2"}, r"storage.embeddings must be one of"),
     ({"embeddings": "int4", "group_size": 0}, r"group_size must be a positive integer"),
+    ({"embeddings_rounding": "hessian"}, r"storage.embeddings_rounding must be one of \('nearest', 'gptq'\)"),
+    ({"rest": "int4"}, r"storage.rest must be one of \('none', 'int8'\)"),
+    ({"zero_point": "yes"}, r"storage.zero_point must be true or false"),
     ("fp16", r"storage must be a dict"),
 ])
 def test_bad_storage_config_names_the_key(config, message):

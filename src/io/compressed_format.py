@@ -135,17 +135,22 @@ class _Encoded:
 
 
 def _encode_state(state: Mapping[str, torch.Tensor], layer_names: list[str], embeddings: list[str],
-                  policy: StoragePolicy) -> _Encoded:
+                  policy: StoragePolicy, grams: Mapping[str, torch.Tensor] | None = None) -> _Encoded:
     keys, aliases = _unique_keys(state)
     prefixes = tuple(name + "." for name in layer_names)
     in_layer = {key: key.startswith(prefixes) for key in keys}
     dtype = policy.storage_dtype(model_dtype({k: state[k] for k in keys if not in_layer[k]}))
     embeddings = sorted({aliases.get(k, k) for k in embeddings} - {k for k in keys if in_layer[k]})
+    grams = {aliases.get(k, k): gram for k, gram in (grams or {}).items()}  # a tied head's Gram is its tensor's
+    if policy.embeddings != "none" and policy.embeddings_rounding == "gptq" and not set(grams) & set(embeddings):
+        raise ValueError("storage.embeddings_rounding=gptq needs the Gram matrix of the LM head's inputs: pass "
+                         "save_compressed(..., calibration=collect_output_embedding_gram(model, batches)) "
+                         f"(embedding keys: {embeddings})")
     encoded = _Encoded({}, {}, aliases, embeddings, dtype, {})
     for key in keys:
         tensor = state[key].detach().to("cpu", copy=True).contiguous()
-        entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, dtype)
-        stored = encode(key, tensor, entry)
+        entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, dtype, grams.get(key))
+        stored = encode(key, tensor, entry, grams.get(key))
         if entry["codec"] in ("cast", "int8", "int4"):
             encoded.rounded[key] = decode(key, entry, stored)
         encoded.files.update(stored)
@@ -153,15 +158,19 @@ def _encode_state(state: Mapping[str, torch.Tensor], layer_names: list[str], emb
     return encoded
 
 
-def save_compressed(model: nn.Module, path: str | Path, report=None, source=None, storage=None) -> Path:
+def save_compressed(model: nn.Module, path: str | Path, report=None, source=None, storage=None,
+                    calibration: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (after ``compress_``) to the directory ``path``; returns it.
 
     report: a ``CompressionReport`` (or a plain dict) stored in the manifest for reference.
     source: how to rebuild the dense model on load (see ``src.io.source``): a source spec or a Hydra model
         config; ``None`` records a transformers model's class and config, and nothing for other models (then
         loading needs a skeleton).
-    storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``) for the tensors
-        no structured layer owns; default fp16 (or the model's own half dtype).
+    storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``, ``zero_point``,
+        ``embeddings_rounding``, ``rest``) for the tensors no structured layer owns; default fp16 (or the
+        model's own half dtype).
+    calibration: per state-dict key of an output embedding (e.g. ``lm_head.weight``), the Gram matrix of its
+        inputs, for ``embeddings_rounding: gptq`` (``src.surgery.collect_output_embedding_gram``).
     Once the files are written, tensors stored lossily are rounded *in place* in ``model`` to what was saved,
     so evaluating ``model`` afterwards measures the saved model.
     """
@@ -172,7 +181,7 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     layers = [layer_entry(name, module) for name, module in structured_layers(model).items()]
     spec = describe_source(model, source)
     state = model.state_dict()
-    encoded = _encode_state(state, [entry["name"] for entry in layers], embedding_keys(model), policy)
+    encoded = _encode_state(state, [entry["name"] for entry in layers], embedding_keys(model), policy, calibration)
     described = {**encoded.table, **{alias: encoded.table[target] for alias, target in encoded.aliases.items()}}
     problems = [line for entry in layers for line in _layer_problems(entry, described)]
     if problems:
@@ -182,8 +191,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "aliases": encoded.aliases,
         "tensors": encoded.table, "embeddings": encoded.embeddings, "source": spec,
         "report": report.to_dict() if hasattr(report, "to_dict") else report,
-        "storage": {"dtype": dtype_name(encoded.dtype), "embeddings": policy.embeddings,
-                    "group_size": policy.group_size, "model_dtype": dtype_name(model_dtype(state))},
+        "storage": {"dtype": dtype_name(encoded.dtype), **policy.describe(),
+                    "model_dtype": dtype_name(model_dtype(state))},
     }
     data = safetensors.torch.save(encoded.files, metadata={SEAL_KEY: canonical_json(body)})
     manifest = {**body, "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}

@@ -148,11 +148,14 @@ def check_tensor_entry(key: str, entry: Any) -> None:
                                            f"manifest field {where}.stored_dtype").is_floating_point:
         raise ValueError(f"manifest field {where}.stored_dtype must be a floating dtype, got {entry['stored_dtype']!r}")
     if codec in ("int8", "int4"):
-        if len(shape) != 2:
-            raise ValueError(f"manifest field {where}.shape must be 2-D for codec {codec}, got {shape}")
+        if len(shape) < 2:
+            raise ValueError(f"manifest field {where}.shape must have 2 or more dimensions for codec {codec}, "
+                             f"got {shape}")
         size = _field(entry, "group_size", (int, type(None)), where)
         if size is not None and size < 1:
             raise ValueError(f"manifest field {where}.group_size must be >= 1 or null, got {size}")
+        if "zero_point" in entry:  # absent in folders saved before zero-point grids: symmetric
+            _field(entry, "zero_point", bool, where)
 
 
 def check_body(manifest: Mapping[str, Any]) -> None:

@@ -2,9 +2,12 @@
 
 Tensors inside structured layers are stored as their layer holds them (int8 tensors with entries in
 {-1, 0, 1}, e.g. ternary SVD factors, packed four per byte). Every other floating tensor follows the
-:class:`StoragePolicy`: cast to the chosen dtype (``cast``), or, for embeddings and LM heads, quantized to
-int8/int4 codes with fp16 scales per row or per group (``int8`` / ``int4``). Loading decodes each tensor back
-to the dtype the model held it in. ``decode(encode(x))`` is the loaded value, and saving writes that value
+:class:`StoragePolicy`: cast to the chosen dtype (``cast``), or quantized to int8/int4 codes with fp16 scales
+(and int8 zero codes on a zero-point grid) per row or per group (``int8`` / ``int4``): embeddings and LM heads
+by ``embeddings``, other tensors of two or more dimensions (unreplaced convs and linears) by ``rest``. An
+output embedding (LM head, tied or not) can be GPTQ-rounded against the Gram matrix of its inputs, so its
+rows are rounded to keep the logits right rather than each weight. Loading decodes each tensor back to the
+dtype the model held it in. ``decode(encode(x))`` is the loaded value, and saving writes that value
 back into the model, so the model in memory is exactly the one on disk.
 """
 from __future__ import annotations
@@ -16,14 +19,18 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..layers.quant import dequantize, is_ternary_int8, num_groups, pack, pack_ternary, packed_numel, quantize, \
-    unpack, unpack_ternary
+from ..layers.gptq import gptq_quantize
+from ..layers.quant import dequantize, is_ternary_int8, num_groups, pack, pack_ternary, packed_numel, \
+    quantize_grid, unpack, unpack_ternary
 
 CODECS = ("raw", "cast", "ternary2", "int8", "int4")
 SCALES_SUFFIX = "#scales"  # file key of an int8/int4 tensor's scales ('#' never occurs in a state-dict key)
+ZEROS_SUFFIX = "#zeros"  # file key of an int8/int4 tensor's zero codes (zero-point grid)
 DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
                "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
 EMBEDDING_MODES = ("none", "int8", "int4")
+REST_MODES = ("none", "int8")
+ROUNDINGS = ("nearest", "gptq")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,13 +52,23 @@ class StoragePolicy:
     dtype: ``fp16`` / ``bf16`` / ``fp32`` for every floating tensor outside the structured layers; ``None``
         picks the model's own dtype when it is half precision, else fp16 (fp32 only when asked).
     embeddings: ``none`` (stored like the rest), ``int8`` or ``int4``: every ``nn.Embedding`` and the output
-        embedding (LM head, tied or not) quantized symmetrically with fp16 scales.
-    group_size: entries per scale along each row for ``int8`` / ``int4``; ``None`` is one scale per row.
+        embedding (LM head, tied or not) quantized with fp16 scales.
+    group_size: entries per scale along each embedding row for ``int8`` / ``int4``; ``None`` is one per row.
+    zero_point: quantize on the zero-point grid (all ``2^B`` levels over ``[min, 0, max]``, an int8 zero code
+        per group) instead of the symmetric one.
+    embeddings_rounding: ``nearest``, or ``gptq`` for the output embedding: rounded against the Gram matrix of
+        the LM head's inputs (``save_compressed(..., calibration=collect_output_embedding_gram(...))``).
+        Input-only embeddings are looked up row by row, so nearest rounding is already their best.
+    rest: ``none`` or ``int8``: every other floating tensor of two or more dimensions (depthwise convs,
+        linears no codec replaced) as int8 with one scale per output channel (row).
     """
 
     dtype: str | None = None
     embeddings: str = "none"
     group_size: int | None = None
+    zero_point: bool = False
+    embeddings_rounding: str = "nearest"
+    rest: str = "none"
 
     @classmethod
     def from_config(cls, config: "StoragePolicy | Mapping | None") -> "StoragePolicy":
@@ -69,8 +86,20 @@ class StoragePolicy:
                              f"half-precision dtype), got {policy.dtype!r}")
         if policy.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"storage.embeddings must be one of {EMBEDDING_MODES}, got {policy.embeddings!r}")
+        if policy.embeddings_rounding not in ROUNDINGS:
+            raise ValueError(f"storage.embeddings_rounding must be one of {ROUNDINGS}, got "
+                             f"{policy.embeddings_rounding!r}")
+        if policy.rest not in REST_MODES:
+            raise ValueError(f"storage.rest must be one of {REST_MODES} (int8: one scale per output channel), "
+                             f"got {policy.rest!r}")
+        if not isinstance(policy.zero_point, bool):
+            raise ValueError(f"storage.zero_point must be true or false, got {policy.zero_point!r}")
         num_groups(1, policy.group_size)  # validates group_size
         return policy
+
+    def describe(self) -> dict[str, Any]:
+        """The policy's fields as the manifest records them (``dtype`` aside: the manifest has the resolved one)."""
+        return {key: value for key, value in asdict(self).items() if key != "dtype"}
 
     def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype floating tensors outside structured layers are written in."""
@@ -100,20 +129,27 @@ def embedding_keys(model: nn.Module) -> list[str]:
 
 
 def choose_codec(tensor: Tensor, in_layer: bool, embedding: bool, policy: StoragePolicy,
-                 dtype: torch.dtype) -> dict[str, Any]:
-    """The table entry (codec and its options) a tensor is stored with; ``dtype`` is the storage dtype."""
+                 dtype: torch.dtype, gram: Tensor | None = None) -> dict[str, Any]:
+    """The table entry (codec and its options) a tensor is stored with; ``dtype`` is the storage dtype and
+    ``gram`` the Gram matrix of an output embedding's inputs (GPTQ rounding when the policy asks for it)."""
     entry = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
     if in_layer or not tensor.is_floating_point():
         return {**entry, "codec": "ternary2" if is_ternary_int8(tensor) else "raw"}
+    quantized = {**entry, "zero_point": policy.zero_point, "rounding": "nearest"}
     if embedding and policy.embeddings != "none" and tensor.dim() == 2:
-        return {**entry, "codec": policy.embeddings, "group_size": policy.group_size}
+        gptq = policy.embeddings_rounding == "gptq" and gram is not None
+        return {**quantized, "codec": policy.embeddings, "group_size": policy.group_size,
+                "rounding": "gptq" if gptq else "nearest"}
+    if not embedding and policy.rest != "none" and tensor.dim() >= 2 and tensor.numel():
+        return {**quantized, "codec": policy.rest, "group_size": None}
     if tensor.dtype == dtype:
         return {**entry, "codec": "raw"}
     return {**entry, "codec": "cast", "stored_dtype": dtype_name(dtype)}
 
 
-def encode(key: str, tensor: Tensor, entry: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The file tensors that store ``tensor`` (a CPU tensor) under ``entry``'s codec."""
+def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | None = None) -> dict[str, Tensor]:
+    """The file tensors that store ``tensor`` (a CPU tensor) under ``entry``'s codec (``gram``: the Gram matrix
+    of its inputs, for ``rounding: gptq``)."""
     codec = entry["codec"]
     if codec == "raw":
         return {key: tensor}
@@ -125,9 +161,16 @@ def encode(key: str, tensor: Tensor, entry: Mapping[str, Any]) -> dict[str, Tens
             raise ValueError(f"tensor {key!r} has values beyond {entry['stored_dtype']}'s range (max |x| = "
                              f"{tensor.abs().max().item():.4g}); save with storage.dtype=bf16 or fp32")
         return {key: stored}
-    bits = int(codec[3:])
-    codes, scales = quantize(tensor, bits, entry["group_size"])
-    return {key: pack(codes, bits), key + SCALES_SUFFIX: scales}
+    bits, symmetric = int(codec[3:]), not entry.get("zero_point", False)
+    rows = tensor.reshape(tensor.shape[0], -1)
+    if entry.get("rounding") == "gptq":
+        if gram is None:
+            raise ValueError(f"tensor {key!r}: GPTQ rounding needs the Gram matrix of its inputs")
+        codes, scales, zeros = gptq_quantize(rows, gram.to(rows.device), bits, entry["group_size"], symmetric)
+    else:
+        codes, scales, zeros = quantize_grid(rows, bits, entry["group_size"], symmetric)
+    files = {key: pack(codes, bits), key + SCALES_SUFFIX: scales}
+    return files if zeros is None else {**files, key + ZEROS_SUFFIX: zeros}
 
 
 def stored_layout(key: str, entry: Mapping[str, Any]) -> dict[str, tuple[str, list[int]]]:
@@ -139,9 +182,9 @@ def stored_layout(key: str, entry: Mapping[str, Any]) -> dict[str, tuple[str, li
         return {key: (entry["stored_dtype"], shape)}
     if codec == "ternary2":
         return {key: ("uint8", [(math.prod(shape) + 3) // 4])}
-    bits = int(codec[3:])
-    return {key: ("uint8", [packed_numel(math.prod(shape), bits)]),
-            key + SCALES_SUFFIX: ("float16", [shape[0], num_groups(shape[1], entry["group_size"])])}
+    bits, groups = int(codec[3:]), [shape[0], num_groups(math.prod(shape[1:]), entry["group_size"])]
+    layout = {key: ("uint8", [packed_numel(math.prod(shape), bits)]), key + SCALES_SUFFIX: ("float16", groups)}
+    return {**layout, key + ZEROS_SUFFIX: ("int8", groups)} if entry.get("zero_point") else layout
 
 
 def decode(key: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -> Tensor:
@@ -153,6 +196,7 @@ def decode(key: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -> 
         return stored[key].to(dtype)
     if codec == "ternary2":
         return unpack_ternary(stored[key], shape)
-    bits = int(codec[3:])
-    codes = unpack(stored[key], bits, shape)
-    return dequantize(codes, stored[key + SCALES_SUFFIX], entry["group_size"]).to(dtype)
+    bits, rows = int(codec[3:]), (shape[0], math.prod(shape[1:]))
+    codes = unpack(stored[key], bits, rows)
+    zeros = stored[key + ZEROS_SUFFIX] if entry.get("zero_point") else None
+    return dequantize(codes, stored[key + SCALES_SUFFIX], entry["group_size"], zeros).reshape(shape).to(dtype)

@@ -8,12 +8,19 @@ increase per byte saved among the layers' next options on their lower convex hul
 layers fit ``target_bytes`` (or ``fp16 bytes / target_ratio``), or while the summed error stays within
 ``max_error``. On convex error-vs-bytes curves this greedy order is the optimal trade-off (it solves the
 Lagrangian relaxation of the knapsack exactly at every budget it stops on).
+
+Layers do not matter equally: a layer whose error the rest of the network damps (or amplifies) should spend
+fewer (more) bytes. ``weights`` scales each layer's errors by its end-to-end gain, which
+:func:`output_weights` measures by perturbing one layer at a time: the model output's squared relative error
+with only that layer compressed (by a probe choice), divided by that layer's own error under the same choice.
+The summed weighted errors then estimate the model-output error (to first order), and the plan spends bytes
+where the output says.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -101,26 +108,65 @@ def _build(spec: Mapping, weight: Tensor, bias: Tensor | None, calibration: Mapp
     return _call_from_dense(cls, weight, bias, spec.get("budget", 1.0), dict(spec.get("options") or {}), calibration)
 
 
-def compress_auto_(model: nn.Module, calibration: Mapping[str, Mapping[str, Tensor]] | None,
-                   choices: Mapping[str, Mapping] | None = None, include=None, exclude=None, filter_fn=None,
-                   target_bytes: int | None = None, target_ratio: float | None = None,
-                   max_error: float | None = None):
-    """Plan (see the module doc) and apply: each layer gets its chosen codec through ``compress_``; layers
-    whose plan is ``keep`` stay as they are. Returns the merged ``CompressionReport`` with each row's
-    ``options`` holding the plan entry (choice, bytes, error)."""
-    from ..surgery import CompressionReport, compress_, dense_view, select_layers
+def _calibrated_layers(model: nn.Module, calibration, include, exclude, filter_fn) -> dict[str, nn.Module]:
+    """The selected layers, or a ValueError when one has no calibration inputs."""
+    from ..surgery import select_layers
 
-    if not choices:
-        raise ValueError("layer=auto needs options.choices: name -> {layer: <type>, options: {...}}")
     selected = select_layers(model, include, exclude, filter_fn)
     missing = [name for name in selected if name not in (calibration or {})]
     if missing:
         raise ValueError(f"layer=auto needs calibration inputs for every layer (missing {missing[:3]}...): "
                          "set layer.calibration_batches > 0")
+    return selected
+
+
+@torch.no_grad()
+def output_weights(model: nn.Module, calibration: Mapping[str, Mapping[str, Tensor]], probe: Mapping,
+                   batches: Iterable, forward: Callable[[nn.Module, object], object],
+                   output: Callable[[object], Tensor] = lambda out: out, include=None, exclude=None,
+                   filter_fn=None) -> dict[str, float]:
+    """Per selected layer, its end-to-end gain: the squared relative error of ``output(forward(model, batch))``
+    over ``batches`` with only that layer compressed by ``probe`` (a choice spec such as
+    ``{"layer": "svdq", "options": {"bits": 4, ...}}``), divided by the layer's own squared relative output
+    error under ``probe`` (as :func:`layer_options` measures it). Pass the result as ``weights``."""
+    from ..surgery import compress_, dense_view, replace_child
+
+    batches = list(batches)
+    reference = [output(forward(model, batch)).float() for batch in batches]
+    scale = sum(ref.square().sum() for ref in reference).clamp(min=1e-30)
+    weights = {}
+    for name, module in _calibrated_layers(model, calibration, include, exclude, filter_fn).items():
+        _, weight, bias = dense_view(module)
+        layer_error = layer_options(weight, bias, calibration[name], {"probe": probe})[1].error
+        compress_(model, probe["layer"], probe.get("budget", 1.0), include=[name], options=probe.get("options"),
+                  calibration={name: calibration[name]})
+        error = sum((output(forward(model, batch)).float() - ref).square().sum()
+                    for batch, ref in zip(batches, reference)) / scale
+        replace_child(model, name, module)
+        weights[name] = error.item() / max(layer_error, 1e-30)
+    log.info("layer=auto output weights: min %.3g, max %.3g", min(weights.values()), max(weights.values()))
+    return weights
+
+
+def compress_auto_(model: nn.Module, calibration: Mapping[str, Mapping[str, Tensor]] | None,
+                   choices: Mapping[str, Mapping] | None = None, include=None, exclude=None, filter_fn=None,
+                   target_bytes: int | None = None, target_ratio: float | None = None,
+                   max_error: float | None = None, weights: Mapping[str, float] | None = None):
+    """Plan (see the module doc) and apply: each layer gets its chosen codec through ``compress_``; layers
+    whose plan is ``keep`` stay as they are. ``weights`` (per layer name, e.g. from :func:`output_weights`)
+    multiply each layer's errors; layers it does not name keep weight 1. Returns the merged
+    ``CompressionReport`` with each row's ``options`` holding the plan entry (choice, bytes, error)."""
+    from ..surgery import CompressionReport, compress_, dense_view
+
+    if not choices:
+        raise ValueError("layer=auto needs options.choices: name -> {layer: <type>, options: {...}}")
+    selected = _calibrated_layers(model, calibration, include, exclude, filter_fn)
     table = {}
     for name, module in selected.items():
         _, weight, bias = dense_view(module)
-        table[name] = layer_options(weight, bias, calibration[name], choices)
+        gain = (weights or {}).get(name, 1.0)
+        table[name] = [Option(o.choice, o.bytes, o.error * gain)
+                       for o in layer_options(weight, bias, calibration[name], choices)]
     if target_ratio is not None:
         if target_bytes is not None:
             raise ValueError("layer=auto takes target_bytes or target_ratio, not both")
