@@ -38,6 +38,7 @@ SHOWN_OVERRIDES = {"experiment", "model", "layer", "layer.name", "layer.budget",
 QUIET_OVERRIDE_PREFIXES = ("hydra.", "paths.", "logger", "+logger", "callbacks", "debug")
 ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\]\[ERROR\]|^(error|\w+(Error|Exception)):", re.M)
 SPREADS = ("std", "range")
+ALWAYS_SHOWN = ("model", "method")  # a paper's rows; other ids with one value for all rows go above the table
 
 
 # ---------------------------------------------------------------- reading runs
@@ -285,13 +286,13 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def markdown(rows: list[dict], by: Iterable[str], columns: list[str], spread: str) -> str:
-    """The grouped table; id columns with one value for every row become a line above it, the spread is
+    """The grouped table; id columns (but model and method) with one value for every row become a line above it, the spread is
     said below it, and every run that did not finish is listed after it."""
     if not rows:
         return ""
     by = list(by)
     records = grouped(rows, by, columns, spread)
-    constant = [k for k in by if len({json.dumps(r[k]) for r in records}) == 1]
+    constant = [k for k in by if k not in ALWAYS_SHOWN and len({json.dumps(r[k]) for r in records}) == 1]
     shown = [k for k in by if k not in constant]
     lines = []
     fixed = ", ".join(f"{k}={records[0][k]}" for k in constant if records[0][k] not in (None, ""))

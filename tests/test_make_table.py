@@ -106,13 +106,13 @@ def header(table: str) -> list[str]:
 def test_markdown_groups_seeds_into_mean_and_std_and_says_which_failed(sweep, tmp_path, capsys):
     main([str(sweep), "--csv", str(tmp_path / "runs.csv"), "--metrics", "test/acc", "params_total"])
     table = capsys.readouterr().out
-    assert "All rows: model=vit_fmnist, mode=train" in table  # constant ids leave the table
-    assert header(table) == ["method", "budget", "experiment", "n", "status", "test/acc", "params_total"]
+    assert "All rows: mode=train" in table  # constant ids leave the table, but model and method
+    assert header(table) == ["model", "method", "budget", "experiment", "n", "status", "test/acc", "params_total"]
     std = abs(0.9 - 0.8) / math.sqrt(2)  # sample standard deviation of two values
-    row = markdown_row(table, "lowrank", "0.5")
-    assert row[3:] == ["2", "2 ok, 1 failed (seed 2)", f"0.85 ± {std:.4g}", "500"]  # equal values: no ± 0
-    assert markdown_row(table, "lowrank", "0.25")[3:5] == ["1", "1 ok, 1 unfinished (seed 1)"]
-    assert markdown_row(table, "dense", "1.0")[3:] == ["1", "ok", "0.95", "1000"]
+    row = markdown_row(table, "vit_fmnist", "lowrank", "0.5")
+    assert row[4:] == ["2", "2 ok, 1 failed (seed 2)", f"0.85 ± {std:.4g}", "500"]  # equal values: no ± 0
+    assert markdown_row(table, "vit_fmnist", "lowrank", "0.25")[4:6] == ["1", "1 ok, 1 unfinished (seed 1)"]
+    assert markdown_row(table, "vit_fmnist", "dense", "1.0")[4:] == ["1", "ok", "0.95", "1000"]
     assert "sample standard deviation" in table
     failed = markdown_row(table, str(sweep / "grid" / "2"))
     assert failed[1:] == ["failed", "train.log: RuntimeError: boom at step 3"]
@@ -121,11 +121,11 @@ def test_markdown_groups_seeds_into_mean_and_std_and_says_which_failed(sweep, tm
 
 def test_spread_range_and_group_by(sweep, tmp_path, capsys):
     main([str(sweep / "grid"), "--csv", str(tmp_path / "a.csv"), "--metrics", "test/acc", "--spread", "range"])
-    assert markdown_row(capsys.readouterr().out, "0.5")[-1] == "0.85 (0.8..0.9)"
+    assert markdown_row(capsys.readouterr().out, "vit_fmnist", "lowrank", "0.5")[-1] == "0.85 (0.8..0.9)"
     main([str(sweep / "grid"), "--csv", str(tmp_path / "b.csv"), "--metrics", "test/acc", "--group-by", "method"])
     table = capsys.readouterr().out
-    assert header(table) == ["n", "status", "test/acc"]  # one group: method lowrank is a constant
-    assert markdown_row(table, "3")[2] == "0.8 ± 0.1"  # 0.8, 0.9 and 0.7 pooled
+    assert header(table) == ["method", "n", "status", "test/acc"]  # one group
+    assert markdown_row(table, "lowrank", "3")[3] == "0.8 ± 0.1"  # 0.8, 0.9 and 0.7 pooled
 
 
 def test_failed_group_without_finished_runs_is_a_row_with_its_cost(tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_failed_group_without_finished_runs_is_a_row_with_its_cost(tmp_path, cap
     write_run(tmp_path / "1", "fmnist/vit-lowrank", "lowrank", 0.1, 0, acc=0.5)
     main([str(tmp_path), "--csv", str(tmp_path / "runs.csv"), "--metrics", "test/acc", "macs_per_sample"])
     table = capsys.readouterr().out
-    assert markdown_row(table, "monarch")[2:] == ["0", "1 failed (seed 0)", "", "321"]
+    assert markdown_row(table, "vit_fmnist", "monarch")[3:] == ["0", "1 failed (seed 0)", "", "321"]
     assert "error: layer.budget too small" in table
 
 
@@ -144,7 +144,7 @@ def test_compress_run_reports_sizes_and_baseline(tmp_path, capsys):
     run = write_run(tmp_path / "c", "fmnist/vit-svdq", "svdq", 0.5, 0, acc=0.96, compress=sizes)
     main([str(run), "--csv", str(tmp_path / "runs.csv")])  # a single run folder, not a sweep
     table = capsys.readouterr().out
-    assert header(table) == ["n", "status", "test/acc", "baseline/test/acc", "params_total", "macs_per_sample",
+    assert header(table) == ["model", "method", "n", "status", "test/acc", "baseline/test/acc", "params_total", "macs_per_sample",
                              "bytes_on_disk", "ratio_vs_fp16", "wall_time_s"]
     (row,) = read_csv(tmp_path / "runs.csv")
     assert (row["mode"], row["bytes_on_disk"], row["ratio_vs_fp16"], row["baseline/test/acc"]) == \
@@ -157,8 +157,8 @@ def test_extra_overrides_separate_groups(tmp_path, capsys):
                   extra_overrides=(f"layer.options.rank={rank}", "logger=none", "hydra.job.chdir=false"))
     main([str(tmp_path), "--csv", str(tmp_path / "runs.csv"), "--metrics", "test/acc"])
     table = capsys.readouterr().out
-    assert markdown_row(table, "layer.options.rank=4")[1:] == ["1", "ok", "0.5"]
-    assert markdown_row(table, "layer.options.rank=8")[1:] == ["1", "ok", "0.6"]
+    assert markdown_row(table, "vit_fmnist", "lowrank", "layer.options.rank=4")[3:] == ["1", "ok", "0.5"]
+    assert markdown_row(table, "vit_fmnist", "lowrank", "layer.options.rank=8")[3:] == ["1", "ok", "0.6"]
 
 
 def test_bad_inputs_name_the_option(sweep, tmp_path, capsys):
