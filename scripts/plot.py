@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scripts.make_table import DEFAULT_GROUP_BY, QUALITY_FIRST, SPREADS, grouped, load_rows, number_columns, \
@@ -226,7 +227,9 @@ def plot_gaudi_structure(counts: dict[str, np.ndarray], out_stem: Path, title: s
         ax.set_xlabel("input index", fontsize=7)
         ax.set_ylabel("output index", fontsize=7)
         ax.tick_params(labelsize=6)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # component counts are whole numbers
+        bar.ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(counts):]:
         ax.axis("off")
     fig.suptitle(f"{title}: components covering each weight entry", fontsize=10)
