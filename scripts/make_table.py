@@ -249,24 +249,25 @@ def grouped(rows: list[dict], by: Iterable[str], columns: list[str], spread: str
 
 # ---------------------------------------------------------------- Markdown
 
-def fmt(value: float | None) -> str:
-    """A number in 4 significant digits, large ones with k / M / G."""
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A number in ``digits`` significant digits, large ones with k / M / G."""
     if value is None:
         return ""
     for threshold, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
         if abs(value) >= threshold:
-            return f"{value / scale:.4g}{suffix}"
-    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+            return f"{value / scale:.{digits}g}{suffix}"
+    return str(int(value)) if float(value).is_integer() else f"{value:.{digits}g}"
 
 
 def cell(stats: dict, spread: str) -> str:
-    """``mean ± std`` or ``mean (min..max)``; a plain value when the runs agree or there is one."""
+    """``mean ± std`` (std in 2 significant digits) or ``mean (min..max)``; a plain value when the runs agree
+    or there is one."""
     if stats["n"] == 0:
         return ""
     if stats["n"] == 1 or stats["min"] == stats["max"]:
         return fmt(stats["mean"])
     if spread == "std":
-        return f"{fmt(stats['mean'])} ± {fmt(stats['std'])}"
+        return f"{fmt(stats['mean'])} ± {fmt(stats['std'], digits=2)}"
     return f"{fmt(stats['mean'])} ({fmt(stats['min'])}..{fmt(stats['max'])})"
 
 

@@ -110,7 +110,7 @@ def test_markdown_groups_seeds_into_mean_and_std_and_says_which_failed(sweep, tm
     assert header(table) == ["model", "method", "budget", "experiment", "n", "status", "test/acc", "params_total"]
     std = abs(0.9 - 0.8) / math.sqrt(2)  # sample standard deviation of two values
     row = markdown_row(table, "vit_fmnist", "lowrank", "0.5")
-    assert row[4:] == ["2", "2 ok, 1 failed (seed 2)", f"0.85 ± {std:.4g}", "500"]  # equal values: no ± 0
+    assert row[4:] == ["2", "2 ok, 1 failed (seed 2)", f"0.85 ± {std:.2g}", "500"]  # equal values: no ± 0
     assert markdown_row(table, "vit_fmnist", "lowrank", "0.25")[4:6] == ["1", "1 ok, 1 unfinished (seed 1)"]
     assert markdown_row(table, "vit_fmnist", "dense", "1.0")[4:] == ["1", "ok", "0.95", "1000"]
     assert "sample standard deviation" in table
