@@ -27,6 +27,7 @@ import yaml
 log = logging.getLogger("make_table")
 
 ID_COLUMNS = ("model", "method", "budget", "experiment", "mode", "overrides", "seed", "status", "detail", "run_dir")
+TEXT_COLUMNS = set(ID_COLUMNS) - {"budget", "seed"}  # budget and seed are numbers (a budget may be a plan)
 DEFAULT_GROUP_BY = ("model", "method", "budget", "experiment", "mode", "overrides")  # every id but seed and run
 # metric names in metrics.json -> tidy column names for the two cost figures every run has
 RENAMES = {"flops/linear_macs_per_sample": "macs_per_sample",
@@ -158,7 +159,7 @@ def load_rows(roots: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def number_columns(rows: list[dict]) -> list[str]:
-    """Numeric columns any row has: costs first, then quality metrics, then the rest alphabetically."""
+    """Numeric columns any row has: parameter counts, MACs and sizes first, then the rest alphabetically."""
     present = {k for row in rows for k in row if k not in ID_COLUMNS}
     first = [c for c in ("params_total", "params_dense", "replaced_params_before", "replaced_params_after",
                          "macs_per_sample", "executed_flops_per_sample", "bytes_on_disk", "ratio_vs_fp32",
@@ -169,6 +170,7 @@ def number_columns(rows: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- tidy CSV
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """The tidy CSV: id columns, then every number column (blank where a run lacks it)."""
     columns = list(ID_COLUMNS) + number_columns(rows)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -179,7 +181,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def _parse_cell(column: str, text: str) -> Any:
     if text == "":
         return None
-    if column in ("model", "method", "experiment", "mode", "overrides", "status", "detail", "run_dir"):
+    if column in TEXT_COLUMNS:
         return text
     try:
         return int(text)
@@ -306,6 +308,8 @@ def markdown(rows: list[dict], by: Iterable[str], columns: list[str], spread: st
     lines += ["", f"Cells: mean over the n finished runs of a row (seeds) ± {what}; one value when they agree."
               if spread == "std" else
               f"Cells: mean over the n finished runs of a row (seeds), ({what}) when they differ."]
+    if any(r["n"] == 0 for r in records):
+        lines.append("Rows with n = 0 show the costs (from flops.json) of runs that did not finish.")
     missing = [r for r in rows if r["status"] != "ok"]
     if missing:
         lines += ["", f"Runs without metrics.json ({len(missing)}):", ""]
