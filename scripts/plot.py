@@ -81,8 +81,9 @@ def pareto_series(rows: list[dict], metric: str, x: str, group_by=DEFAULT_GROUP_
     the groups that differ only in ``budget``; points sorted by ``x``."""
     if spread not in SPREADS:
         raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
-    finished = [r for r in rows if r["status"] == "ok" and metric in r and x in r]
-    skipped = [r["run_dir"] for r in rows if r not in finished]
+    usable = [r["status"] == "ok" and metric in r and x in r for r in rows]
+    finished = [r for r, ok in zip(rows, usable) if ok]
+    skipped = [r["run_dir"] for r, ok in zip(rows, usable) if not ok]
     if skipped:
         log.info("left out %d runs without %s and %s (unfinished or failed): %s", len(skipped), metric, x,
                  " ".join(skipped))
