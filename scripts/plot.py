@@ -4,7 +4,7 @@
     python scripts/plot.py pareto --csv results.csv --metric test/acc --x macs_per_sample --logx
     python scripts/plot.py gaudi-structure logs/.../checkpoints/last.ckpt --out plots/gaudi   # or a compressed/ folder
 
-``pareto``: one line per model x method (x any other id that is not the swept budget), points sorted by cost,
+``pareto``: one line per model x method (x experiment: ids but the budget and extra overrides), points sorted by cost,
 each the mean over seeds with the spread as error bar; the dense rows are a star and a dashed line. Runs are read
 as ``scripts/make_table.py`` reads them (its tidy CSV works too); runs that did not finish are left out and listed.
 ``gaudi-structure``: per Gaudi-GBLR layer, how many components cover each weight entry (the learned row and column
@@ -41,7 +41,7 @@ X_AXES = {  # tidy column -> (axis label with unit, divisor)
     "bytes_on_disk": ("bytes on disk (MB)", 1e6),
 }
 LOWER_IS_BETTER = ("loss", "perplexity", "error")
-SWEPT = "budget"  # the id that varies along a line
+ALONG = ("budget", "overrides")  # ids that vary along one line: a method's trade-off over its settings
 DENSE_METHOD = "dense"
 FORMATS = ("png", "svg")
 
@@ -75,10 +75,10 @@ def _error_bar(stats: dict, spread: str) -> tuple[float, float]:
     return stats["mean"] - stats["min"], stats["max"] - stats["mean"]
 
 
-def pareto_series(rows: list[dict], metric: str, x: str, group_by=DEFAULT_GROUP_BY,
-                  spread: str = "std") -> list[Series]:
-    """Lines of ``metric`` against ``x`` over the finished runs: groups as in make_table's rows; a line joins
-    the groups that differ only in ``budget``; points sorted by ``x``."""
+def pareto_series(rows: list[dict], metric: str, x: str, group_by=DEFAULT_GROUP_BY, spread: str = "std",
+                  along=ALONG) -> list[Series]:
+    """Lines of ``metric`` against ``x`` over the finished runs: points are make_table's rows (``group_by``),
+    a line joins the points that differ only in the ids ``along`` (budget, extra overrides), sorted by ``x``."""
     if spread not in SPREADS:
         raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
     usable = [r["status"] == "ok" and metric in r and x in r for r in rows]
@@ -89,7 +89,7 @@ def pareto_series(rows: list[dict], metric: str, x: str, group_by=DEFAULT_GROUP_
                  " ".join(skipped))
     lines: dict[tuple, Series] = {}
     for record in grouped(finished, group_by, [metric, x], spread):
-        ids = tuple((k, record[k]) for k in group_by if k != SWEPT)
+        ids = tuple((k, record[k]) for k in group_by if k not in along)
         if ids not in lines:
             label = " / ".join(str(v) for k, v in ids if v not in (None, "") and k != "mode")
             lines[ids] = Series(label, record.get("method") == DENSE_METHOD)
@@ -156,9 +156,10 @@ def pareto_main(args: argparse.Namespace) -> list[Path]:
     written = []
     for x in args.x:
         if x not in present:
-            log.info("skipped %s: no run has it (bytes_on_disk comes from mode=compress runs)", x)
+            log.info("skipped %s: no run has it%s", x,
+                     " (mode=compress runs write it)" if x == "bytes_on_disk" else "")
             continue
-        series = pareto_series(rows, metric, x, args.group_by, args.spread)
+        series = pareto_series(rows, metric, x, args.group_by, args.spread, args.along)
         stem = args.out / f"pareto_{metric.replace('/', '_')}_vs_{x}"
         written += plot_pareto(series, metric, x, stem, args.logx, args.spread)
     return written
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     pareto.add_argument("--metric", help="quality column (default: test/acc, else test/perplexity, else a test/*)")
     pareto.add_argument("--x", nargs="+", default=list(X_AXES), help=f"cost columns (default: {' '.join(X_AXES)})")
     pareto.add_argument("--group-by", nargs="+", default=list(DEFAULT_GROUP_BY), help="as make_table.py's")
+    pareto.add_argument("--along", nargs="*", default=list(ALONG),
+                        help=f"ids that vary along one line (default: {' '.join(ALONG)})")
     pareto.add_argument("--spread", choices=SPREADS, default="std", help="error bars: std or min..max")
     pareto.add_argument("--logx", action="store_true", help="logarithmic cost axis")
     pareto.add_argument("--out", type=Path, default=Path("plots"), help="output folder (default: plots)")

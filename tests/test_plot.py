@@ -160,3 +160,13 @@ def test_gaudi_structure_without_gaudi_layers_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["gaudi-structure", str(tmp_path / "dense.ckpt"), "--out", str(tmp_path / "g")])
     assert "no Gaudi-GBLR layer to draw" in capsys.readouterr().err
+
+
+def test_runs_differing_in_extra_overrides_share_a_line_unless_kept_apart(tmp_path):
+    for i, (rank, macs, acc) in enumerate(((8, 800, 0.8), (4, 400, 0.7))):
+        write_run(tmp_path / str(i), "e", "lowrank", 0.5, 0, acc=acc, macs=macs,
+                  extra_overrides=(f"layer.options.rank={rank}",))
+    (line,) = pareto_series(load_rows([tmp_path]), "test/acc", "macs_per_sample")
+    assert (line.x, line.y) == ([400, 800], [0.7, 0.8])
+    apart = pareto_series(load_rows([tmp_path]), "test/acc", "macs_per_sample", along=("budget",))
+    assert sorted(s.x for s in apart) == [[400], [800]]
