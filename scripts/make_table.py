@@ -37,7 +37,9 @@ COST_COLUMNS = ("params_total", "macs_per_sample", "bytes_on_disk", "ratio_vs_fp
 # overrides already shown by an id column, or saying nothing about the result
 SHOWN_OVERRIDES = {"experiment", "model", "layer", "layer.name", "layer.budget", "mode", "mode.name", "seed", "sweep"}
 QUIET_OVERRIDE_PREFIXES = ("hydra.", "paths.", "logger", "+logger", "callbacks", "debug")
-ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\]\[ERROR\]|^(error|\w+(Error|Exception)):", re.M)
+# the exception line ending a traceback (the first unindented line after its header); an error line's message
+TRACEBACK = re.compile(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*(\S.*)$", re.M)
+ERROR_LINE = re.compile(r"\]\[ERROR\] - (.*)$|^((?:error|\w+(?:Error|Exception)):.*)$", re.M)
 SPREADS = ("std", "range")
 ALWAYS_SHOWN = ("model", "method")  # a paper's rows; other ids with one value for all rows go above the table
 
@@ -69,18 +71,20 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def failure_message(text: str) -> str | None:
+    """Why a run failed, from its log: the exception of a traceback, else the first error line; None if neither."""
+    match = TRACEBACK.search(text) or ERROR_LINE.search(text)
+    return None if match is None else next(g for g in match.groups() if g is not None).strip()
+
+
 def run_status(run_dir: Path, finished: bool) -> tuple[str, str]:
     """``(status, detail)``: ok / failed (error line from the run's log) / unfinished (newest checkpoint)."""
     if finished:
         return "ok", ""
     for log_file in sorted(run_dir.glob("*.log")) + sorted(run_dir.glob("*.err")):
-        text = log_file.read_text(errors="replace")
-        match = ERROR_LINE.search(text)
-        if match:
-            lines = [line for line in text[match.start():].splitlines() if line.strip()]
-            # a traceback ends with the exception; an error line is its own message
-            message = lines[-1] if match.group(0).startswith("Traceback") else lines[0]
-            return "failed", f"{log_file.name}: {message.strip()[:200]}"
+        message = failure_message(log_file.read_text(errors="replace"))
+        if message is not None:
+            return "failed", f"{log_file.name}: {message[:200]}"
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     return "unfinished", f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint yet"
 

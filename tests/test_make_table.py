@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from scripts.make_table import ID_COLUMNS, load_rows, main, read_csv
+from scripts.make_table import ID_COLUMNS, failure_message, load_rows, main, read_csv
+from src.utils.logs import record_failure
+
+from .conftest import ROOT
 
 
 def write_run(run_dir: Path, experiment: str, layer: str, budget: float, seed: int, *, acc: float | None = None,
@@ -175,3 +182,44 @@ def test_bad_inputs_name_the_option(sweep, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty")])
     assert "no run under" in capsys.readouterr().err
+
+
+def test_failure_message_reads_tracebacks_and_error_lines():
+    assert failure_message(TRACEBACK) == "RuntimeError: boom at step 3"
+    chained = TRACEBACK + "\nDuring handling of the above exception, another exception occurred:\n\n" + TRACEBACK
+    assert failure_message(chained) == "RuntimeError: boom at step 3"
+    assert failure_message("[t][run][ERROR] - error: seed=abc: not an integer\n") == "error: seed=abc: not an integer"
+    assert failure_message("error: layer.budget=2: must be in (0, 1]\n") == "error: layer.budget=2: must be in (0, 1]"
+    assert failure_message("[t][src.train][INFO] - no errors here; Error handling is fine\n") is None
+
+
+def test_record_failure_writes_the_traceback_to_log_files_only(tmp_path, capsys):
+    handler = logging.FileHandler(tmp_path / "train.log")
+    handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        try:
+            raise KeyError("no such layer")
+        except KeyError:
+            record_failure("run failed", with_traceback=True)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "train.log").read_text()
+    assert text.startswith("[run][ERROR] - run failed\nTraceback (most recent call last):")
+    assert failure_message(text) == "KeyError: 'no such layer'"
+    assert capsys.readouterr().err == ""
+
+
+def test_run_py_error_marks_the_run_failed(tmp_path, capsys):
+    """A config error ends run.py with one line on stderr and the same line in the run's log."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "trainer.max_epochs=-1",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: trainer.max_epochs=-1")
+    main([str(run_dir), "--csv", str(tmp_path / "runs.csv")])
+    (row,) = read_csv(tmp_path / "runs.csv")
+    assert row["status"] == "failed" and row["detail"] == "train.log: " + result.stderr.strip()[:200]
