@@ -323,6 +323,13 @@ def markdown(rows: list[dict], by: Iterable[str], columns: list[str], spread: st
 
 # ---------------------------------------------------------------- command line
 
+def check_ids(option: str, keys: Iterable[str]) -> None:
+    """``ValueError`` naming ``option`` when one of ``keys`` is not an id column."""
+    unknown = [k for k in keys if k not in ID_COLUMNS]
+    if unknown:
+        raise ValueError(f"{option} {' '.join(unknown)}: not an id column; choose from {' '.join(ID_COLUMNS)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
@@ -343,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if not rows:
         parser.error(f"no run under {' '.join(map(str, args.sweep_dirs))}: a run folder holds metrics.json or .hydra/")
-    unknown = [k for k in args.group_by if k not in ID_COLUMNS]
-    if unknown:
-        parser.error(f"--group-by {' '.join(unknown)}: not an id column; choose from {' '.join(ID_COLUMNS)}")
+    try:
+        check_ids("--group-by", args.group_by)
+    except ValueError as err:
+        parser.error(str(err))
     available = number_columns(rows)
     columns = args.columns or default_columns(rows)
     absent = [c for c in columns if c not in available]

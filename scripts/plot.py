@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.make_table import DEFAULT_GROUP_BY, QUALITY_FIRST, SPREADS, grouped, load_rows, number_columns, \
-    read_csv  # noqa: E402
+from scripts.make_table import DEFAULT_GROUP_BY, QUALITY_FIRST, SPREADS, check_ids, grouped, load_rows, \
+    number_columns, read_csv  # noqa: E402
 
 log = logging.getLogger("plot")
 
@@ -146,6 +146,8 @@ def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx:
 
 
 def pareto_main(args: argparse.Namespace) -> list[Path]:
+    check_ids("--group-by", args.group_by)
+    check_ids("--along", args.along)
     rows = read_csv(args.csv) if args.csv else load_rows(args.dirs)
     if not rows:
         raise ValueError("no runs found: give sweep folders or --csv results.csv")

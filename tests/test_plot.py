@@ -63,6 +63,9 @@ def test_pareto_bad_metric_names_the_option(sweep, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pareto", str(sweep), "--metric", "test/bleu", "--out", str(tmp_path)])
     assert "--metric test/bleu: no run has it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pareto", str(sweep), "--along", "lr", "--out", str(tmp_path)])
+    assert "--along lr: not an id column" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- Gaudi-GBLR structure
