@@ -293,8 +293,8 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def markdown(rows: list[dict], by: Iterable[str], columns: list[str], spread: str) -> str:
-    """The grouped table; id columns (but model and method) with one value for every row become a line above it, the spread is
-    said below it, and every run that did not finish is listed after it."""
+    """The grouped table; id columns (but model and method) with one value for every row become a line above
+    it, the spread is said below it, and every run that did not finish is listed after it."""
     if not rows:
         return ""
     by = list(by)

@@ -45,8 +45,9 @@ def write_run(run_dir: Path, experiment: str, layer: str, budget: float, seed: i
         results = {"metrics": {"test/acc": acc, "test/loss": 1 - acc, "val/acc": acc,
                                "flops/linear_macs_per_sample": float(macs)},
                    "layer_type": layer, "budget": budget, "experiment": experiment, "wall_time_s": 10.0 + seed,
-                   "params": {"replaced_layers": 2, "replaced_params_before": 800, "replaced_params_after": params - 200,
-                              "model_params_before": 1000, "model_params_after": params},
+                   "params": {"replaced_layers": 2, "replaced_params_before": 800,
+                              "replaced_params_after": params - 200, "model_params_before": 1000,
+                              "model_params_after": params},
                    **(compress or {})}
         (run_dir / "metrics.json").write_text(json.dumps(results))
     return run_dir
@@ -151,8 +152,8 @@ def test_compress_run_reports_sizes_and_baseline(tmp_path, capsys):
     run = write_run(tmp_path / "c", "fmnist/vit-svdq", "svdq", 0.5, 0, acc=0.96, compress=sizes)
     main([str(run), "--csv", str(tmp_path / "runs.csv")])  # a single run folder, not a sweep
     table = capsys.readouterr().out
-    assert header(table) == ["model", "method", "n", "status", "test/acc", "baseline/test/acc", "params_total", "macs_per_sample",
-                             "bytes_on_disk", "ratio_vs_fp16", "wall_time_s"]
+    assert header(table) == ["model", "method", "n", "status", "test/acc", "baseline/test/acc", "params_total",
+                             "macs_per_sample", "bytes_on_disk", "ratio_vs_fp16", "wall_time_s"]
     (row,) = read_csv(tmp_path / "runs.csv")
     assert (row["mode"], row["bytes_on_disk"], row["ratio_vs_fp16"], row["baseline/test/acc"]) == \
         ("compress", 12345, 2.5, 0.97)
