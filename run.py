@@ -18,15 +18,21 @@ def main(cfg: DictConfig) -> float | None:
     """Check the config, then run it; a bad input ends the process with status 2 and one line
     ``error: <message>`` on stderr (``HYDRA_FULL_ERROR=1`` shows the full traceback instead)."""
     from src.config_checks import check_config  # torch-free: answers in about a second
+    from src.utils.logs import record_failure
 
     try:
         check_config(cfg)
         return dispatch(cfg)
     except (ValueError, FileNotFoundError) as err:  # ConfigError, NonFiniteError; DatasetNotFoundError
+        message = f"error: {' '.join(str(err).split())}"
+        record_failure(message)  # the run's log says it failed (scripts/make_table.py reads it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
+        sys.stderr.write(message + "\n")
         sys.exit(2)
+    except Exception:
+        record_failure("run failed", with_traceback=True)  # Hydra prints it on the terminal
+        raise
 
 
 def dispatch(cfg: DictConfig) -> float | None:

@@ -4,6 +4,7 @@ line was printed twice (``INFO: Seed set to 42`` and ``[...][lightning.fabric...
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -31,3 +32,14 @@ class LightningLogsOnce(Callback):
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         route_lightning_logs_to_root()
+
+
+def record_failure(message: str, with_traceback: bool = False) -> None:
+    """Write an ERROR line (and the current exception's traceback) to the run's log files only: the terminal
+    already gets the error on stderr, and the line lets results tables tell a failed run from a running one."""
+    logger = logging.getLogger("run")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None,
+                               sys.exc_info() if with_traceback else None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
