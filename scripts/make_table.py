@@ -4,6 +4,7 @@
     python scripts/make_table.py logs/sweeps/offline/fmnist_vit                  # Markdown to stdout, CSV beside it
     python scripts/make_table.py DIR [DIR ...] --csv runs.csv --json runs.json
     python scripts/make_table.py DIR --metrics test/acc macs_per_sample --group-by method budget --spread range
+    python scripts/make_table.py benchmarks/results/whole_file_minilm_cpu.jsonl --metrics cosine_mean ratio_vs_fp16
 
 A run is any folder holding ``metrics.json`` or Hydra's ``.hydra/`` (single runs and multirun subfolders alike).
 Status: ``ok`` (metrics.json written), ``failed`` (its log holds a traceback or an error line), else
@@ -152,12 +153,56 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             **run_numbers(results, _read_json(run_dir / "flops.json"))}
 
 
+# a benchmark codec name ends in its knob: lowrank-0.25 (budget), svdq-int8-e0.05 (max_error), hyper-e0.02,
+# auto-e2e-r3.0 (target_ratio), int4-gptq-asym-g64 (group_size)
+CODEC_KNOB = re.compile(r"^(?P<family>.+?)-(?P<kind>[erg]?)(?P<value>\d+(?:\.\d+)?)$")
+KNOB_NAMES = {"e": "max_error", "r": "target_ratio", "g": "group_size"}
+
+
+def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
+    """Id columns of one benchmark JSON line (``benchmarks/whole_file.py``): the codec family is the method, its
+    knob the budget (or an override such as ``max_error=0.05``), the storage policy part of the method."""
+    codec = str(record.get("codec", record.get("layer", "")))
+    match = CODEC_KNOB.match(codec)
+    family, budget, overrides = codec, None, ""
+    if match:
+        family, value = match["family"], float(match["value"])
+        if match["kind"]:
+            overrides = f"{KNOB_NAMES[match['kind']]}={match['value']}"
+        else:
+            budget = value
+    storage = record.get("storage")
+    return {"model": record.get("model"), "method": f"{family} ({storage})" if storage else family,
+            "budget": budget, "experiment": source, "mode": "benchmark", "overrides": overrides, "seed": None}
+
+
+def read_benchmark_lines(path: Path) -> list[dict[str, Any]]:
+    """Tidy rows of a benchmark's JSON-lines file: one row per line, every number of the line a column."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number} is not a JSON line ({err.msg}); give a benchmark's .jsonl output")
+        numbers = {k: v for k, v in record.items() if _is_number(v) and k not in ID_COLUMNS}
+        rows.append({**benchmark_ids(record, path.stem), "status": "ok", "detail": "",
+                     "run_dir": f"{path}:{number}", **numbers})
+    return rows
+
+
 def load_rows(roots: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Tidy rows of every run under ``roots`` (each a sweep, a multirun job or a single run folder)."""
+    """Tidy rows of every run under ``roots`` (each a sweep, a multirun job or a single run folder), or of every
+    line of a benchmark's ``.jsonl`` file."""
     rows = []
     for root in map(Path, roots):
+        if root.is_file() and root.suffix == ".jsonl":
+            rows += read_benchmark_lines(root)
+            continue
         if not root.is_dir():
-            raise ValueError(f"{root} is not a directory; give a run or sweep folder (e.g. logs/train/multirun/<date>)")
+            raise ValueError(f"{root} is not a directory or a .jsonl file; give a run or sweep folder "
+                             "(e.g. logs/train/multirun/<date>) or a benchmark's JSON lines")
         rows += [read_run(run_dir) for run_dir in find_run_dirs(root)]
     return rows
 
@@ -332,7 +377,8 @@ def check_ids(option: str, keys: Iterable[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
+    parser.add_argument("sweep_dirs", nargs="+", type=Path,
+                        help="sweep or run folders (searched recursively), or benchmark .jsonl files")
     parser.add_argument("--csv", type=Path, default=None,
                         help="tidy CSV, one run a row (default: <first dir>/results.csv)")
     parser.add_argument("--json", type=Path, default=None, help="also write the tidy rows as a JSON list here")
@@ -360,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     if absent:
         parser.error(f"--metrics {' '.join(absent)}: no run has it; columns present: {' '.join(available)}")
     print(markdown(rows, args.group_by, columns, args.spread))
-    csv_path = args.csv or args.sweep_dirs[0] / "results.csv"
+    first = args.sweep_dirs[0]
+    csv_path = args.csv or (first.with_suffix(".csv") if first.is_file() else first / "results.csv")
     write_csv(rows, csv_path)
     log.info("\nCSV (%d runs) written to %s", len(rows), csv_path)
     if args.json:
