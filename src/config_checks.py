@@ -42,7 +42,8 @@ CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("auto", "dense", "lr", "c
 # What each datamodule / model / task family feeds or expects, keyed by the last part of ``_target_``.
 DATA_FAMILY = {"FashionMNISTDataModule": "image", "CIFARDataModule": "image", "ImageNetDataModule": "image",
                "ImageNetHFDataModule": "image", "GlueDataModule": "text", "TweetsSentimentDataModule": "text",
-               "WikiTextDataModule": "text-lm", "WikiOfflineDataModule": "text-lm"}
+               "WikiTextDataModule": "text-lm", "WikiOfflineDataModule": "text-lm",
+               "TextCorpusDataModule": "text-lm"}
 TASK_FAMILY = {"ClassificationTask": "image", "SequenceClassificationTask": "text", "LanguageModelTask": "text-lm"}
 HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm"}
 FAMILY_WORDS = {"image": "images", "text": "labelled text", "text-lm": "text for language modelling"}
