@@ -44,8 +44,9 @@ DATA_FAMILY = {"FashionMNISTDataModule": "image", "CIFARDataModule": "image", "I
                "ImageNetHFDataModule": "image", "GlueDataModule": "text", "TweetsSentimentDataModule": "text",
                "WikiTextDataModule": "text-lm", "WikiOfflineDataModule": "text-lm",
                "TextCorpusDataModule": "text-lm"}
-TASK_FAMILY = {"ClassificationTask": "image", "SequenceClassificationTask": "text", "LanguageModelTask": "text-lm"}
-HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm"}
+TASK_FAMILY = {"ClassificationTask": "image", "SequenceClassificationTask": "text", "LanguageModelTask": "text-lm",
+               "PooledEmbeddingAgreementTask": "text"}
+HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm", "encoder": "text"}
 FAMILY_WORDS = {"image": "images", "text": "labelled text", "text-lm": "text for language modelling"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 GAUDI_CALLBACKS = "src.callbacks.gaudi."

@@ -150,7 +150,7 @@ def stand_in_overrides(cfg, stand_ins: dict) -> list[str]:
         name = str(cfg.model.get("name"))
         out += next((small for prefix, small in SMALL_TIMM.items() if name.startswith(prefix)), [])
         out += SMALL_MIXER if cfg.model._target_.endswith("MlpMixer") else []
-        out += SMALL_VGG if cfg.model._target_.endswith(".VGG") else []
+        out += SMALL_VGG if cfg.model._target_.endswith(".create_vgg") else []
     if cfg.layer.name == "gaudi":
         out.append("layer.options.niter=5")  # a few refinement steps of the structure search: wiring, not results
     return out
