@@ -46,6 +46,7 @@ def test_sweep_expansion_is_the_cartesian_product():
 @pytest.mark.parametrize("name", sweep_names())
 def test_every_job_composes_and_passes_the_checks(name, stand_ins, tmp_path):
     paper = name.split("/")[0]
+    compose_config([f"sweep={name}"], tmp_path)  # what `run.py -m` composes before the sweeper expands the jobs
     for job in sweep_jobs(name):
         overrides = [f"sweep={name}", *job, f"paths.data_dir={stand_ins['data']}"]
         cfg = compose_config(overrides, tmp_path)
