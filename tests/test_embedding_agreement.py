@@ -4,8 +4,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from src.config_checks import ConfigError, check_config
 from src.surgery import compress_
 from src.tasks.embedding_agreement import PooledEmbeddingAgreementTask
+
+from .conftest import compose_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,3 +57,10 @@ def test_surgery_changes_the_model_but_not_the_reference():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     metrics = test_metrics(task)
     assert metrics["test/embedding_rel_error"] > 1e-4 and metrics["test/cosine"] < 1.0
+
+
+def test_training_it_is_refused_with_the_fix(tmp_path):
+    cfg = compose_config(["experiment=glue/bert-ptq-svdq-cosine", "mode=train"], tmp_path)
+    with pytest.raises(ConfigError, match="mode.name=train: task PooledEmbeddingAgreementTask only evaluates") as err:
+        check_config(cfg)
+    assert "use mode=compress" in str(err.value)
