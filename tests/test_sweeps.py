@@ -47,13 +47,12 @@ def test_sweep_expansion_is_the_cartesian_product():
 def test_every_job_composes_and_passes_the_checks(name, stand_ins, tmp_path):
     paper = name.split("/")[0]
     compose_config([f"sweep={name}"], tmp_path)  # what `run.py -m` composes before the sweeper expands the jobs
+    placeholder = tmp_path / "weights.safetensors"
+    placeholder.touch()
     for job in sweep_jobs(name):
-        overrides = [f"sweep={name}", *job, f"paths.data_dir={stand_ins['data']}"]
-        cfg = compose_config(overrides, tmp_path)
+        cfg = compose_config([f"sweep={name}", *job, f"paths.data_dir={stand_ins['data']}"], tmp_path)
         if cfg.model.get("pretrained_path"):  # weights the user provides: any existing file passes the check
-            placeholder = tmp_path / "weights.safetensors"
-            placeholder.touch()
-            cfg = compose_config([*overrides, f"model.pretrained_path={placeholder}"], tmp_path)
+            cfg.model.pretrained_path = str(placeholder)
         check_config(cfg)
         assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/sweeps/{paper}/"), cfg.hydra.sweep.dir
 
