@@ -42,9 +42,12 @@ CHOICES = {"init": ("svd", "whiten"), "compute_mode": ("auto", "dense", "lr", "c
 # What each datamodule / model / task family feeds or expects, keyed by the last part of ``_target_``.
 DATA_FAMILY = {"FashionMNISTDataModule": "image", "CIFARDataModule": "image", "ImageNetDataModule": "image",
                "ImageNetHFDataModule": "image", "GlueDataModule": "text", "TweetsSentimentDataModule": "text",
-               "WikiTextDataModule": "text-lm", "WikiOfflineDataModule": "text-lm"}
-TASK_FAMILY = {"ClassificationTask": "image", "SequenceClassificationTask": "text", "LanguageModelTask": "text-lm"}
-HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm"}
+               "WikiTextDataModule": "text-lm", "WikiOfflineDataModule": "text-lm",
+               "TextCorpusDataModule": "text-lm"}
+TASK_FAMILY = {"ClassificationTask": "image", "SequenceClassificationTask": "text", "LanguageModelTask": "text-lm",
+               "PooledEmbeddingAgreementTask": "text"}
+HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm", "encoder": "text"}
+EVAL_ONLY_TASKS = ("PooledEmbeddingAgreementTask",)  # no training_step
 FAMILY_WORDS = {"image": "images", "text": "labelled text", "text-lm": "text for language modelling"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 GAUDI_CALLBACKS = "src.callbacks.gaudi."
@@ -335,6 +338,10 @@ def check_run(cfg: Mapping) -> None:
     mode = (cfg.get("mode") or {}).get("name")
     if mode not in MODES:
         fail("mode.name", mode, f"must be one of {', '.join(MODES)}", f"{did_you_mean(mode, MODES)}use mode=train")
+    task = _short_name((cfg.get("task") or {}).get("_target_"))
+    if mode == "train" and task in EVAL_ONLY_TASKS:
+        fail("mode.name", mode, f"task {task} only evaluates (it compares a model with its uncompressed copy)",
+             "use mode=compress (as experiment=glue/bert-ptq-svdq-cosine does)")
     if cfg.get("optimized_mode") not in ("min", "max"):
         fail("optimized_mode", cfg.get("optimized_mode"), "must be min or max",
              f"{did_you_mean(cfg.get('optimized_mode'), ('min', 'max'))}e.g. optimized_mode=max for accuracy")

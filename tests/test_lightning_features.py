@@ -156,7 +156,7 @@ def test_tab_completion_reaches_nested_experiments():
     assert hydra_query("python run.py experiment=") == [f"experiment={n}" for n in experiment_names()]
     assert hydra_query("python run.py layer=mo") == ["layer=monarch"]
     glue = hydra_query("python run.py layer=dense experiment=glue/")
-    assert glue == ["experiment=glue/bert-dense", "experiment=glue/bert-gaudi"]
+    assert glue == [f"experiment={n}" for n in experiment_names() if n.startswith("glue/")] and len(glue) >= 2
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -173,4 +173,5 @@ def test_installed_bash_completion_offers_nested_experiments(tmp_path):
              "printf '%s\\n' \"${COMPREPLY[@]}\"")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     out = subprocess.run(["bash", "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["experiment=cifar10/vit-s-dense", "experiment=cifar10/vit-s-lowrank"], out.stderr
+    expected = [f"experiment={n}" for n in experiment_names() if n.startswith("cifar10/vit")]
+    assert out.stdout.split() == expected and len(expected) >= 2, out.stderr

@@ -44,9 +44,10 @@ def missing_saved_hf_dataset(candidates: Iterable[Path | str | None], hub_name: 
 
 
 def load_local_dataset(candidates: Iterable[Path | str | None], hub_name: str, config_name: str | None = None,
-                       allow_download: bool = True, how_to: str = ""):
+                       allow_download: bool = True, how_to: str = "", data_files: dict | None = None):
     """The dataset from the first candidate folder (``load_from_disk`` or a folder of data files), else from
     the datasets cache (offline mode), else downloaded from the hub when ``allow_download`` and online.
+    ``data_files`` (split -> file in the hub repository) picks files of a large hub dataset (C4's shards).
 
     Raises :class:`DatasetNotFoundError` naming every place it looked and the command that fetches it.
     """
@@ -64,14 +65,15 @@ def load_local_dataset(candidates: Iterable[Path | str | None], hub_name: str, c
         if has_data_files(path):
             log.info("loading %s from the data files in %s", hub_name, path)
             return datasets.load_dataset(str(path))
-    cached = _load_from_cache(hub_name, config_name)
+    cached = _load_from_cache(hub_name, config_name, data_files)
     if cached is not None:
         return cached
     looked.append(f"the datasets cache ({hub_name}{', ' + config_name if config_name else ''})")
     if allow_download and network_available("huggingface.co"):
         log.info("downloading %s/%s from the hub", hub_name, config_name)
-        return datasets.load_dataset(hub_name, config_name)
-    args = f"'{hub_name}'" + (f", '{config_name}'" if config_name else "")
+        return datasets.load_dataset(hub_name, config_name, data_files=data_files)
+    args = f"'{hub_name}'" + (f", '{config_name}'" if config_name else "") + (
+        f", data_files={data_files!r}" if data_files else "")
     first = next((p for p in looked), "DIR")
     raise DatasetNotFoundError(
         f"{hub_name}{'/' + config_name if config_name else ''} not found. Looked in: {', '.join(looked)}. "
@@ -80,7 +82,7 @@ def load_local_dataset(candidates: Iterable[Path | str | None], hub_name: str, c
     )
 
 
-def _load_from_cache(hub_name: str, config_name: str | None):
+def _load_from_cache(hub_name: str, config_name: str | None, data_files: dict | None = None):
     """``load_dataset`` with the hub switched off: succeeds only when the datasets cache holds it."""
     import datasets
     from huggingface_hub import constants
@@ -88,7 +90,7 @@ def _load_from_cache(hub_name: str, config_name: str | None):
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
     try:
-        return datasets.load_dataset(hub_name, config_name)
+        return datasets.load_dataset(hub_name, config_name, data_files=data_files)
     except Exception as err:  # noqa: BLE001 -- any failure here just means "not cached"
         log.debug("%s/%s not in the datasets cache: %s", hub_name, config_name, err)
         return None

@@ -16,16 +16,17 @@ log = logging.getLogger(__name__)
 SEPARATOR = "\n\n"
 
 
-def tokenize_joined(tokenizer, texts: list[str], group_size: int | None = None) -> torch.Tensor:
-    """Token ids of ``"\\n\\n".join(texts)`` as one 1-D tensor.
+def tokenize_joined(tokenizer, texts: list[str], group_size: int | None = None,
+                    separator: str = SEPARATOR) -> torch.Tensor:
+    """Token ids of ``separator.join(texts)`` (by default ``"\\n\\n"``) as one 1-D tensor.
 
     ``group_size=None`` tokenizes the whole string in one call (exact, for evaluation). For large training
     corpora ``group_size`` texts are joined and tokenized at a time, the separator kept between groups.
     """
     texts = [t for t in texts if t is not None]
     if group_size is None:
-        return torch.tensor(tokenizer(SEPARATOR.join(texts), verbose=False)["input_ids"], dtype=torch.long)
-    groups = [SEPARATOR.join(texts[i:i + group_size]) + (SEPARATOR if i + group_size < len(texts) else "")
+        return torch.tensor(tokenizer(separator.join(texts), verbose=False)["input_ids"], dtype=torch.long)
+    groups = [separator.join(texts[i:i + group_size]) + (separator if i + group_size < len(texts) else "")
               for i in range(0, len(texts), group_size)]
     ids = tokenizer(groups, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor([t for chunk in ids for t in chunk], dtype=torch.long)
@@ -57,12 +58,14 @@ class LanguageModelingDataModule(pl.LightningDataModule):
 
     ``block_size``: training sequence length; ``eval_length``: perplexity window (the model's context, e.g.
     1024 for GPT-2, 2048 for OPT/LLaMA). ``max_eval_windows`` evaluates only the first windows -- such numbers
-    are not comparable to full-split perplexities and a warning says so.
+    are not comparable to full-split perplexities and a warning says so. ``separator`` joins the documents
+    (GPTQ's PTB and C4 protocols join with a space).
     """
 
     def __init__(self, tokenizer: str, block_size: int = 1024, eval_length: int = 1024, batch_size: int = 8,
                  eval_batch_size: int = 8, num_workers: int = 0, train_group_size: int = 2000,
-                 max_train_blocks: int | None = None, max_eval_windows: int | None = None):
+                 max_train_blocks: int | None = None, max_eval_windows: int | None = None,
+                 separator: str = SEPARATOR):
         super().__init__()
         self.save_hyperparameters()
         self.windows: dict[str, torch.Tensor] = {}
@@ -79,10 +82,12 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         hp = self.hparams
         tokenizer = load_tokenizer(hp.tokenizer)
         texts = self.load_texts()
-        train_tokens = tokenize_joined(tokenizer, texts["train"], group_size=hp.train_group_size)
+        train_tokens = tokenize_joined(tokenizer, texts["train"], group_size=hp.train_group_size,
+                                      separator=hp.separator)
         self.windows["train"] = non_overlapping_windows(train_tokens, hp.block_size)[: hp.max_train_blocks]
         for split in ("val", "test"):
-            windows = non_overlapping_windows(tokenize_joined(tokenizer, texts[split]), hp.eval_length)
+            windows = non_overlapping_windows(tokenize_joined(tokenizer, texts[split], separator=hp.separator),
+                                              hp.eval_length)
             if hp.max_eval_windows is not None and windows.shape[0] > hp.max_eval_windows:
                 log.warning("%s perplexity over the first %d of %d windows only: not comparable to full-split "
                             "numbers", split, hp.max_eval_windows, windows.shape[0])

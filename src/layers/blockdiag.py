@@ -147,7 +147,9 @@ class BlockDiagLinear(StructuredLinear):
         autograd: one ``bmm`` over strided input chunks, one copy laying the blocks side by side."""
         b, s, p, rows = self.nblocks, self.out_block, self.in_block, flat.shape[0]
         x = flat if b * p == self.in_features else F.pad(flat, (0, b * p - self.in_features))
-        if not (torch.is_grad_enabled() and (flat.requires_grad or self.blocks.requires_grad)):
+        # in-place addmm/mm skip autocast: an input of another dtype (bf16 activations) takes the bmm path
+        if flat.dtype == self.blocks.dtype and not (
+                torch.is_grad_enabled() and (flat.requires_grad or self.blocks.requires_grad)):
             y = flat.new_empty(rows, b * s)
             for k in range(b):
                 out = y[:, k * s:(k + 1) * s]

@@ -1,4 +1,5 @@
-"""Hugging Face transformers built from config: sequence classifiers (GLUE, tweets) and causal LMs."""
+"""Hugging Face transformers built from config: sequence classifiers (GLUE, tweets), causal LMs and bare
+encoders (their pooled embeddings, for post-training comparisons)."""
 from __future__ import annotations
 
 import logging
@@ -10,17 +11,18 @@ from .hf_sources import resolve_source
 
 log = logging.getLogger(__name__)
 
-KINDS = ("sequence_classification", "causal_lm")
+KINDS = ("sequence_classification", "causal_lm", "encoder")
 
 
 def create_hf_model(source: str, kind: str = "sequence_classification", num_labels: int | None = None,
                     dtype: str = "float32", **config_overrides) -> nn.Module:
-    """``AutoModelFor{SequenceClassification,CausalLM}.from_pretrained`` for a source string (see hf_sources).
+    """``AutoModelFor{SequenceClassification,CausalLM}.from_pretrained``, or ``AutoModel`` for ``kind="encoder"``,
+    for a source string (see hf_sources).
 
     ``num_labels=1`` makes a regression head (STS-B). ``config_overrides`` set config fields such as
     ``hidden_dropout_prob``. The classification head of a backbone-only checkpoint is freshly initialised.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind not in KINDS:
         raise ValueError(f"model kind {kind!r} unknown; use one of {KINDS}")
@@ -28,6 +30,8 @@ def create_hf_model(source: str, kind: str = "sequence_classification", num_labe
     kwargs = dict(config_overrides, dtype=getattr(torch, dtype))
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif kind == "encoder":
+        model = AutoModel.from_pretrained(path, **kwargs)
     else:
         if num_labels is None:
             raise ValueError("a sequence_classification model needs num_labels (1 for regression)")
