@@ -56,10 +56,10 @@ def test_default_stores_untouched_fp32_tensors_as_fp16_and_restores_fp32(tmp_pat
     loaded = roundtrip(model, tmp_path / "m")
     tensors = read_manifest(tmp_path / "m")["tensors"]
     assert tensors["norm.weight"]["stored_dtype"] == "float16" and tensors["emb.weight"]["codec"] == "cast"
-    assert tensors["mid.left"]["codec"] == "raw"  # a structured layer's tensors are stored as the layer holds them
-    assert loaded.norm.weight.dtype == torch.float32
+    assert tensors["mid.left"]["stored_dtype"] == "float16"  # a structured layer's float factors too
+    assert loaded.norm.weight.dtype == loaded.mid.left.dtype == torch.float32
     assert torch.equal(loaded.emb.weight, before.emb.weight.half().float())
-    assert torch.equal(loaded.mid.left, before.mid.left)
+    assert torch.equal(loaded.mid.left, before.mid.left.half().float())
     with torch.no_grad():  # saving rounded the model in memory to exactly what is on disk
         assert torch.equal(loaded(IDS), model(IDS))
 
@@ -222,7 +222,29 @@ def test_folder_sizes_match_the_dense_model_and_the_files(tmp_path, storage, emb
     assert sizes["bytes_on_disk"] == sum(f.stat().st_size for f in (tmp_path / "m").iterdir())
     assert sizes["bytes_on_disk"] == sizes["metadata_bytes"] + sum(sizes[f"{p}_bytes"] for p in
                                                                     ("replaced", "embeddings", "rest"))
-    assert sizes["replaced_bytes"] == sum(layer.storage_bytes() for layer in structured_layers(model).values())
+    float_bytes = 4 if storage == {"dtype": "fp32"} else 2
+    assert sizes["replaced_bytes"] == sum(layer.storage_bytes(float_bytes) for layer in structured_layers(model).values())
     assert sizes["replaced_fp32_bytes"] == (24 * 24 + 24) * 4
     assert sizes["embeddings_bytes"] == embedding_bytes
     assert sizes["ratio_vs_fp16"] == round(sizes["dense_fp16_bytes"] / sizes["bytes_on_disk"], 3)
+
+
+@pytest.mark.parametrize("layer", ["lowrank", "monarch", "blockdiag", "gaudi", "tsvd", "svdq"])
+def test_structured_layers_are_never_larger_than_fp16_and_keep_their_exact_tensors(layer, tmp_path):
+    """Every float tensor of a structured layer is written in fp16 except its ``exact_tensors`` (Gaudi's
+    interval parameters, verified scales), which reload bit-identical."""
+    torch.manual_seed(0)
+    model = TinyLM(tied=False)
+    compress_(model, layer, 0.5, include=["mid"])
+    before = copy.deepcopy(model)
+    loaded = roundtrip(model, tmp_path / "m")
+    tensors = read_manifest(tmp_path / "m")["tensors"]
+    exact = type(before.mid).exact_tensors
+    for name, tensor in before.mid.state_dict().items():
+        entry = tensors[f"mid.{name}"]
+        if not tensor.is_floating_point() or name in exact:
+            assert entry["codec"] in ("raw", "ternary2"), (name, entry)
+            assert torch.equal(loaded.mid.state_dict()[name], tensor)
+        else:
+            assert entry["stored_dtype"] == "float16", (name, entry)
+            assert torch.equal(loaded.mid.state_dict()[name], tensor.half().float())

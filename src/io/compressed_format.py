@@ -134,8 +134,15 @@ class _Encoded:
     rounded: dict[str, torch.Tensor]
 
 
+def exact_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the structured layers' ``exact_tensors`` (kept in their own dtype by a save)."""
+    return {f"{name}.{tensor}" if name else tensor for name, module in model.named_modules()
+            if isinstance(module, StructuredLinear) for tensor in module.exact_tensors}
+
+
 def _encode_state(state: Mapping[str, torch.Tensor], layer_names: list[str], embeddings: list[str],
-                  policy: StoragePolicy, grams: Mapping[str, torch.Tensor] | None = None) -> _Encoded:
+                  policy: StoragePolicy, grams: Mapping[str, torch.Tensor] | None = None,
+                  exact: set[str] = frozenset()) -> _Encoded:
     keys, aliases = _unique_keys(state)
     prefixes = tuple(name + "." for name in layer_names)
     in_layer = {key: key.startswith(prefixes) for key in keys}
@@ -149,7 +156,7 @@ def _encode_state(state: Mapping[str, torch.Tensor], layer_names: list[str], emb
     encoded = _Encoded({}, {}, aliases, embeddings, dtype, {})
     for key in keys:
         tensor = state[key].detach().to("cpu", copy=True).contiguous()
-        entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, dtype, grams.get(key))
+        entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, dtype, grams.get(key), key in exact)
         stored = encode(key, tensor, entry, grams.get(key))
         if entry["codec"] in ("cast", "int8", "int4"):
             encoded.rounded[key] = decode(key, entry, stored)
@@ -181,7 +188,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     layers = [layer_entry(name, module) for name, module in structured_layers(model).items()]
     spec = describe_source(model, source)
     state = model.state_dict()
-    encoded = _encode_state(state, [entry["name"] for entry in layers], embedding_keys(model), policy, calibration)
+    encoded = _encode_state(state, [entry["name"] for entry in layers], embedding_keys(model), policy, calibration,
+                            exact_keys(model))
     described = {**encoded.table, **{alias: encoded.table[target] for alias, target in encoded.aliases.items()}}
     problems = [line for entry in layers for line in _layer_problems(entry, described)]
     if problems:

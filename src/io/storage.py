@@ -1,7 +1,9 @@
 """How each tensor of a saved model is stored: the storage policy and the per-tensor codecs.
 
-Tensors inside structured layers are stored as their layer holds them (int8 tensors with entries in
-{-1, 0, 1}, e.g. ternary SVD factors, packed four per byte). Every other floating tensor follows the
+Integer tensors inside structured layers are stored as their layer holds them (int8 tensors with entries in
+{-1, 0, 1}, e.g. ternary SVD factors, packed four per byte); their floating tensors (factors, blocks, biases) are
+cast to the storage dtype, except the few a layer lists in ``exact_tensors`` (Gaudi widths and locations, the
+scales whose rounding would break a verified error). Every other floating tensor follows the
 :class:`StoragePolicy`: cast to the chosen dtype (``cast``), or quantized to int8/int4 codes with fp16 scales
 (and int8 zero codes on a zero-point grid) per row or per group (``int8`` / ``int4``): embeddings and LM heads
 by ``embeddings``, other tensors of two or more dimensions (unreplaced convs and linears) by ``rest``. An
@@ -49,7 +51,8 @@ def parse_dtype(name: Any, field: str) -> torch.dtype:
 class StoragePolicy:
     """How tensors that no structured layer owns are stored.
 
-    dtype: ``fp16`` / ``bf16`` / ``fp32`` for every floating tensor outside the structured layers; ``None``
+    dtype: ``fp16`` / ``bf16`` / ``fp32`` for every floating tensor (structured layers' factors included, their
+        ``exact_tensors`` aside); ``None``
         picks the model's own dtype when it is half precision, else fp16 (fp32 only when asked).
     embeddings: ``none`` (stored like the rest), ``int8`` or ``int4``: every ``nn.Embedding`` and the output
         embedding (LM head, tied or not) quantized with fp16 scales.
@@ -129,12 +132,17 @@ def embedding_keys(model: nn.Module) -> list[str]:
 
 
 def choose_codec(tensor: Tensor, in_layer: bool, embedding: bool, policy: StoragePolicy,
-                 dtype: torch.dtype, gram: Tensor | None = None) -> dict[str, Any]:
-    """The table entry (codec and its options) a tensor is stored with; ``dtype`` is the storage dtype and
-    ``gram`` the Gram matrix of an output embedding's inputs (GPTQ rounding when the policy asks for it)."""
+                 dtype: torch.dtype, gram: Tensor | None = None, exact: bool = False) -> dict[str, Any]:
+    """The table entry (codec and its options) a tensor is stored with; ``dtype`` is the storage dtype,
+    ``gram`` the Gram matrix of an output embedding's inputs (GPTQ rounding when the policy asks for it) and
+    ``exact`` marks a layer's ``exact_tensors``. A structured layer's other floating tensors (factors, blocks,
+    bias) take the storage dtype but are never quantized again."""
     entry = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
-    if in_layer or not tensor.is_floating_point():
+    if exact or not tensor.is_floating_point():
         return {**entry, "codec": "ternary2" if is_ternary_int8(tensor) else "raw"}
+    if in_layer:
+        return {**entry, "codec": "raw"} if tensor.dtype == dtype else \
+            {**entry, "codec": "cast", "stored_dtype": dtype_name(dtype)}
     quantized = {**entry, "zero_point": policy.zero_point, "rounding": "nearest"}
     if embedding and policy.embeddings != "none" and tensor.dim() == 2:
         gptq = policy.embeddings_rounding == "gptq" and gram is not None

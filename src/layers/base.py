@@ -71,6 +71,9 @@ class StructuredLinear(nn.Module):
 
     layer_type: ClassVar[str] = ""
     conv_column_order: ClassVar[str] = "channel"  # how a conv kernel is flattened for this type, see conv.py
+    # floating tensors a save keeps in the layer's own dtype (structure parameters, scales whose rounding would
+    # break a guarantee); every other floating tensor of the layer is written in the storage dtype (fp16)
+    exact_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -103,9 +106,11 @@ class StructuredLinear(nn.Module):
     def flops_per_token(self) -> int:
         raise NotImplementedError
 
-    def storage_bytes(self) -> int:
-        """Bytes this layer's state takes in a saved file (``save_compressed`` packs ternary tensors)."""
-        return sum(stored_nbytes(t) for t in self.state_dict().values())
+    def storage_bytes(self, float_bytes: int = 2) -> int:
+        """Bytes this layer's state takes in a saved file: ternary tensors packed, floating tensors at
+        ``float_bytes`` per entry (the storage dtype: 2 for the default fp16 save), ``exact_tensors`` as held."""
+        return sum(tensor.numel() * float_bytes if tensor.is_floating_point() and name not in self.exact_tensors
+                   else stored_nbytes(tensor) for name, tensor in self.state_dict().items())
 
     def config(self) -> dict:
         """Constructor keyword arguments (besides in/out features) that rebuild this layer's structure, so a

@@ -142,6 +142,8 @@ class GaudiGBLRLinear(StructuredLinear):
     path otherwise; ``'auto'`` (default) is ``'compact'`` when its plan is cheap, else ``'dense'``.
     """
 
+    exact_tensors = ("widths", "locations", "sigma")  # fp16 would move interval edges by whole columns
+
     conv_column_order = "kernel"  # the reference's conv flattening: kernel position first
 
     def __init__(self, in_features: int, out_features: int, rank_per_component: int | float = 1,

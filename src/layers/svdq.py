@@ -106,6 +106,8 @@ class SVDQuantLinear(StructuredLinear):
     useful one); ``from_dense`` fills them.
     """
 
+    exact_tensors = ("s",)  # the rank search measured the output error with these scales
+
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bits: int = 8,
                  group_size: int | None = None, mode: str = "factored", bias: bool = True, symmetric: bool = True):
         super().__init__(in_features, out_features, bias)

@@ -148,6 +148,8 @@ class TernarySVDLinear(StructuredLinear):
     straight-through estimator and the factors are refreshed from it after each optimizer step.
     """
 
+    exact_tensors = ("s",)  # the fit error is verified with these scales
+
     def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = True,
                  tolerance: float = 1e-2, cos_thresh: float = 0.8386, steps: int = 20,
                  max_rank: int | None = None, prune_rate: float = math.inf):
