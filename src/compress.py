@@ -53,8 +53,11 @@ def compress(cfg: DictConfig) -> tuple[dict, dict]:
     # below scores exactly the saved model (rank 0 saves; other DDP ranks keep the unrounded tensors)
     out_dir = Path(cfg.paths.output_dir) / "compressed"
     if trainer.is_global_zero:
+        storage = OmegaConf.to_container(cfg.mode.storage, resolve=True) if cfg.mode.get("storage") else None
+        head_gram = pipeline.output_embedding_calibration(task, storage, int(cfg.layer.get("calibration_batches") or 8),
+                                                          datamodule)
         save_compressed(task.model, out_dir, report, source=pipeline.dense_model_factory_config(cfg),
-                        storage=OmegaConf.to_container(cfg.mode.storage, resolve=True) if cfg.mode.get("storage") else None)
+                        storage=storage, calibration=head_gram)
     trainer.test(task, datamodule=datamodule)
 
     metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {

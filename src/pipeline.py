@@ -24,7 +24,8 @@ from torch import nn
 
 from .callbacks.resume_state import ResumeState
 from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
-from .surgery import CompressionReport, collect_input_gram, compress_, replace_child, select_layers
+from .surgery import CompressionReport, collect_input_gram, collect_output_embedding_gram, compress_, replace_child, \
+    select_layers
 from .utils.checkpoints import load_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,39 @@ def load_dense_weights(model: nn.Module, path: str | Path) -> None:
     log.info("loaded pretrained weights from %s (%d tensors)", path, len(state))
 
 
+def _calibrate(task: pl.LightningModule, datamodule: pl.LightningDataModule | None, n_batches: int, collect):
+    """``collect(model, batches, forward)`` over the first ``n_batches`` train batches, the model in eval mode."""
+    if datamodule is None:
+        raise ValueError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
+                         "a datamodule to draw calibration batches from")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
+    was_training = task.model.training
+    task.model.eval()
+    try:
+        return collect(task.model, batches, lambda m, b: m(task.model_inputs(b)))
+    finally:
+        task.model.train(was_training)
+
+
 def calibration_inputs(task: pl.LightningModule, layer_cfg: dict, datamodule: pl.LightningDataModule | None):
     """Per replaced layer, the inputs data-aware types need (``layer.calibration_batches`` train batches)."""
     n_batches = int(layer_cfg.get("calibration_batches") or 0)
     if n_batches <= 0:
         return None
-    if datamodule is None:
-        raise ValueError("layer.calibration_batches > 0 needs a datamodule to draw calibration batches from")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
     names = select_layers(task.model, layer_cfg.get("include"), layer_cfg.get("exclude"))
-    batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
-    was_training = task.model.training
-    task.model.eval()
-    try:
-        return collect_input_gram(task.model, batches, names, forward=lambda m, b: m(task.model_inputs(b)))
-    finally:
-        task.model.train(was_training)
+    return _calibrate(task, datamodule, n_batches,
+                      lambda model, batches, forward: collect_input_gram(model, batches, names, forward=forward))
+
+
+def output_embedding_calibration(task: pl.LightningModule, storage: dict | None, n_batches: int,
+                                 datamodule: pl.LightningDataModule | None):
+    """The LM head's input Gram matrix when ``storage`` GPTQ-rounds the embeddings (else None)."""
+    if not storage or storage.get("embeddings_rounding") != "gptq" or storage.get("embeddings", "none") == "none":
+        return None
+    return _calibrate(task, datamodule, max(n_batches, 1),
+                      lambda model, batches, forward: collect_output_embedding_gram(model, batches, forward))
 
 
 def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,

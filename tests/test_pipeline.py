@@ -118,3 +118,51 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, content):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=r"bad.ckpt (is empty|cannot be read)"):
         pipeline.read_checkpoint(bad)
+
+
+def test_gptq_embedding_storage_calibrates_the_lm_head_on_train_batches():
+    """mode=compress with storage.embeddings_rounding=gptq gets the LM head's input Gram from the first n train
+    batches (model in eval while collecting, train mode restored); other policies collect nothing."""
+    import lightning.pytorch as pl
+    from torch import nn
+
+    from src.surgery import collect_output_embedding_gram
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(11, 6), nn.Linear(6, 11, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids)))
+
+    class Task(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = TinyLM()
+
+        def model_inputs(self, batch):
+            return batch
+
+    batches = [torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    class Data(pl.LightningDataModule):
+        served = 0
+
+        def train_dataloader(self):
+            for batch in batches:
+                Data.served += 1
+                yield batch
+
+    task = Task().train()
+    storage = {"embeddings": "int4", "embeddings_rounding": "gptq"}
+    gram = pipeline.output_embedding_calibration(task, storage, 2, Data())
+    expected = collect_output_embedding_gram(task.model, batches[:2], lambda m, b: m(b))
+    assert set(gram) == {"head.weight"} and torch.allclose(gram["head.weight"], expected["head.weight"])
+    assert Data.served == 2 and task.model.training
+    assert pipeline.output_embedding_calibration(task, {"embeddings": "int4"}, 2, Data()) is None
+    with pytest.raises(ValueError, match="needs a datamodule"):
+        pipeline.output_embedding_calibration(task, storage, 2, None)
