@@ -153,10 +153,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             **run_numbers(results, _read_json(run_dir / "flops.json"))}
 
 
-# a benchmark codec name ends in its knob: lowrank-0.25 (budget), svdq-int8-e0.05 (max_error), hyper-e0.02,
-# auto-e2e-r3.0 (target_ratio), int4-gptq-asym-g64 (group_size)
+# a benchmark codec name ends in its knob: lowrank-0.25 (budget), svdq-int8-e0.05 (max_error), hyper-e0.02
+# (loss_max), tsvd-0.05 (tolerance), auto-e2e-r3.0 (target_ratio), int4-gptq-asym-g64 (group_size)
 CODEC_KNOB = re.compile(r"^(?P<family>.+?)-(?P<kind>[erg]?)(?P<value>\d+(?:\.\d+)?)$")
 KNOB_NAMES = {"e": "max_error", "r": "target_ratio", "g": "group_size"}
+FAMILY_KNOBS = {("tsvd", ""): "tolerance", ("hyper", "e"): "loss_max"}  # knobs that differ from the above
 
 
 def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
@@ -166,11 +167,12 @@ def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
     match = CODEC_KNOB.match(codec)
     family, budget, overrides = codec, None, ""
     if match:
-        family, value = match["family"], float(match["value"])
-        if match["kind"]:
-            overrides = f"{KNOB_NAMES[match['kind']]}={match['value']}"
+        family, kind = match["family"], match["kind"]
+        knob = FAMILY_KNOBS.get((family, kind)) or KNOB_NAMES.get(kind)
+        if knob:
+            overrides = f"{knob}={match['value']}"
         else:
-            budget = value
+            budget = float(match["value"])
     storage = record.get("storage")
     return {"model": record.get("model"), "method": f"{family} ({storage})" if storage else family,
             "budget": budget, "experiment": source, "mode": "benchmark", "overrides": overrides, "seed": None}
