@@ -174,6 +174,8 @@ def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
         else:
             budget = float(match["value"])
     storage = record.get("storage")
+    if family == "none" and storage in (None, "fp16"):  # no layer replaced, plain fp16: the dense baseline
+        family, storage = "dense", None
     return {"model": record.get("model"), "method": f"{family} ({storage})" if storage else family,
             "budget": budget, "experiment": source, "mode": "benchmark", "overrides": overrides, "seed": None}
 

@@ -44,6 +44,7 @@ LOWER_IS_BETTER = ("loss", "perplexity", "error")
 ALONG = ("budget", "overrides")  # ids that vary along one line: a method's trade-off over its settings
 DENSE_METHOD = "dense"
 FORMATS = ("png", "svg")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
 # ---------------------------------------------------------------- Pareto plots
@@ -112,28 +113,32 @@ def legend_labels(series: list[Series]) -> tuple[list[str], str]:
 
 
 def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx: bool = False,
-                spread: str = "std") -> list[Path]:
+                spread: str = "std", ymin: float | None = None) -> list[Path]:
     """Draw the lines (dense: star + dashed line) and write ``out_stem``.png/.svg; returns the files."""
     label, scale = X_AXES.get(x, (x, 1.0))
     labels, shared = legend_labels(series)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for s, legend in zip(series, labels):
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
+    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    for i, (s, legend) in enumerate(zip(series, labels)):
         xs = np.asarray(s.x) / scale
         yerr = np.asarray(s.yerr).T
         if s.dense:
             ax.axhline(float(np.mean(s.y)), color="black", linestyle="--", linewidth=0.8)
             ax.errorbar(xs, s.y, yerr=yerr, fmt="*", markersize=14, color="black", capsize=3, label=legend)
-        else:
-            ax.errorbar(xs, s.y, yerr=yerr, marker="o", capsize=3, label=legend)
+        else:  # colour and marker both vary, so lines stay apart in grey print and past ten series
+            ax.errorbar(xs, s.y, yerr=yerr, marker=MARKERS[i % len(MARKERS)], color=colors[i % len(colors)],
+                        capsize=3, label=legend)
     if logx:
         ax.set_xscale("log")
+    if ymin is not None:
+        ax.set_ylim(bottom=ymin)
     better = "lower is better" if any(word in metric for word in LOWER_IS_BETTER) else "higher is better"
     ax.set_xlabel(label)
     ax.set_ylabel(f"{metric} ({better})")
     ax.set_title(f"{metric} vs {label.split(' (')[0]}" + (f"\n{shared}" if shared else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title=f"mean over seeds, bars: {'std' if spread == 'std' else 'min..max'}",
-              title_fontsize=8)
+              title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
     fig.tight_layout()
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     files = [out_stem.with_suffix(f".{ext}") for ext in FORMATS]
@@ -163,7 +168,7 @@ def pareto_main(args: argparse.Namespace) -> list[Path]:
         if not series:
             raise ValueError(f"no finished run has both {metric} and {x}")
         stem = args.out / f"pareto_{metric.replace('/', '_')}_vs_{x}"
-        written += plot_pareto(series, metric, x, stem, args.logx, args.spread)
+        written += plot_pareto(series, metric, x, stem, args.logx, args.spread, args.ymin)
     return written
 
 
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"ids that vary along one line (default: {' '.join(ALONG)})")
     pareto.add_argument("--spread", choices=SPREADS, default="std", help="error bars: std or min..max")
     pareto.add_argument("--logx", action="store_true", help="logarithmic cost axis")
+    pareto.add_argument("--ymin", type=float, default=None,
+                        help="lower end of the quality axis (points below it are cut off, e.g. a collapsed codec)")
     pareto.add_argument("--out", type=Path, default=Path("plots"), help="output folder (default: plots)")
     gaudi = commands.add_parser("gaudi-structure", help="learned Gaudi-GBLR intervals per layer")
     gaudi.add_argument("path", type=Path, help="a training checkpoint (.ckpt) or a save_compressed folder")
