@@ -182,3 +182,28 @@ def test_ternary_qat_callback_trains_and_leaves_a_deployable_layer():
     assert layer.latent_weight is None and "latent_weight" not in layer.state_dict()
     assert_ternary(layer)
     assert not torch.equal(layer.to_dense_weight(), before)
+
+
+def test_a_qat_checkpoint_loads_into_the_deployed_layer_with_its_rank():
+    """The best checkpoint of a QAT run holds the latent weight and the rank of that step; the layer tested
+    after training (QAT off, another rank) loads it and computes exactly what was validated."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16)
+    training = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.05)
+    training.enable_qat()
+    with torch.no_grad():
+        training.latent_weight.add_(0.5 * torch.randn_like(weight))
+    requantize_(training)
+    checkpoint = {k: v.clone() for k, v in training.state_dict().items()}
+    deployed = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.3)
+    assert deployed.rank != training.rank and "latent_weight" in checkpoint
+    deployed.load_state_dict(checkpoint)
+    x = torch.randn(5, 16)
+    assert deployed.rank == training.rank and deployed.latent_weight is None
+    assert torch.equal(deployed.to_dense_weight(), training.to_dense_weight())
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), x @ training.to_dense_weight().T, atol=1e-5)
+    resumed = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.3)
+    resumed.enable_qat()  # resuming QAT keeps the latent weight
+    resumed.load_state_dict(checkpoint)
+    assert torch.equal(resumed.latent_weight, checkpoint["latent_weight"])

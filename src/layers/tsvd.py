@@ -218,6 +218,19 @@ class TernarySVDLinear(StructuredLinear):
         """Drop the latent weight; the layer is the deployable factored form again."""
         self.latent_weight = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Load a checkpoint written during QAT: take its rank (re-ternarization changes it), and when this
+        layer is not training quantization-aware, leave out its latent weight -- the ternary factors are the
+        model that was validated, e.g. the best checkpoint tested after training."""
+        u, v = state_dict.get(prefix + "u"), state_dict.get(prefix + "v")
+        if u is not None and v is not None and (u.shape != self.u.shape or v.shape != self.v.shape):
+            self.u = torch.zeros(u.shape, dtype=self.u.dtype, device=self.u.device)
+            self.v = torch.zeros(v.shape, dtype=self.v.dtype, device=self.v.device)
+            self.s = torch.zeros(u.shape[1], dtype=self.s.dtype, device=self.s.device)
+        if self.latent_weight is None:
+            state_dict.pop(prefix + "latent_weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     int8_activations = False  # opt-in: ternaries as int8 integer matmuls, activations rounded to int8
 
     def forward(self, x: Tensor) -> Tensor:
