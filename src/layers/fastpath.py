@@ -74,6 +74,25 @@ def add_row_major(y: Tensor, other: Tensor) -> Tensor:
     return torch.add(y, other, out=out)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x``, with its gradient made contiguous in backward (a no-op without autograd). Autograd passes the
+    gradient of a permuted view on as a permuted view; a ``bmm`` backward handed one whose batch matrices
+    have no unit stride takes CPU ``bmm``'s per-batch fallback, tens of times slower with two threads."""
+    return _ContiguousGrad.apply(x) if torch.is_grad_enabled() and x.requires_grad else x
+
+
 def factored_is_cheaper(rank: int, out_features: int, in_features: int) -> bool:
     """Two thin matmuls beat one dense matmul only while ``r (m + n) < m n`` (equal MACs: dense wins, being
     one call with one output write)."""
