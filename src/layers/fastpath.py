@@ -64,16 +64,6 @@ def grad_free(*tensors: Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
-def add_row_major(y: Tensor, other: Tensor) -> Tensor:
-    """``y + other`` (broadcast) laid out row-major in one pass even when ``y`` is a permuted view: an
-    elementwise op keeps its input's layout, so a later ``reshape`` would copy the result a second time.
-    Under autograd (no ``out=``) it is a copy, then the add."""
-    if torch.is_grad_enabled() and (y.requires_grad or other.requires_grad):
-        return y.contiguous() + other
-    out = torch.empty(y.shape, dtype=torch.result_type(y, other), device=y.device)
-    return torch.add(y, other, out=out)
-
-
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient."""
 
