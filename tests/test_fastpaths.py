@@ -23,6 +23,7 @@ CASES = [
     ("lowrank", {"rank": 60}),  # past break-even: merged weight in inference
     ("monarch", {}),
     ("monarch", {"nblocks": 5}),  # padding on both sides
+    ("monarch", {"nblocks": 1}),  # one block: the output transpose is a no-op view
     ("blockdiag", {}),
     ("blockdiag", {"nblocks": 5}),  # padded, bias added after the slice
     ("blockdiag", {"nblocks": 30}),  # 3-row blocks: the block cut at out_features is not the last one

@@ -167,7 +167,10 @@ class MonarchLinear(StructuredLinear):
         if b * s != self.out_features:
             y = y[:, : self.out_features]
             return y if self.bias is None else y + self.bias
-        return y if self.bias is None else y.add_(self.bias)
+        if self.bias is None:
+            return y
+        # in place only without autograd: with one block the transpose copy is a no-op, so ``y`` is a view
+        return y + self.bias if torch.is_grad_enabled() else y.add_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
