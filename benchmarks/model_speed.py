@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layer_speed import parse_options, with_defaults
 from src.layers import LAYERS
 from src.surgery import compress_
 
@@ -142,8 +143,8 @@ def time_steps(steps: dict[str, Callable], repeats: int, warmup: int, device: to
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def build_forms(workload: Workload, types: list[str], budget: float, device: torch.device,
-                dtype: torch.dtype, depth: int | None) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+def build_forms(workload: Workload, types: list[str], budget: float, device: torch.device, dtype: torch.dtype,
+                depth: int | None, options: dict[str, dict]) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The dense model and one compressed copy per type (a type that fails is reported, not fatal)."""
     dense = workload.build(depth)
     forms, facts = {"dense": dense}, {"dense": {"params": sum(p.numel() for p in dense.parameters())}}
@@ -151,7 +152,7 @@ def build_forms(workload: Workload, types: list[str], budget: float, device: tor
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         try:
-            report = compress_(model, name, budget, include=workload.include)
+            report = compress_(model, name, budget, include=workload.include, options=options.get(name, {}))
         except Exception as err:  # report and go on
             facts[name] = {"error": f"{type(err).__name__}: {err}"}
             continue
@@ -186,7 +187,13 @@ def main() -> None:
                         "takes too long (the patch embedding / LM head then weigh more)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--option", action="append", default=[], metavar="TYPE.KEY=VALUE",
+                        help="a from_dense option for one type (YAML value), e.g. tsvd.budget_cap=false")
     args = parser.parse_args()
+    try:
+        options = with_defaults(parse_options(args.option))
+    except ValueError as err:
+        parser.error(str(err))
     models = list(WORKLOADS) if args.models == ["all"] else args.models
     unknown = [m for m in models if m not in WORKLOADS] + [t for t in args.types if t not in LAYERS]
     if unknown:
@@ -198,13 +205,13 @@ def main() -> None:
     print(json.dumps({"meta": {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "budget": args.budget, "repeats": args.repeats, "depth": args.depth,
+        "budget": args.budget, "repeats": args.repeats, "depth": args.depth, "options": options,
         "load_avg_1_5_15": os.getloadavg(),  # other jobs on the machine skew the milliseconds
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}), flush=True)
     for model_name in models:
         workload = WORKLOADS[model_name]
         try:
-            forms, facts = build_forms(workload, args.types, args.budget, device, dtype, args.depth)
+            forms, facts = build_forms(workload, args.types, args.budget, device, dtype, args.depth, options)
         except Exception as err:  # e.g. the offline Gemma package is not installed
             print(json.dumps({"model": model_name, "error": f"{type(err).__name__}: {err}"}), flush=True)
             continue

@@ -2,6 +2,7 @@
 or per model: rows = layer types, columns = modes, cells = ratio to dense time, or speed-up for models).
 
     python benchmarks/speed_table.py benchmarks/results/layer_speed_cpu.jsonl [more.jsonl ...]
+    python benchmarks/speed_table.py --by-budget sweep.jsonl   # one table per budget: shapes as columns
 """
 from __future__ import annotations
 
@@ -45,10 +46,33 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def budget_tables(rows: list[dict]) -> str:
+    """One markdown table per (budget, dtype) of layer rows: rows = layer types, columns = shapes, cells =
+    the ratios to ``nn.Linear`` of every mode measured, joined by ``/`` (e.g. inference / forward / fwd+bwd)."""
+    groups: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for row in rows:
+        if "model" not in row and row["layer"] != "nn.Linear":
+            title = f"budget {row['budget']}, {row['dtype']}<br>{row['source']}"
+            groups[title][row["layer"]][row["shape"]][row["mode"]] = f"{row['ratio']:.2f}"
+    out = []
+    for title, by_layer in groups.items():
+        shapes = list(dict.fromkeys(shape for cells in by_layer.values() for shape in cells))
+        modes = list(dict.fromkeys(mode for cells in by_layer.values() for per in cells.values() for mode in per))
+        out += [f"**{title}** (time / nn.Linear, {' / '.join(modes)}; lower is better)", "",
+                "| layer | " + " | ".join(shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
+        out += [f"| {layer} | " + " | ".join(" / ".join(cells.get(shape, {}).get(mode, "-") for mode in modes)
+                                             for shape in shapes) + " |" for layer, cells in by_layer.items()]
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+")
-    print(tables(load_rows(parser.parse_args().files)))
+    parser.add_argument("--by-budget", action="store_true", help="layer rows: one table per budget, shapes as columns")
+    args = parser.parse_args()
+    rows = load_rows(args.files)
+    print(budget_tables(rows) if args.by_budget else tables(rows))
 
 
 if __name__ == "__main__":

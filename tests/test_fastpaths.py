@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from src.layers import LAYERS
-from src.layers.fastpath import (cached, clear_caches, int8_factors, int8_matmul, quantize_rows, reference_paths,
-                                  set_int8_activations)
+from src.layers.fastpath import (cached, clear_caches, contiguous_grad, int8_factors, int8_matmul, quantize_rows,
+                                  reference_paths, set_int8_activations)
 
 IN, OUT = 96, 64
 
@@ -23,6 +23,7 @@ CASES = [
     ("lowrank", {"rank": 60}),  # past break-even: merged weight in inference
     ("monarch", {}),
     ("monarch", {"nblocks": 5}),  # padding on both sides
+    ("monarch", {"nblocks": 1}),  # one block: the output transpose is a no-op view
     ("blockdiag", {}),
     ("blockdiag", {"nblocks": 5}),  # padded, bias added after the slice
     ("blockdiag", {"nblocks": 30}),  # 3-row blocks: the block cut at out_features is not the last one
@@ -75,13 +76,28 @@ def test_fast_parameter_gradients_equal_reference(name, options):
         _assert_close(fast, ref)
 
 
-@pytest.mark.parametrize("name", ["monarch", "blockdiag"])
-def test_bmm_paths_are_exact_when_nothing_is_regrouped(name):
-    layer = _layer(name, {})
+def test_bmm_path_is_exact_when_nothing_is_regrouped():
+    # blockdiag only: Monarch's fast path multiplies transposed operands (feature-major), which BLAS may sum
+    # in another order; its equality to float32 rounding is checked above
+    layer = _layer("blockdiag", {})
     x = torch.randn(13, IN)
     with reference_paths():
         ref = layer(x)
     assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_contiguous_grad_hands_on_a_contiguous_gradient_of_the_same_value(wrapped):
+    x = torch.randn(4, 6, requires_grad=True)
+    seen = []
+    inner = x * 1.0
+    inner.register_hook(lambda grad: seen.append(grad))
+    out = contiguous_grad(inner) if wrapped else inner
+    (out.t() * torch.arange(24.0).reshape(6, 4)).sum().backward()
+    assert seen[0].is_contiguous() == wrapped  # autograd alone passes on the transposed view
+    assert torch.equal(seen[0], torch.arange(24.0).reshape(6, 4).t())
+    with torch.no_grad():
+        assert contiguous_grad(inner) is inner
 
 
 @pytest.mark.parametrize("name,options", [("svdq", {}), ("svdq", {"rank": 40}), ("tsvd", {}), ("tsvd", {"max_rank": 8}),

@@ -207,3 +207,43 @@ def test_a_qat_checkpoint_loads_into_the_deployed_layer_with_its_rank():
     resumed.enable_qat()  # resuming QAT keeps the latent weight
     resumed.load_state_dict(checkpoint)
     assert torch.equal(resumed.latent_weight, checkpoint["latent_weight"])
+
+
+@pytest.mark.parametrize("refit_every", [2, 5])
+def test_refitting_every_few_steps_still_meets_the_tolerance_with_the_true_error(refit_every):
+    weight = real_ish_matrix(64, 112)
+    layer = TernarySVDLinear.from_dense(weight, tolerance=1e-2, steps=20, refit_every=refit_every)
+    assert_ternary(layer)
+    true_error = (torch.linalg.matrix_norm((layer.to_dense_weight() - weight).double(), ord=2)
+                  / torch.linalg.matrix_norm(weight.double(), ord=2)).item()
+    assert layer.fit_error == pytest.approx(true_error, rel=1e-4, abs=1e-7) and true_error < 1e-2
+    # the returned scales are the joint least-squares fit of the returned factors
+    joint, _ = tsvd.fit_scales(weight, layer.u.float(), layer.v.float())
+    assert torch.allclose(layer.s, joint, rtol=1e-4, atol=1e-6)
+    assert layer.config()["refit_every"] == refit_every
+    with pytest.raises(ValueError, match="refit_every"):
+        TernarySVDLinear(4, 4, refit_every=0)
+
+
+def test_new_scales_fit_only_the_last_components_to_the_residual():
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randn(20, 16, generator=gen)
+    t_u = torch.randint(-1, 2, (20, 7), generator=gen).float()
+    t_v = torch.randint(-1, 2, (7, 16), generator=gen).float()
+    fit = tsvd.ScaleFit(target, t_u[:, :4], t_v[:4])
+    _, residual = fit.solve()
+    fit.extend(t_u[:, 4:], t_v[4:])
+    alone, _ = tsvd.fit_scales(residual, t_u[:, 4:], t_v[4:])
+    assert torch.allclose(fit.new_scales(residual), alone, atol=1e-5)
+
+
+def test_cpu_helpers_match_torch():
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(7, 50, generator=gen)
+    assert torch.equal(tsvd.sorted_descending(rows), rows.sort(dim=-1, descending=True).values)
+    a = torch.randn(30, 45, generator=gen, dtype=torch.float64)
+    gram = a @ a.T
+    values, vectors = tsvd.top_eigenpairs(gram, 6)
+    all_values, all_vectors = torch.linalg.eigh(gram)
+    assert torch.allclose(values, all_values.flip(0)[:6], rtol=1e-10)
+    assert torch.allclose((vectors * all_vectors.flip(1)[:, :6]).sum(0).abs(), torch.ones(6, dtype=torch.float64))

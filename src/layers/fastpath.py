@@ -64,14 +64,23 @@ def grad_free(*tensors: Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
-def add_row_major(y: Tensor, other: Tensor) -> Tensor:
-    """``y + other`` (broadcast) laid out row-major in one pass even when ``y`` is a permuted view: an
-    elementwise op keeps its input's layout, so a later ``reshape`` would copy the result a second time.
-    Under autograd (no ``out=``) it is a copy, then the add."""
-    if torch.is_grad_enabled() and (y.requires_grad or other.requires_grad):
-        return y.contiguous() + other
-    out = torch.empty(y.shape, dtype=torch.result_type(y, other), device=y.device)
-    return torch.add(y, other, out=out)
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x``, with its gradient made contiguous in backward (a no-op without autograd). Autograd passes the
+    gradient of a permuted view on as a permuted view; a ``bmm`` backward handed one whose batch matrices
+    have no unit stride takes CPU ``bmm``'s per-batch fallback, tens of times slower with two threads."""
+    return _ContiguousGrad.apply(x) if torch.is_grad_enabled() and x.requires_grad else x
 
 
 def factored_is_cheaper(rank: int, out_features: int, in_features: int) -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
-from .fastpath import add_row_major, fast_paths_enabled
+from .fastpath import contiguous_grad, fast_paths_enabled
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +151,26 @@ class MonarchLinear(StructuredLinear):
         return y[:, : self.out_features]
 
     def _forward_bmm(self, x: Tensor) -> Tensor:
-        """``_apply_factors`` plus bias as two ``bmm`` calls: the input chunks enter as a strided view, the
-        stride permutation is one copy of the small ``(N, b q)`` intermediate, and the output interleave
-        (index ``sigma*b + l``) is one copy of the result that also adds the bias."""
+        """``_apply_factors`` plus bias as two ``bmm`` calls arranged so that every ``bmm`` operand and output
+        has a unit stride in one of its matrix dimensions (CPU ``bmm`` otherwise takes a per-batch fallback,
+        tens of times slower with two threads). The first product is feature-major, ``(b q, N)`` with row
+        ``t = k q + i``; the stride permutation regroups the rows as ``t = c b + l``, a free view. The second
+        product lands as ``(b, N s)``, and the output interleave (index ``sigma*b + l``) is one blocked 2-D
+        transpose copy; its gradient is made contiguous before it reaches the ``bmm`` backward."""
         b, q, s, rows = self.nblocks, self.inner, self.out_block, x.shape[0]
         if b * self.in_block != self.in_features:
             x = F.pad(x, (0, b * self.in_block - self.in_features))
-        chunks = x.reshape(rows, b, self.in_block).transpose(0, 1)  # (b, N, p), a view
-        z = torch.bmm(chunks, self.blocks1.transpose(1, 2))  # (b, N, q): z[k, :, i] = inner index k q + i
-        z = z.transpose(0, 1).reshape(rows, q, b).permute(2, 0, 1)  # (b, N, q): z[l, :, c] = inner c b + l
-        y = torch.bmm(z, self.blocks2.transpose(1, 2)).permute(1, 2, 0)  # (N, s, b): output sigma b + l
-        if self.bias is not None and b * s == self.out_features:
-            return add_row_major(y, self.bias.view(s, b)).reshape(rows, self.out_features)
-        y = y.reshape(rows, b * s)[:, : self.out_features]
-        return y if self.bias is None else y + self.bias
+        chunks = x.reshape(rows, b, self.in_block).permute(1, 2, 0)  # (b, p, N), a view
+        z = torch.bmm(self.blocks1, chunks).reshape(q, b, rows)  # z[c, l] = inner row c b + l
+        y = torch.bmm(z.permute(1, 2, 0), self.blocks2.transpose(1, 2))  # (b, N, s): output sigma b + l
+        y = contiguous_grad(y.reshape(b, rows * s)).t().contiguous().reshape(rows, b * s)
+        if b * s != self.out_features:
+            y = y[:, : self.out_features]
+            return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        # in place only without autograd: with one block the transpose copy is a no-op, so ``y`` is a view
+        return y + self.bias if torch.is_grad_enabled() else y.add_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
