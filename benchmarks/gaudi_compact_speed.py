@@ -1,7 +1,7 @@
 """Inference forward time of Gaudi-GBLR's compute modes against ``nn.Linear``, ViT-B MLP shapes. Prints JSON.
 
 Each layer is ``GaudiGBLRLinear.from_dense`` (default init) of a low-rank-plus-noise weight, in eval mode, timed
-round-robin with ``layer_speed.time_forwards`` (median); ``ratio`` is time over ``nn.Linear``'s in the same
+round-robin with ``layer_speed.time_round_robin`` (median, inference mode); ``ratio`` is time over ``nn.Linear``'s in the same
 process. ``auto`` is the default mode: compact when its plan is cheap, else the dense-mask path.
 
     python benchmarks/gaudi_compact_speed.py
@@ -19,7 +19,7 @@ import time
 import torch
 
 from gaudi_init import planted
-from layer_speed import time_forwards
+from layer_speed import make_step, time_round_robin
 from src.layers.gaudi import GaudiGBLRLinear
 
 MODES = ("dense", "lr", "compact", "auto")
@@ -44,7 +44,8 @@ def main() -> None:
             for mode in MODES:
                 layers[mode] = copy.deepcopy(base)
                 layers[mode].compute_mode = mode
-            seconds = time_forwards(layers, x, args.repeats)
+            steps = {name: make_step(layer, x, "inference") for name, layer in layers.items()}
+            seconds = time_round_robin(steps, args.repeats, 3, x.device, 1)
             plan = base.compact_plan()
             for name, value in seconds.items():
                 rows.append({"shape": f"{out_features}x{in_features}", "budget": budget, "mode": name,
