@@ -157,6 +157,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 # (loss_max), tsvd-0.05 (tolerance), auto-e2e-r3.0 (target_ratio), int4-gptq-asym-g64 (group_size)
 CODEC_KNOB = re.compile(r"^(?P<family>.+?)-(?P<kind>[erg]?)(?P<value>\d+(?:\.\d+)?)$")
 KNOB_NAMES = {"e": "max_error", "r": "target_ratio", "g": "group_size"}
+BENCHMARK_KNOBS = ("calibration_windows",)  # settings a line records that make it another point, not another seed
 FAMILY_KNOBS = {("tsvd", ""): "tolerance", ("hyper", "e"): "loss_max"}  # knobs that differ from the above
 
 
@@ -173,6 +174,8 @@ def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
             overrides = f"{knob}={match['value']}"
         else:
             budget = float(match["value"])
+    overrides = " ".join([overrides] * bool(overrides) + [f"{key}={record[key]}" for key in BENCHMARK_KNOBS
+                                                          if key in record])
     storage = record.get("storage")
     if family == "none" and storage in (None, "fp16"):  # no layer replaced, plain fp16: the dense baseline
         family, storage = "dense", None

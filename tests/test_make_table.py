@@ -232,14 +232,16 @@ def test_benchmark_json_lines_become_rows_with_the_codec_knob(tmp_path, capsys):
              {"model": "minilm", "codec": "lowrank-0.25", "storage": "emb4", "ratio_vs_fp16": 3.5, "cosine_mean": 0.4},
              {"model": "minilm", "codec": "hyper", "storage": "fp16", "ratio_vs_fp16": 1.5, "cosine_mean": 0.995},
              {"model": "minilm", "codec": "tsvd-0.05", "storage": "fp16", "ratio_vs_fp16": 1.1, "cosine_mean": 0.9},
-             {"model": "minilm", "codec": "none", "storage": "fp16", "ratio_vs_fp16": 1.0, "cosine_mean": 1.0}]
+             {"model": "minilm", "codec": "none", "storage": "fp16", "ratio_vs_fp16": 1.0, "cosine_mean": 1.0},
+             {"model": "lm", "codec": "int8-rtn", "storage": "emb4", "calibration_windows": 16, "perplexity": 9.0}]
     path = tmp_path / "whole_file_minilm_cpu.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     rows = load_rows([path])
     assert [(r["method"], r["budget"], r["overrides"]) for r in rows] == [
         ("svdq-int8 (fp16)", None, "max_error=0.05"), ("lowrank (emb4)", 0.25, ""), ("hyper (fp16)", None, ""),
-        ("tsvd (fp16)", None, "tolerance=0.05"), ("dense", None, "")]  # the plots' baseline star
-    assert [r["cosine_mean"] for r in rows] == [0.99, 0.4, 0.995, 0.9, 1.0]
+        ("tsvd (fp16)", None, "tolerance=0.05"), ("dense", None, ""),  # the plots' baseline star
+        ("int8-rtn (emb4)", None, "calibration_windows=16")]
+    assert [r.get("cosine_mean") for r in rows] == [0.99, 0.4, 0.995, 0.9, 1.0, None]
     assert main([str(path), "--metrics", "cosine_mean", "ratio_vs_fp16"]) == 0
     assert "| minilm | svdq-int8 (fp16) |" in capsys.readouterr().out
     assert path.with_suffix(".csv").is_file()
