@@ -112,6 +112,17 @@ def legend_labels(series: list[Series]) -> tuple[list[str], str]:
     return labels, " / ".join(w for w in parts[0] if w in common) if parts else ""
 
 
+def save_figure(fig, out_stem: Path) -> list[Path]:
+    """Write ``fig`` as ``out_stem``.png and .svg (parents made), close it and return the files."""
+    fig.tight_layout()
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    files = [out_stem.with_suffix(f".{ext}") for ext in FORMATS]
+    for file in files:
+        fig.savefig(file, dpi=150)
+    plt.close(fig)
+    return files
+
+
 def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx: bool = False,
                 spread: str = "std", ymin: float | None = None) -> list[Path]:
     """Draw the lines (dense: star + dashed line) and write ``out_stem``.png/.svg; returns the files."""
@@ -139,13 +150,7 @@ def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title=f"mean over seeds, bars: {'std' if spread == 'std' else 'min..max'}",
               title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
-    fig.tight_layout()
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    files = [out_stem.with_suffix(f".{ext}") for ext in FORMATS]
-    for file in files:
-        fig.savefig(file, dpi=150)
-    plt.close(fig)
-    return files
+    return save_figure(fig, out_stem)
 
 
 def pareto_main(args: argparse.Namespace) -> list[Path]:
@@ -242,13 +247,7 @@ def plot_gaudi_structure(counts: dict[str, np.ndarray], out_stem: Path, title: s
     for ax in list(axes.flat)[len(counts):]:
         ax.axis("off")
     fig.suptitle(f"{title}: components covering each weight entry", fontsize=10)
-    fig.tight_layout()
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    files = [out_stem.with_suffix(f".{ext}") for ext in FORMATS]
-    for file in files:
-        fig.savefig(file, dpi=150)
-    plt.close(fig)
-    return files
+    return save_figure(fig, out_stem)
 
 
 def gaudi_main(args: argparse.Namespace) -> list[Path]:
