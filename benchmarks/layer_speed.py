@@ -119,29 +119,34 @@ def on_reference_paths(step: Callable[[], None]) -> Callable[[], None]:
     return reference_step
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device,
-                     iters: int) -> dict[str, float]:
-    """Median seconds per call of each step. CPU: one call per round, wall clock. CUDA: ``iters`` calls per
-    round between two CUDA events (back to back, so the GPU queue stays full)."""
+def median_round_robin(steps: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                       seconds_of: Callable[[Callable[[], object]], float]) -> dict[str, float]:
+    """Median of ``seconds_of(step)`` per step after ``warmup`` calls each; every round runs each step once, so
+    drift in clock speed or machine load hits all of them alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(iters):
-                    step()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3 / iters)
-            else:
-                begin = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - begin)
+            times[name].append(seconds_of(step))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device,
+                     iters: int) -> dict[str, float]:
+    """Median seconds per call of each step. CPU: one call per round, wall clock. CUDA: ``iters`` calls per
+    round between two CUDA events (back to back, so the GPU queue stays full)."""
+    def cuda_seconds(step: Callable[[], None]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+
+    return median_round_robin(steps, repeats, warmup, cuda_seconds if device.type == "cuda" else _seconds)
 
 
 def time_cuda_graphs(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int, iters: int) -> dict[str, object]:

@@ -18,7 +18,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layer_speed import parse_options, with_defaults
+from layer_speed import median_round_robin, parse_options, with_defaults
 from src.layers import LAYERS
 from src.surgery import compress_
 
@@ -129,18 +128,14 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(steps: dict[str, Callable], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
     """Median seconds per step, round-robin over forms; a step that returns a float times itself."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            inner = step()
-            _sync(device)
-            times[name].append(inner if isinstance(inner, float) else time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    def seconds(step: Callable) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        inner = step()
+        _sync(device)
+        return inner if isinstance(inner, float) else time.perf_counter() - start
+
+    return median_round_robin(steps, repeats, warmup, seconds)
 
 
 def build_forms(workload: Workload, types: list[str], budget: float, device: torch.device, dtype: torch.dtype,
