@@ -11,14 +11,15 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the checkout's package, installed or not
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Check the config, then run it; a bad input ends the process with status 2 and one line
     ``error: <message>`` on stderr (``HYDRA_FULL_ERROR=1`` shows the full traceback instead)."""
-    from src.config_checks import check_config  # torch-free: answers in about a second
-    from src.utils.logs import record_failure
+    from structured_compress.config_checks import check_config  # torch-free: answers in about a second
+    from structured_compress.utils.logs import record_failure
 
     try:
         check_config(cfg)
@@ -37,9 +38,9 @@ def main(cfg: DictConfig) -> float | None:
 
 def dispatch(cfg: DictConfig) -> float | None:
     """Dispatch on ``mode`` (train | eval | compress) and return the metric ``optimized_metric`` for sweepers."""
-    from src.compress import compress  # nested imports: Hydra's --help and tab completion stay fast
-    from src.eval import evaluate
-    from src.train import train
+    from structured_compress.compress import compress  # nested imports: Hydra's --help and tab completion stay fast
+    from structured_compress.eval import evaluate
+    from structured_compress.train import train
 
     entry = {"train": train, "eval": evaluate, "compress": compress}.get(cfg.mode.name)
     if entry is None:
@@ -57,7 +58,7 @@ def dispatch(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from src.utils.run_dir import continue_in_run_dir
+    from structured_compress.utils.run_dir import continue_in_run_dir
 
     sys.argv[1:] = continue_in_run_dir(sys.argv[1:], Path(os.environ["PROJECT_ROOT"]))
     main()

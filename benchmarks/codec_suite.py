@@ -12,9 +12,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from src.compress import size_metrics
-from src.io import load_compressed, save_compressed
-from src.surgery import collect_input_gram, compress_, select_layers
+from structured_compress.compress import size_metrics
+from structured_compress.io import load_compressed, save_compressed
+from structured_compress.surgery import collect_input_gram, compress_, select_layers
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from codec_suite import CODECS, round_trip
-from src.compress import dense_bytes
-from src.models.efficientnet_lite import MEAN, STD, create_efficientnet_lite0
+from structured_compress.compress import dense_bytes
+from structured_compress.models.efficientnet_lite import MEAN, STD, create_efficientnet_lite0
 
 EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CALIBRATION_PICTURES = ("hubble_deep_field", "immunohistochemistry", "colorwheel", "logo", "camera", "coins",

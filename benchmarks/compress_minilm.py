@@ -17,8 +17,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from codec_suite import CODECS, round_trip  # noqa: E402
-from src.compress import dense_bytes  # noqa: E402
-from src.datamodules.wiki_offline import packaged_summaries, read_articles  # noqa: E402
+from structured_compress.compress import dense_bytes  # noqa: E402
+from structured_compress.datamodules.wiki_offline import packaged_summaries, read_articles  # noqa: E402
 
 
 def minilm_dir() -> pathlib.Path:

@@ -20,7 +20,7 @@ import torch
 
 from gaudi_init import planted
 from layer_speed import make_step, time_round_robin
-from src.layers.gaudi import GaudiGBLRLinear
+from structured_compress.layers.gaudi import GaudiGBLRLinear
 
 MODES = ("dense", "lr", "compact", "auto")
 
@@ -50,7 +50,7 @@ def main() -> None:
             for name, value in seconds.items():
                 rows.append({"shape": f"{out_features}x{in_features}", "budget": budget, "mode": name,
                              "forward_ms": round(1e3 * value, 3), "ratio": round(value / seconds["nn.Linear"], 3),
-                             "macs_fraction": round(base.flops_per_token() / weight.numel(), 4),
+                             "macs_fraction": round(base.macs_per_token() / weight.numel(), 4),
                              "groups": None if plan is None else len(plan.inputs) + len(plan.outputs),
                              "auto_runs": "compact" if base._chosen_plan() is not None else "dense"})
     print(json.dumps({"benchmark": "gaudi_compact_speed", "date": time.strftime("%Y-%m-%d"),

@@ -22,7 +22,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from src.layers.gaudi import GaudiGBLRLinear
+from structured_compress.layers.gaudi import GaudiGBLRLinear
 
 SQUARE = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
           "attention.self.query", "attention.self.key"]
@@ -58,7 +58,7 @@ def fit(weight: torch.Tensor, budget: float, options: dict) -> dict:
     seconds = time.perf_counter() - started
     report = layer.init_report
     return {"shape": "x".join(map(str, weight.shape)), "budget": budget, "start": report.start,
-            "flops_fraction": round(report.flops_fraction, 5), "rel_error": round(report.rel_error, 5),
+            "macs_fraction": round(report.macs_fraction, 5), "rel_error": round(report.rel_error, 5),
             "svd_error_same_flops": round(report.svd_error, 5), "beats_svd": report.rel_error < report.svd_error,
             "components": layer.num_components, "seconds": round(seconds, 3)}
 
@@ -84,7 +84,7 @@ def main() -> None:
                 "mean_rel_error": round(statistics.mean(r["rel_error"] for r in group), 4),
                 "mean_svd_error_same_flops": round(statistics.mean(r["svd_error_same_flops"] for r in group), 4),
                 "beats_svd": sum(r["beats_svd"] for r in group),
-                "mean_flops_fraction": round(statistics.mean(r["flops_fraction"] for r in group), 4),
+                "mean_macs_fraction": round(statistics.mean(r["macs_fraction"] for r in group), 4),
                 "mean_seconds": round(statistics.mean(r["seconds"] for r in group), 3),
                 "reference_mean_rel_error": REFERENCE[shape] if budget == 0.25 else None,
                 "issue_svd_mean_rel_error": ISSUE_SVD_AT_025[shape] if budget == 0.25 else None,

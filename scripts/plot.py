@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python scripts/plot.py`: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import matplotlib
 
@@ -182,10 +182,10 @@ def pareto_main(args: argparse.Namespace) -> list[Path]:
 def gaudi_layers(path: str | Path) -> dict[str, Any]:
     """The Gaudi-GBLR layers (name -> ``GaudiGBLRLinear`` with its learned widths and locations) of a training
     checkpoint (its ``structure`` record rebuilds them) or a ``save_compressed`` folder."""
-    from src.io import load_compressed  # deferred: the Pareto plots need no torch
-    from src.io.compressed_format import build_layer_from_entry
-    from src.layers.gaudi import GaudiGBLRLinear
-    from src.pipeline import STRUCTURE_KEY, read_checkpoint
+    from structured_compress.io import load_compressed  # deferred: the Pareto plots need no torch
+    from structured_compress.io.compressed_format import build_layer_from_entry
+    from structured_compress.layers.gaudi import GaudiGBLRLinear
+    from structured_compress.pipeline import STRUCTURE_KEY, read_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -212,7 +212,7 @@ def component_count(layer) -> np.ndarray:
     eval-mode masks the layer computes with (entries below the mask threshold are outside)."""
     import torch
 
-    from src.layers.gaudi import MASK_THRESHOLD
+    from structured_compress.layers.gaudi import MASK_THRESHOLD
 
     was_training = layer.training
     layer.eval()

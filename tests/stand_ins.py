@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.tweets import packaged_csv
-from src.datamodules.wiki_offline import packaged_summaries
-from src.glue_tasks import GLUE_TASKS
+from structured_compress.datamodules.tweets import packaged_csv
+from structured_compress.datamodules.wiki_offline import packaged_summaries
+from structured_compress.glue_tasks import GLUE_TASKS
 
 from .conftest import FASHION_MNIST_DIR
 
@@ -104,7 +104,7 @@ def write_models(root: Path) -> dict[str, Path]:
                               GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig,
                               PhiForCausalLM)
 
-    from src.models.hf_sources import load_tokenizer
+    from structured_compress.models.hf_sources import load_tokenizer
 
     tokenizer = load_tokenizer(MINILM)
     vocab = len(tokenizer)
@@ -178,7 +178,7 @@ def dense_weights_overrides(cfg, tmp_path: Path) -> list[str]:
         return []
     from safetensors.torch import save_file
 
-    from src import pipeline
+    from structured_compress import pipeline
 
     path = tmp_path / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in pipeline.build_dense_model(cfg).state_dict().items()}, str(path))
@@ -188,8 +188,8 @@ def dense_weights_overrides(cfg, tmp_path: Path) -> list[str]:
 def run_with_stand_ins(overrides: list[str], stand_ins: dict, tmp_path: Path) -> tuple[dict, object]:
     """Compose ``overrides`` + ``debug=fast_dev_run``, point the run at stand-ins, run it (train or compress);
     returns ``(metrics, cfg)``."""
-    from src.compress import compress
-    from src.train import train
+    from structured_compress.compress import compress
+    from structured_compress.train import train
 
     from .conftest import compose_config
 

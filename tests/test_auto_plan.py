@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.layers.auto import KEEP, Option, greedy_plan, lower_hull, output_weights
-from src.layers.svdq import SVDQuantLinear
-from src.surgery import collect_input_gram, compress_, select_layers
+from structured_compress.layers.auto import KEEP, Option, greedy_plan, lower_hull, output_weights
+from structured_compress.layers.svdq import SVDQuantLinear
+from structured_compress.surgery import collect_input_gram, compress_, select_layers
 
 # hand-checkable: error added per byte saved -- c: 5e-5 then 1e-4; a: 2e-4 then 1.6e-3; b: 2e-3 then 8e-3
 TABLE = {

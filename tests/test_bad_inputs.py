@@ -22,13 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.callbacks.finite_guard import FiniteGuard, NonFiniteError
-from src.config_checks import (CHOICES, DATA_FAMILY, TASK_FAMILY, ConfigError, check_config, layer_defaults,
+from structured_compress.callbacks.finite_guard import FiniteGuard, NonFiniteError
+from structured_compress.config_checks import (CHOICES, DATA_FAMILY, TASK_FAMILY, ConfigError, check_config, layer_defaults,
                                layer_options)
-from src.datamodules.fashion_mnist import FashionMNISTDataModule, read_idx
-from src.layers import LAYERS
-from src.layers.gaudi import GaudiGBLRLinear
-from src.utils.checkpoints import load_checkpoint_file
+from structured_compress.datamodules.fashion_mnist import FashionMNISTDataModule, read_idx
+from structured_compress.layers import LAYERS
+from structured_compress.layers.gaudi import GaudiGBLRLinear
+from structured_compress.utils.checkpoints import load_checkpoint_file
 
 from .conftest import CONFIG_DIR, ROOT, compose_config, experiment_names
 
@@ -124,7 +124,7 @@ CONFIG_CASES = [
      r"callbacks\.gaudi_shrink=GaudiShrink: acts on Gaudi layers only.*layer=gaudi"),
     ("gaudi-experiment-lowrank", ["experiment=fashion_mnist/vit-gaudi", "layer=lowrank"],  # keeps options.niter
      r"layer\.options\.niter=50: layer type lowrank has no such option"),
-    ("tsvd-qat-without-tsvd", ["+callbacks.qat._target_=src.callbacks.tsvd_qat.TernaryQAT"],
+    ("tsvd-qat-without-tsvd", ["+callbacks.qat._target_=structured_compress.callbacks.tsvd_qat.TernaryQAT"],
      r"callbacks\.qat=TernaryQAT: .*ternary-SVD layers only.*layer=tsvd"),
     ("broken-interpolation", ["task.num_classes=${model.nope}"],
      r"task\.num_classes=.*cannot be resolved.*experiment="),
@@ -203,7 +203,7 @@ def test_mixed_layer_types_with_per_type_options(tmp_path):
 
 
 def test_option_schema_equals_the_from_dense_signatures():
-    """The ast reading of src/layers gives exactly the keywords compress_ accepts, for every registered type."""
+    """The ast reading of src/structured_compress/layers gives exactly the keywords compress_ accepts, for every registered type."""
     options = layer_options()
     assert set(options) == set(LAYERS) == set(layer_defaults()) - {"auto"}  # auto: a plan over the others
     for name, cls in LAYERS.items():
@@ -216,8 +216,8 @@ def test_option_schema_equals_the_from_dense_signatures():
 
 
 def test_choice_tables_match_the_layer_modules():
-    from src.layers.gaudi import COMPUTE_MODES
-    from src.layers.quant import SUPPORTED_BITS
+    from structured_compress.layers.gaudi import COMPUTE_MODES
+    from structured_compress.layers.quant import SUPPORTED_BITS
 
     assert CHOICES["compute_mode"] == COMPUTE_MODES and CHOICES["bits"] == SUPPORTED_BITS
 
@@ -232,7 +232,7 @@ def test_family_tables_cover_every_datamodule_and_task():
 
 
 def test_config_checks_do_not_import_torch():
-    code = "import sys, src.config_checks; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, structured_compress.config_checks; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -360,9 +360,9 @@ def test_run_py_prints_one_line_and_exits_2(overrides, pattern, files, tmp_path)
 
 
 def test_option_choices_match_the_layers():
-    from src.config_checks import CHOICES
-    from src.layers.gaudi import COMPUTE_MODES
-    from src.layers.quant import SUPPORTED_BITS
+    from structured_compress.config_checks import CHOICES
+    from structured_compress.layers.gaudi import COMPUTE_MODES
+    from structured_compress.layers.quant import SUPPORTED_BITS
 
     assert set(CHOICES["compute_mode"]) == set(COMPUTE_MODES)
     assert set(CHOICES["bits"]) == set(SUPPORTED_BITS)

@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from src import load_compressed, save_compressed
-from src.io.compressed_format import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
-from src.io.manifest import SEAL_KEY, canonical_json, sealed_part
-from src.layers.quant import pack_ternary, unpack_ternary
-from src.layers.tsvd import TernarySVDLinear
-from src.surgery import compress_
+from structured_compress import load_compressed, save_compressed
+from structured_compress.io.compressed_format import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from structured_compress.io.manifest import SEAL_KEY, canonical_json, sealed_part
+from structured_compress.layers.quant import pack_ternary, unpack_ternary
+from structured_compress.layers.tsvd import TernarySVDLinear
+from structured_compress.surgery import compress_
 
 LAYERS = {"conv": "lowrank", "a": "svdq", "b": "hyper", "c": "tsvd", "d": "svdq"}
 OPTIONS = {"svdq": {"bits": 4, "group_size": 16}, "tsvd": {"tolerance": 0.2},

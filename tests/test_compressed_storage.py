@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from src import load_compressed, save_compressed
-from src.compress import dense_bytes
-from src.io import StoragePolicy, folder_sizes, read_manifest
-from src.io.compressed_format import WEIGHTS_FILE, structured_layers
-from src.layers.quant import dequantize, quantize, quantize_grid
-from src.surgery import collect_output_embedding_gram, compress_
+from structured_compress import load_compressed, save_compressed
+from structured_compress.compress import dense_bytes
+from structured_compress.io import StoragePolicy, folder_sizes, read_manifest
+from structured_compress.io.compressed_format import WEIGHTS_FILE, structured_layers
+from structured_compress.layers.quant import dequantize, quantize, quantize_grid
+from structured_compress.surgery import collect_output_embedding_gram, compress_
 
 
 class TinyLM(nn.Module):

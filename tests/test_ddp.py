@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from src import pipeline
+from structured_compress import pipeline
 
 from .conftest import ROOT, compose_config, needs_fashion_mnist
 

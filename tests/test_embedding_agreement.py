@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from src.config_checks import ConfigError, check_config
-from src.surgery import compress_
-from src.tasks.embedding_agreement import PooledEmbeddingAgreementTask
+from structured_compress.config_checks import ConfigError, check_config
+from structured_compress.surgery import compress_
+from structured_compress.tasks.embedding_agreement import PooledEmbeddingAgreementTask
 
 from .conftest import compose_config
 

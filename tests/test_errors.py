@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.datamodules.common import DatasetNotFoundError
-from src.datamodules.fashion_mnist import FashionMNISTDataModule
-from src.surgery import compress_
+from structured_compress.datamodules.common import DatasetNotFoundError
+from structured_compress.datamodules.fashion_mnist import FashionMNISTDataModule
+from structured_compress.surgery import compress_
 
 
 def small_model():
@@ -34,7 +34,7 @@ def test_unknown_option_lists_valid_options():
 
 
 def test_missing_dataset_names_the_three_ways_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("src.datamodules.fashion_mnist.SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("structured_compress.datamodules.fashion_mnist.SYSTEM_DIR", tmp_path / "nowhere")
     dm = FashionMNISTDataModule(data_dir=str(tmp_path), allow_download=False)
     with pytest.raises(DatasetNotFoundError) as info:
         dm.prepare_data()

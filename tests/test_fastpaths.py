@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.layers import LAYERS
-from src.layers.fastpath import (cached, clear_caches, contiguous_grad, int8_factors, int8_matmul, quantize_rows,
+from structured_compress.layers import LAYERS
+from structured_compress.layers.fastpath import (cached, clear_caches, contiguous_grad, int8_factors, int8_matmul, quantize_rows,
                                   reference_paths, set_int8_activations)
 
 IN, OUT = 96, 64

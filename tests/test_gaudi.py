@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
-from src.layers import build_layer, get_layer_class
-from src.layers.gaudi import GaudiGBLRLinear, gaudi_mask
-from src.layers.gaudi_search import (alternate_factors_, blocks_start, greedy_intervals, interval_masks,
+from structured_compress.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
+from structured_compress.layers import build_layer, get_layer_class
+from structured_compress.layers.gaudi import GaudiGBLRLinear, gaudi_mask
+from structured_compress.layers.gaudi_search import (alternate_factors_, blocks_start, greedy_intervals, interval_masks,
                                      longest_circular_run, project_widths_, snapped_cost, svd_error_at,
                                      top_singular_pairs)
-from src.layers.lowrank import LowRankLinear
-from src.surgery import compress_
+from structured_compress.layers.lowrank import LowRankLinear
+from structured_compress.surgery import compress_
 
 
 def published_mask(width: np.ndarray, location: np.ndarray, n: int, sigma: float | None) -> np.ndarray:
@@ -137,11 +137,11 @@ def test_num_params_and_flops_by_hand():
     # block 0: 4 cols x 3 rows -> min(2*7, 12) = 12; block 1: all 10 cols x 6 rows -> min(2*16, 60) = 32;
     # block 2: 1 col wide -> inactive (0); rounding: 0.42*10 -> 4 columns
     set_structure(layer, [[0.42, 1.0, 0.1], [0.5, 1.0, 1.0]], [[0.9, 0.0, 0.3], [0.5, 0.2, 0.0]])
-    assert layer.flops_per_token() == 12 + 32
+    assert layer.macs_per_token() == 12 + 32
     layer.eval()
-    assert layer.flops_per_token() == 12 + 32
+    assert layer.macs_per_token() == 12 + 32
     lowrank_pattern = GaudiGBLRLinear(32, 32, num_components=8, width_init="lr0.5", sigma=None)
-    assert lowrank_pattern.flops_per_token() == 4 * (32 + 32)
+    assert lowrank_pattern.macs_per_token() == 4 * (32 + 32)
 
 
 def test_width_inits():
@@ -152,7 +152,7 @@ def test_width_inits():
     lr = GaudiGBLRLinear(32, 16, width_init="lr0.25")
     assert torch.all(lr.widths[:, :4] == 1) and lr.widths[0, 4] == 1 / 32 and lr.widths[1, 4] == 0
     budgeted = GaudiGBLRLinear(32, 32, budget=0.25)
-    assert budgeted.flops_per_token() == 4 * 64
+    assert budgeted.macs_per_token() == 4 * 64
     with pytest.raises(ValueError, match="width_init"):
         GaudiGBLRLinear(8, 8, width_init="rand")
 
@@ -201,7 +201,7 @@ def test_given_full_widths_are_cut_to_the_budget_before_refinement():
     torch.manual_seed(0)  # the reference's find_mask=False path: full widths at random locations
     weight = torch.randn(20, 14)
     layer = GaudiGBLRLinear.from_dense(weight, None, 0.5, num_components=5, starts=["given"], niter=0)
-    assert 0 < layer.flops_per_token() <= 0.5 * weight.numel()
+    assert 0 < layer.macs_per_token() <= 0.5 * weight.numel()
 
 
 def relative_error(layer: GaudiGBLRLinear, weight: torch.Tensor) -> float:
@@ -216,7 +216,7 @@ def test_from_dense_error_decreases_with_budget_and_respects_it():
     for budget in (0.15, 0.3, 0.6):
         layer = GaudiGBLRLinear.from_dense(weight, None, budget, niter=20)
         errors.append(relative_error(layer, weight))
-        assert layer.flops_per_token() <= 1.1 * budget * weight.numel()
+        assert layer.macs_per_token() <= 1.1 * budget * weight.numel()
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -246,7 +246,7 @@ def test_from_dense_is_never_worse_than_lowrank_at_the_same_budget():
     lowrank = LowRankLinear.from_dense(weight, None, 0.15)
     lowrank_error = float((lowrank.to_dense_weight() - weight).norm() / weight.norm())
     assert relative_error(layer, weight) <= lowrank_error + 1e-5
-    assert layer.flops_per_token() <= 0.15 * weight.numel()
+    assert layer.macs_per_token() <= 0.15 * weight.numel()
     eval_weight = layer.to_dense_weight()
     layer.train()  # no component lives only in training mode
     torch.testing.assert_close(layer.to_dense_weight(), eval_weight)
@@ -269,8 +269,8 @@ def test_init_beats_svd_on_planted_blocks_at_equal_flops():
     layer = GaudiGBLRLinear.from_dense(weight, None, budget)
     layer.eval()
     error = float((layer.to_dense_weight() - weight).norm() / weight.norm())
-    svd = svd_error_at(torch.linalg.svdvals(weight.double()), layer.flops_per_token(), tuple(weight.shape))
-    assert layer.flops_per_token() <= flops and layer.init_report.start == "blocks"
+    svd = svd_error_at(torch.linalg.svdvals(weight.double()), layer.macs_per_token(), tuple(weight.shape))
+    assert layer.macs_per_token() <= flops and layer.init_report.start == "blocks"
     assert error < 0.05 < svd  # the planted structure is found (noise level ~0.01), the SVD cannot express it
     assert layer.init_report.rel_error == pytest.approx(error, rel=1e-4)
     assert layer.init_report.svd_error == pytest.approx(svd, rel=1e-4)
@@ -321,7 +321,7 @@ def test_budget_holds_for_every_from_dense_option(options):
                                                col_thresholds=(0.5,), **options)
             for mode in (layer.eval, layer.train):
                 mode()
-                assert layer.flops_per_token() <= budget * weight.numel()
+                assert layer.macs_per_token() <= budget * weight.numel()
 
 
 def test_unknown_start_is_rejected():
@@ -371,7 +371,7 @@ def test_gaudi_shrink_reaches_target_and_stops():
     assert locations.min() >= 0 and locations.max() < 1
     assert shrink.frozen and not module.layer.widths.requires_grad and not module.layer.locations.requires_grad
     assert float(module.layer.sigma) == 7.0  # 10 batches an epoch: epochs 0..3 ran, sigma(3) = 1 + 8 * 3/4
-    assert 0 < float(trainer.callback_metrics["gaudi/flops_fraction"]) < 1
+    assert 0 < float(trainer.callback_metrics["gaudi/macs_fraction"]) < 1
 
 
 def test_shrink_schedules_and_sigma_ramp():
@@ -406,7 +406,7 @@ def test_config_rebuilds_the_state_layout_without_decomposing():
 
 
 def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
-    from src import load_compressed, save_compressed
+    from structured_compress import load_compressed, save_compressed
 
     def model():
         return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 16, 10), nn.ReLU(),
@@ -480,7 +480,7 @@ def test_mean_shrink_moves_every_width_by_the_mean_excess_until_the_target():
 # --- convolutions ------------------------------------------------------------------------------------------
 
 def test_conv_flattens_kernels_kernel_position_first_as_the_reference():
-    from src.layers.conv import StructuredConv2d, kernel_as_matrix
+    from structured_compress.layers.conv import StructuredConv2d, kernel_as_matrix
 
     gen = torch.Generator().manual_seed(0)
     layer = GaudiGBLRLinear(12, 2, num_components=1, sigma=None, bias=False)  # C_i = 3, 2x2 kernel
@@ -545,7 +545,7 @@ def test_compact_forward_equals_the_dense_mask_path(rank):
     compact.eval(), reference.eval()
     assert compact.compact_plan() is not None and len(compact.compact_plan().inputs) == 4  # cols 0..4 shared
     torch.testing.assert_close(compact(x), reference(x), atol=1e-12, rtol=0)
-    assert compact.compact_plan().macs == compact.flops_per_token()
+    assert compact.compact_plan().macs == compact.macs_per_token()
     for layer in (compact, reference):  # frozen structure in training: compact, with the same gradients
         layer.train()
         for param in layer.structural_parameters().values():
@@ -584,7 +584,7 @@ def test_auto_mode_runs_compact_only_when_it_is_cheap():
 
 
 def test_per_kernel_position_variant_against_a_hand_built_kernel():
-    from src.layers.conv import StructuredConv2d
+    from structured_compress.layers.conv import StructuredConv2d
 
     gen = torch.Generator().manual_seed(0)
     layer = GaudiGBLRLinear(12, 2, num_components=1, segments=4, sigma=None, bias=False)  # C_i 3, 2x2 kernel
@@ -604,7 +604,7 @@ def test_per_kernel_position_variant_against_a_hand_built_kernel():
             conv.train(train)
             torch.testing.assert_close(conv.to_dense_weight(), kernel)
             torch.testing.assert_close(conv(x), F.conv2d(x, kernel), atol=1e-5, rtol=1e-5)
-    assert layer.flops_per_token() == 4 * (2 + 2)
+    assert layer.macs_per_token() == 4 * (2 + 2)
 
 
 def test_segments_from_dense_holds_the_budget_and_round_trips():
@@ -613,7 +613,7 @@ def test_segments_from_dense_holds_the_budget_and_round_trips():
         layer = GaudiGBLRLinear.from_dense(weight, torch.randn(24), 0.4, segments=2, drop_empty=drop_empty)
         for train in (True, False):
             layer.train(train)
-            assert layer.flops_per_token() <= 0.4 * weight.numel()
+            assert layer.macs_per_token() <= 0.4 * weight.numel()
         report = layer.init_report
         assert report.rel_error == pytest.approx(relative_error(layer, weight), rel=1e-4)
         rebuilt = GaudiGBLRLinear(20, 24, **layer.config())

@@ -8,7 +8,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.tasks.glue import GLUE_METRICS, SequenceClassificationTask, build_metric
+from structured_compress.tasks.glue import GLUE_METRICS, SequenceClassificationTask, build_metric
 
 metrics_sk = pytest.importorskip("sklearn.metrics")
 

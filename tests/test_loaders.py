@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from src.datamodules import loaders
-from src.datamodules.loaders import make_loader
+from structured_compress.datamodules import loaders
+from structured_compress.datamodules.loaders import make_loader
 
 DATA = TensorDataset(torch.arange(23))
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from src.layers import LAYERS, build_layer
-from src.layers.lowrank import LowRankLinear, rank_for_budget
+from structured_compress.layers import LAYERS, build_layer
+from structured_compress.layers.lowrank import LowRankLinear, rank_for_budget
 
 
 def random_matrix(m, n, seed=0):
@@ -43,11 +43,11 @@ def test_counts_match_hand_computation():
     layer = build_layer("lowrank", 32, 64, budget=0.25)
     assert layer.rank == 5 == rank_for_budget(0.25, 64, 32)
     assert layer.num_params() == 5 * 96 + 64 == sum(p.numel() for p in layer.parameters())
-    assert layer.flops_per_token() == 480
+    assert layer.macs_per_token() == 480
     no_bias = build_layer("lowrank", 32, 64, rank=3, bias=False)
-    assert no_bias.num_params() == 3 * 96 and no_bias.flops_per_token() == 288
+    assert no_bias.num_params() == 3 * 96 and no_bias.macs_per_token() == 288
     dense = build_layer("dense", 32, 64)
-    assert dense.num_params() == 64 * 32 + 64 and dense.flops_per_token() == 2048
+    assert dense.num_params() == 64 * 32 + 64 and dense.macs_per_token() == 2048
 
 
 def test_rank_is_clipped():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from scripts.make_table import ID_COLUMNS, failure_message, load_rows, main, read_csv
-from src.utils.logs import record_failure
+from structured_compress.utils.logs import record_failure
 
 from .conftest import ROOT
 
@@ -53,7 +53,7 @@ def write_run(run_dir: Path, experiment: str, layer: str, budget: float, seed: i
     return run_dir
 
 
-TRACEBACK = ("[2026-11-24 10:00:00,000][src.train][INFO] - training\nTraceback (most recent call last):\n"
+TRACEBACK = ("[2026-11-24 10:00:00,000][structured_compress.train][INFO] - training\nTraceback (most recent call last):\n"
              '  File "run.py", line 1, in <module>\nRuntimeError: boom at step 3\n')
 
 
@@ -191,7 +191,7 @@ def test_failure_message_reads_tracebacks_and_error_lines():
     assert failure_message(chained) == "RuntimeError: boom at step 3"
     assert failure_message("[t][run][ERROR] - error: seed=abc: not an integer\n") == "error: seed=abc: not an integer"
     assert failure_message("error: layer.budget=2: must be in (0, 1]\n") == "error: layer.budget=2: must be in (0, 1]"
-    assert failure_message("[t][src.train][INFO] - no errors here; Error handling is fine\n") is None
+    assert failure_message("[t][structured_compress.train][INFO] - no errors here; Error handling is fine\n") is None
 
 
 def test_record_failure_writes_the_traceback_to_log_files_only(tmp_path, capsys):

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from src.datamodules.tweets import packaged_csv
-from src.datamodules.wiki_offline import packaged_summaries
-from src.train import train
+from structured_compress.datamodules.tweets import packaged_csv
+from structured_compress.datamodules.wiki_offline import packaged_summaries
+from structured_compress.train import train
 
 from .conftest import compose_config
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.datamodules.language_modeling import WindowDataset, non_overlapping_windows, tokenize_joined
-from src.tasks.language_model import LanguageModelTask, TokenNLL, shifted_nll
+from structured_compress.datamodules.language_modeling import WindowDataset, non_overlapping_windows, tokenize_joined
+from structured_compress.tasks.language_model import LanguageModelTask, TokenNLL, shifted_nll
 
 
 def test_windows_do_not_overlap_and_drop_the_tail():

@@ -8,10 +8,10 @@ import torch
 from omegaconf import open_dict
 from safetensors.torch import save_file
 
-from src import pipeline
-from src.eval import evaluate
-from src.layers import StructuredLinear
-from src.train import train
+from structured_compress import pipeline
+from structured_compress.eval import evaluate
+from structured_compress.layers import StructuredLinear
+from structured_compress.train import train
 
 from .conftest import compose_config, needs_fashion_mnist
 
@@ -103,7 +103,7 @@ def test_pretrained_weights_must_fit_the_model(tmp_path):
 
 def test_compressed_weights_as_pretrained_path_point_to_ckpt_path(tmp_path):
     cfg = compose_config(TINY, tmp_path)
-    from src.surgery import compress_
+    from structured_compress.surgery import compress_
 
     compressed = pipeline.build_dense_model(cfg)
     compress_(compressed, "lowrank", 0.5, include=["blocks.*"])
@@ -126,7 +126,7 @@ def test_gptq_embedding_storage_calibrates_the_lm_head_on_train_batches():
     import lightning.pytorch as pl
     from torch import nn
 
-    from src.surgery import collect_output_embedding_gram
+    from structured_compress.surgery import collect_output_embedding_gram
 
     class TinyLM(nn.Module):
         def __init__(self):

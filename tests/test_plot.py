@@ -94,12 +94,12 @@ PROJ = {"widths": [[4 / 8, 2 / 8], [3 / 6, 2 / 6]], "locations": [[2 / 8, 7 / 8]
 def tiny_gaudi_vit():
     """A 1-block ViT whose MLP fc1 and patch-embedding conv are Gaudi-GBLR layers with FC1's and PROJ's
     intervals, and the Hydra model config that builds its dense skeleton."""
-    from src.layers.conv import StructuredConv2d
-    from src.layers.gaudi import GaudiGBLRLinear
-    from src.models.timm_models import create_timm_model
-    from src.surgery import replace_child
+    from structured_compress.layers.conv import StructuredConv2d
+    from structured_compress.layers.gaudi import GaudiGBLRLinear
+    from structured_compress.models.timm_models import create_timm_model
+    from structured_compress.surgery import replace_child
 
-    cfg = {"_target_": "src.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "img_size": 8,
+    cfg = {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "img_size": 8,
            "patch_size": 4, "in_chans": 1, "num_classes": 2, "embed_dim": 6, "depth": 1, "num_heads": 1,
            "mlp_ratio": 2.0}
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def tiny_gaudi_vit():
 
 def save_like_training(model, path) -> None:
     """A checkpoint as Lightning writes it in mode=train: the task's state dict and the structure record."""
-    from src.pipeline import StructureRecord
+    from structured_compress.pipeline import StructureRecord
 
     checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1}
     StructureRecord(None, {}).on_save_checkpoint(None, types.SimpleNamespace(model=model), checkpoint)
@@ -133,7 +133,7 @@ def test_component_count_matches_the_intervals():
 
 
 def test_gaudi_structure_from_checkpoint_and_compressed_folder(tmp_path):
-    from src.io import save_compressed
+    from structured_compress.io import save_compressed
 
     model, cfg = tiny_gaudi_vit()
     save_like_training(model, tmp_path / "last.ckpt")
@@ -155,7 +155,7 @@ def test_gaudi_structure_from_checkpoint_and_compressed_folder(tmp_path):
 
 
 def test_gaudi_structure_without_gaudi_layers_says_so(tmp_path, capsys):
-    from src.models.timm_models import create_timm_model
+    from structured_compress.models.timm_models import create_timm_model
 
     model = create_timm_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=2,
                               embed_dim=6, depth=1, num_heads=1)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from src.layers.gptq import gptq_quantize
-from src.layers.quant import dequantize, pack, quantize_grid, unpack
-from src.layers.svdq import SVDQuantLinear, quantize_factors
+from structured_compress.layers.gptq import gptq_quantize
+from structured_compress.layers.quant import dequantize, pack, quantize_grid, unpack
+from structured_compress.layers.svdq import SVDQuantLinear, quantize_factors
 
 GRIDS = [(bits, group_size, symmetric) for bits in (4, 8) for group_size in (None, 32, 64, 128)
          for symmetric in (True, False)]

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from src.utils.run_dir import continue_in_run_dir
+from structured_compress.utils.run_dir import continue_in_run_dir
 
 from .conftest import ROOT, needs_fashion_mnist
 

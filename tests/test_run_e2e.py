@@ -67,7 +67,7 @@ def test_compress_mode_saves_a_loadable_file_and_reports_bytes(tmp_path, capsys)
     assert metrics["ratio_vs_fp32"] > 1
     assert "test/acc" in metrics["metrics"] and "test/acc" in metrics["baseline_metrics"]
     assert (metrics_file.parent / "compressed" / "manifest.json").exists()
-    from src.io import load_compressed  # the folder describes its own model (the Hydra model config)
+    from structured_compress.io import load_compressed  # the folder describes its own model (the Hydra model config)
 
     model = load_compressed(metrics["compressed_path"])
     assert sum(type(m).__name__ == "SVDQuantLinear" for m in model.modules()) > 0

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from src.layers.quant import dequantize, pack, packed_numel, quantize, unpack
-from src.layers.svdq import SVDQuantLinear, fake_quantize, max_useful_rank, search_rank
+from structured_compress.layers.quant import dequantize, pack, packed_numel, quantize, unpack
+from structured_compress.layers.svdq import SVDQuantLinear, fake_quantize, max_useful_rank, search_rank
 
 
 def spectrum_matrix(rows: int, cols: int, decay: float = 0.75, seed: int = 0) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_falls_back_to_quantized_dense_when_no_rank_meets_the_bound():
     weight, inputs = torch.randn(32, 24, generator=gen), torch.randn(64, 24, generator=gen)  # flat spectrum
     layer = SVDQuantLinear.from_dense(weight, None, max_error=0.05, inputs=inputs)
     assert layer.mode == "qdense" and layer.rank is None
-    assert layer.w_packed.numel() == 32 * 24 and layer.flops_per_token() == 32 * 24
+    assert layer.w_packed.numel() == 32 * 24 and layer.macs_per_token() == 32 * 24
     assert ((layer(inputs) - inputs @ weight.T).norm() / (inputs @ weight.T).norm()) <= 0.05
 
 

@@ -10,7 +10,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from src.config_checks import check_config
+from structured_compress.config_checks import check_config
 
 from .conftest import CONFIG_DIR, ROOT, compose_config
 from .stand_ins import marked_slow, run_with_stand_ins

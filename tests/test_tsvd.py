@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.callbacks.tsvd_qat import TernaryQAT
-from src.layers import tsvd
-from src.layers.tsvd import TernarySVDLinear, requantize_, ternarize
+from structured_compress.callbacks.tsvd_qat import TernaryQAT
+from structured_compress.layers import tsvd
+from structured_compress.layers.tsvd import TernarySVDLinear, requantize_, ternarize
 
 
 
@@ -76,7 +76,7 @@ def test_muls_and_adds_are_counted_separately():
     nnz = int((layer.u != 0).sum() + (layer.v != 0).sum())
     assert layer.muls_per_token() == layer.rank
     assert layer.adds_per_token() == nnz
-    assert layer.flops_per_token() == layer.rank + nnz
+    assert layer.macs_per_token() == layer.rank + nnz
     assert layer.num_params() == layer.rank * (30 + 20) + layer.rank
 
 

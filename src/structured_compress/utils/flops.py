@@ -10,10 +10,10 @@ from ..surgery import _is_hf_conv1d
 
 
 def _layer_macs(module: nn.Module, inputs: tuple, output: Tensor) -> int | None:
-    """MACs of one call to a linear map, from the structure (``flops_per_token``) where there is one."""
+    """MACs of one call to a linear map, from the structure (``macs_per_token``) where there is one."""
     x = inputs[0]
     if isinstance(module, StructuredLinear):
-        return (x.numel() // x.shape[-1]) * module.flops_per_token()
+        return (x.numel() // x.shape[-1]) * module.macs_per_token()
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return (x.numel() // x.shape[-1]) * module.weight.numel()
     if isinstance(module, nn.Conv2d):

@@ -52,7 +52,7 @@ class SearchReport:
     rel_error: float
     op_error: float
     svd_error: float
-    flops_fraction: float
+    macs_fraction: float
     start: str
     row_threshold: float | None
     col_threshold: float | None
@@ -319,12 +319,12 @@ def alternate_factors_(start: Start, target: Tensor, sweeps: int, ridge: float =
     start.out_factors, start.in_factors = out_factors, in_factors
 
 
-def svd_error_at(singular: Tensor, flops: float, shape: tuple[int, int]) -> float:
-    """Relative error of the truncated SVD at ``flops`` MACs: fractional rank ``flops / (m + n)``, the squared
+def svd_error_at(singular: Tensor, macs: float, shape: tuple[int, int]) -> float:
+    """Relative error of the truncated SVD at ``macs`` multiply-adds: fractional rank ``macs / (m + n)``, the squared
     error interpolated linearly between the neighbouring integer ranks."""
     energy = singular.double().square()
     tails = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / energy.sum().clamp_min(1e-300)
-    rank = min(flops / sum(shape), float(len(energy)))
+    rank = min(macs / sum(shape), float(len(energy)))
     low = int(rank)
     high = min(low + 1, len(energy))
     return math.sqrt(float(tails[low] + (tails[high] - tails[low]) * (rank - low)))
@@ -480,9 +480,9 @@ def find_structure(make_layer: Callable[[int], GaudiGBLRLinear], target: Tensor,
         best_layer.in_factors.mul_(scale.sqrt())
         best_layer.out_factors.mul_(scale.sqrt())
     best_layer.eval()
-    flops = best_layer.flops_per_token()
+    macs = best_layer.macs_per_token()
     best_layer.train()
-    best.flops_fraction = flops / (rows * cols)
-    best.svd_error = svd_error_at(spectrum[1], flops, (rows, cols))
+    best.macs_fraction = macs / (rows * cols)
+    best.svd_error = svd_error_at(spectrum[1], macs, (rows, cols))
     best.seconds = time.perf_counter() - started
     return best_layer, best

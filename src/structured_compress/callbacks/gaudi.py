@@ -30,10 +30,10 @@ def mean_active_width(layers: Sequence[GaudiGBLRLinear]) -> float:
 
 
 @torch.no_grad()
-def flops_fraction(layers: Sequence[GaudiGBLRLinear]) -> float:
+def macs_fraction(layers: Sequence[GaudiGBLRLinear]) -> float:
     """Effective MACs of the layers over their dense MACs (current train/eval behaviour)."""
     dense = sum(layer.in_features * layer.out_features for layer in layers)
-    return sum(layer.flops_per_token() for layer in layers) / dense if dense else 0.0
+    return sum(layer.macs_per_token() for layer in layers) / dense if dense else 0.0
 
 
 def width_learning_rate(trainer: pl.Trainer, group_name: str | None) -> float:
@@ -173,7 +173,7 @@ class SigmaAnnealing(pl.Callback):
 
 
 class WidthMonitor(pl.Callback):
-    """Logs ``gaudi/mean_width`` and ``gaudi/flops_fraction`` of the Gaudi layers every ``every_n_steps``
+    """Logs ``gaudi/mean_width`` and ``gaudi/macs_fraction`` of the Gaudi layers every ``every_n_steps``
     training batches and at the end of each validation epoch."""
 
     def __init__(self, every_n_steps: int = 50):
@@ -183,7 +183,7 @@ class WidthMonitor(pl.Callback):
         layers = gaudi_layers(pl_module)
         if layers:
             pl_module.log("gaudi/mean_width", mean_active_width(layers))
-            pl_module.log("gaudi/flops_fraction", flops_fraction(layers))
+            pl_module.log("gaudi/macs_fraction", macs_fraction(layers))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % self.every_n_steps == 0:

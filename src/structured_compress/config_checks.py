@@ -25,9 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 from .datamodules.common import missing_imagenet_folder
 from .datamodules.hf_local import missing_saved_hf_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-LAYER_SOURCES = ROOT / "src" / "layers"
+LAYER_SOURCES = Path(__file__).resolve().parent / "layers"
 MODES = ("train", "eval", "compress")
 NOT_OPTIONS = ("cls", "weight", "bias", "budget")  # from_dense arguments that are not layer.options
 
@@ -50,8 +50,8 @@ HF_KIND_FAMILY = {"sequence_classification": "text", "causal_lm": "text-lm", "en
 EVAL_ONLY_TASKS = ("PooledEmbeddingAgreementTask",)  # no training_step
 FAMILY_WORDS = {"image": "images", "text": "labelled text", "text-lm": "text for language modelling"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
-GAUDI_CALLBACKS = "src.callbacks.gaudi."
-TSVD_CALLBACKS = "src.callbacks.tsvd_qat."
+GAUDI_CALLBACKS = "structured_compress.callbacks.gaudi."
+TSVD_CALLBACKS = "structured_compress.callbacks.tsvd_qat."
 PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
               "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
@@ -151,7 +151,7 @@ def layer_defaults() -> dict[str, dict]:
 @functools.lru_cache(maxsize=None)
 def layer_options() -> dict[str, dict[str, tuple[type, ...] | None]]:
     """Layer type -> {option: accepted Python types (None = any)}, from each registered class's
-    ``from_dense`` keyword arguments in ``src/layers/*.py``; a type whose from_dense takes ``**options``
+    ``from_dense`` keyword arguments in ``src/structured_compress/layers/*.py``; a type whose from_dense takes ``**options``
     maps to ``{"*": None}`` (anything accepted)."""
     found = {}
     for source in sorted(LAYER_SOURCES.glob("*.py")):
@@ -584,7 +584,7 @@ def suggest_experiments(choices: Mapping[str, str]) -> str:
 
 
 # Cheap data checks keyed by the datamodule class: each returns a message when the data cannot be found,
-# None when it is there or may still be fetched. The path rules live in src/datamodules/common.py (torch-free)
+# None when it is there or may still be fetched. The path rules live in src/structured_compress/datamodules/common.py (torch-free)
 # and are the same the datamodules use, so this check and the datamodule cannot disagree.
 DATA_CHECKS: dict[str, Callable[[Mapping], str | None]] = {
     "ImageNetDataModule": lambda dm: missing_imagenet_folder(dm.get("data_dir", "data/"), dm.get("path")),

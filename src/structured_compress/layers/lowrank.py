@@ -118,7 +118,7 @@ class LowRankLinear(StructuredLinear):
     def num_params(self) -> int:
         return self.rank * (self.in_features + self.out_features) + self.bias_params()
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
     def config(self) -> dict:

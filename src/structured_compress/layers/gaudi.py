@@ -99,7 +99,7 @@ def _kept_components(search: "GaudiGBLRLinear", drop_empty: bool) -> Tensor:
     """Which of a fitted search layer's components to keep; zeroes the widths of those eval mode drops (one
     element or less on an axis), so train and eval outputs agree."""
     sizes = torch.tensor(search.axis_sizes, device=search.widths.device, dtype=search.widths.dtype)[:, None]
-    live = (torch.round(search.widths * sizes) > 1).all(0)  # as `active` in flops_per_token
+    live = (torch.round(search.widths * sizes) > 1).all(0)  # as `active` in macs_per_token
     search.widths[:, ~live] = 0.0
     keep = live.clone() if drop_empty else torch.ones_like(live)
     keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero
@@ -112,13 +112,13 @@ def _whole_layer_report(layer: "GaudiGBLRLinear", weight: Tensor, parts: list[Se
     layer.eval()
     target = weight.detach().to(layer.in_factors.dtype)
     residual = target - layer.to_dense_weight()
-    flops = layer.flops_per_token()
+    macs = layer.macs_per_token()
     layer.train()
     return SearchReport(
         rel_error=float(residual.norm() / target.norm()),
         op_error=float(torch.linalg.matrix_norm(residual, ord=2) / torch.linalg.matrix_norm(target, ord=2)),
-        svd_error=svd_error_at(torch.linalg.svdvals(target.double()), flops, tuple(target.shape)),
-        flops_fraction=flops / target.numel(), start="/".join(sorted({p.start for p in parts})),
+        svd_error=svd_error_at(torch.linalg.svdvals(target.double()), macs, tuple(target.shape)),
+        macs_fraction=macs / target.numel(), start="/".join(sorted({p.start for p in parts})),
         row_threshold=None, col_threshold=None, seconds=sum(p.seconds for p in parts))
 
 
@@ -345,7 +345,7 @@ class GaudiGBLRLinear(StructuredLinear):
         return self.num_components * (self.rank_per_component * sum(self.axis_sizes) + 4) + self.bias_params()
 
     @torch.no_grad()
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         """Effective MACs ``sum_i min(t (u_i + v_i), u_i v_i)``: ``u_i``/``v_i`` count mask entries above
         1e-3 of components wider than one element on both axes (current train/eval behaviour)."""
         active = (self.effective_width(0) > 1.0 / self.axis_sizes[0]) \
@@ -386,7 +386,7 @@ class GaudiGBLRLinear(StructuredLinear):
         of :mod:`.gaudi_search`, on ``weight``'s device; with ``segments``, each block of columns on its own
         (the per-kernel-position conv variant). ``segments="kernel"`` takes the conv's ``kernel_positions``
         (``k_h k_w``, which surgery passes for conv layers; 1 for linear layers). With ``sigma`` None (the default, as fine-tuning
-        recipes use) the layer's ``flops_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
+        recipes use) the layer's ``macs_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
         eval masks, which the FLOP count then includes.
 
         starts: start kinds to try (see :data:`.gaudi_search.STARTS`); default ``["blocks"]``, plus
@@ -445,7 +445,7 @@ class GaudiGBLRLinear(StructuredLinear):
         layer.init_report = report
         log.info("gaudi %dx%d budget %.3f: %s start, %d components, MACs %.4f of dense, rel. error %.4f "
                  "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, budget,
-                 report.start, layer.num_components, report.flops_fraction, report.rel_error, report.svd_error,
+                 report.start, layer.num_components, report.macs_fraction, report.rel_error, report.svd_error,
                  report.op_error, report.seconds)
         return layer
 

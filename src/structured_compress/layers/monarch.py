@@ -139,7 +139,7 @@ class MonarchLinear(StructuredLinear):
             layer.blocks2.copy_(blocks2)
         layer._copy_bias(bias)
         log.debug("monarch %dx%d: nblocks=%d, cost %.3f of dense", out_features, in_features, layer.nblocks,
-                  layer.flops_per_token() / (out_features * in_features))
+                  layer.macs_per_token() / (out_features * in_features))
         return layer
 
     def _apply_factors(self, x: Tensor) -> Tensor:
@@ -189,7 +189,7 @@ class MonarchLinear(StructuredLinear):
     def num_params(self) -> int:
         return self.blocks1.numel() + self.blocks2.numel() + self.bias_params()
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         return self.blocks1.numel() + self.blocks2.numel()
 
     def config(self) -> dict:

@@ -4,7 +4,7 @@ A *source spec* is one of
   ``{"kind": "hf", "class": "BertForSequenceClassification", "config": {...}}``  a transformers model
       (the class and its full config; taken from the model itself, no weights are needed to rebuild it);
   ``{"kind": "timm", "name": "vit_small_patch16_224", "kwargs": {...}}``         ``timm.create_model``;
-  ``{"kind": "hydra", "config": {"_target_": "src.models....", ...}}``          a project model config.
+  ``{"kind": "hydra", "config": {"_target_": "structured_compress.models....", ...}}``          a project model config.
 ``describe_source`` turns what the user has (nothing, a Hydra model config, a spec) into a spec.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 SOURCE_KINDS = ("hf", "timm", "hydra")
-HYDRA_TARGET_PREFIX = "src.models."  # a saved folder may only name the project's own model builders
-TIMM_BUILDER = "src.models.timm_models.create_timm_model"
+HYDRA_TARGET_PREFIX = "structured_compress.models."  # a saved folder may only name the project's own model builders
+TIMM_BUILDER = "structured_compress.models.timm_models.create_timm_model"
 HF_CONFIG_FILE = "config.json"
 # save_pretrained keywords that only tune how transformers writes files; anything else is refused
 _IGNORED_SAVE_PRETRAINED_KWARGS = ("safe_serialization", "max_shard_size")
@@ -153,7 +153,7 @@ def _save_pretrained_compressed(model: nn.Module, save_directory, is_main_proces
     refused = sorted(k for k in kwargs if k not in _IGNORED_SAVE_PRETRAINED_KWARGS)
     if refused:
         raise ValueError(f"this model has structured (compressed) layers: save_pretrained writes the compressed "
-                         f"format and does not take {refused}; call src.save_compressed(model, path) instead")
+                         f"format and does not take {refused}; call structured_compress.save_compressed(model, path) instead")
     if is_main_process:
         save_compressed(model, save_directory)
 

@@ -34,8 +34,8 @@ class LayerReport:
     budget: float
     params_before: int
     params_after: int
-    flops_before: int
-    flops_after: int
+    macs_before: int
+    macs_after: int
     rel_error: float
     options: dict = field(default_factory=dict)
 
@@ -57,20 +57,20 @@ class CompressionReport:
         return sum(r.params_after for r in self.layers)
 
     @property
-    def flops_before(self) -> int:
-        return sum(r.flops_before for r in self.layers)
+    def macs_before(self) -> int:
+        return sum(r.macs_before for r in self.layers)
 
     @property
-    def flops_after(self) -> int:
-        return sum(r.flops_after for r in self.layers)
+    def macs_after(self) -> int:
+        return sum(r.macs_after for r in self.layers)
 
     def summary(self) -> dict:
         return {
             "replaced_layers": len(self.layers),
             "replaced_params_before": self.params_before,
             "replaced_params_after": self.params_after,
-            "replaced_flops_per_token_before": self.flops_before,
-            "replaced_flops_per_token_after": self.flops_after,
+            "replaced_macs_per_token_before": self.macs_before,
+            "replaced_macs_per_token_after": self.macs_after,
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
         }
@@ -91,13 +91,13 @@ class CompressionReport:
         for r in self.layers:
             rows.append(
                 f"{r.name[-40:]:<40} {r.layer_type:<8} {f'{r.out_features}x{r.in_features}':>11} "
-                f"{f'{r.params_before}->{r.params_after}':>19} {f'{r.flops_before}->{r.flops_after}':>19} "
+                f"{f'{r.params_before}->{r.params_after}':>19} {f'{r.macs_before}->{r.macs_after}':>19} "
                 f"{r.rel_error:8.4f}"
             )
         rows.append("-" * len(head))
         rows.append(
             f"{'replaced total':<40} {'':<8} {'':>11} {f'{self.params_before}->{self.params_after}':>19} "
-            f"{f'{self.flops_before}->{self.flops_after}':>19}"
+            f"{f'{self.macs_before}->{self.macs_after}':>19}"
         )
         rows.append(f"model parameters: {self.model_params_before} -> {self.model_params_after}")
         return "\n".join(rows)
@@ -217,7 +217,7 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
     budget: a dense fraction in (0, 1], or an ordered dict of patterns -> budget (first match wins).
     options: keyword options for ``from_dense``; with a dict ``layer``, keyed by type name.
     calibration: per layer name, data-aware inputs such as ``{"gram": X X^T}`` (see ``collect_input_gram``).
-    ``layer="auto"`` plans a codec per layer from the calibration data instead (``src/layers/auto.py``; its
+    ``layer="auto"`` plans a codec per layer from the calibration data instead (``src/structured_compress/layers/auto.py``; its
     settings -- choices, target_bytes / target_ratio / max_error -- come in ``options``).
     """
     if isinstance(layer, str) and layer == "auto":
@@ -257,15 +257,15 @@ def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | 
         report.layers.append(LayerReport(
             name=name, kind=kind, layer_type=type_name, out_features=out_features, in_features=in_features,
             budget=layer_budget, params_before=weight.numel() + (0 if bias is None else bias.numel()),
-            params_after=new_linear.num_params(), flops_before=weight.numel(),
-            flops_after=new_linear.flops_per_token(), rel_error=rel_error, options=layer_options,
+            params_after=new_linear.num_params(), macs_before=weight.numel(),
+            macs_after=new_linear.macs_per_token(), rel_error=rel_error, options=layer_options,
         ))
         log.debug("replaced %s (%s %dx%d) by %s", name, kind, out_features, in_features, type_name)
     if not report.layers:
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers
     report.model_params_after = report.model_params_before - report.params_before + report.params_after
-    from .io.source import guard_save_pretrained  # deferred: src.io imports this module
+    from .io.source import guard_save_pretrained  # deferred: structured_compress.io imports this module
 
     guard_save_pretrained(model)  # its plain save_pretrained would write packed layers transformers cannot read
     return report

@@ -230,7 +230,7 @@ class HyperCompressedLinear(StructuredLinear):
         stored = self.in_features * self.out_features if self.raw else self.num_pairs + SIDE_FIELDS
         return stored + self.bias_params()
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         return self.in_features * self.out_features
 
     def bits_per_weight(self) -> float:

@@ -40,7 +40,7 @@ class DenseLinear(StructuredLinear):
     def num_params(self) -> int:
         return self.weight.numel() + self.bias_params()
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         return self.in_features * self.out_features
 
     def config(self) -> dict:

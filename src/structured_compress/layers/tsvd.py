@@ -384,7 +384,7 @@ class TernarySVDLinear(StructuredLinear):
                 "ternary_params": self.ternary_params(), "bytes": self.storage_bytes(), "dense_macs": dense,
                 "dense_fp16_bytes": 2 * (dense + self.bias_params())}
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         """Multiplies plus additions, each counted as one MAC: an upper bound, since an addition is cheaper
         than a multiply-add. Use ``muls_per_token``/``adds_per_token`` for the split."""
         return self.muls_per_token() + self.adds_per_token()

@@ -170,14 +170,14 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     """Write ``model`` (after ``compress_``) to the directory ``path``; returns it.
 
     report: a ``CompressionReport`` (or a plain dict) stored in the manifest for reference.
-    source: how to rebuild the dense model on load (see ``src.io.source``): a source spec or a Hydra model
+    source: how to rebuild the dense model on load (see ``structured_compress.io.source``): a source spec or a Hydra model
         config; ``None`` records a transformers model's class and config, and nothing for other models (then
         loading needs a skeleton).
     storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``, ``zero_point``,
         ``embeddings_rounding``, ``rest``) for the tensors no structured layer owns; default fp16 (or the
         model's own half dtype).
     calibration: per state-dict key of an output embedding (e.g. ``lm_head.weight``), the Gram matrix of its
-        inputs, for ``embeddings_rounding: gptq`` (``src.surgery.collect_output_embedding_gram``).
+        inputs, for ``embeddings_rounding: gptq`` (``structured_compress.surgery.collect_output_embedding_gram``).
     Once the files are written, tensors stored lossily are rounded *in place* in ``model`` to what was saved,
     so evaluating ``model`` afterwards measures the saved model.
     """

@@ -279,7 +279,7 @@ class SVDQuantLinear(StructuredLinear):
         return sum(t.numel() for name, t in self.state_dict().items() if not name.endswith("_packed")) + sum(
             rows * cols for rows, cols in self._shapes.values())
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         if self.mode == "factored":
             return self.rank * (self.in_features + self.out_features)
         return self.in_features * self.out_features

@@ -66,7 +66,7 @@ class StructuredLinear(nn.Module):
 
     Subclasses implement ``from_dense`` (initialise from a pretrained weight at a dense-fraction budget),
     ``forward`` (any leading batch dims), ``to_dense_weight``, ``num_params`` (numbers stored, bias
-    included) and ``flops_per_token`` (multiply-adds one input vector needs, bias excluded).
+    included) and ``macs_per_token`` (multiply-adds one input vector needs, bias excluded).
     """
 
     layer_type: ClassVar[str] = ""
@@ -103,7 +103,7 @@ class StructuredLinear(nn.Module):
     def num_params(self) -> int:
         raise NotImplementedError
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         raise NotImplementedError
 
     def storage_bytes(self, float_bytes: int = 2) -> int:

@@ -127,7 +127,7 @@ class BlockDiagLinear(StructuredLinear):
             layer.blocks.copy_(blocks)
         layer._copy_bias(bias)
         log.debug("blockdiag %dx%d: nblocks=%d, residual_rank=%d, cost %.3f of dense", out_features, in_features,
-                  layer.nblocks, layer.residual_rank, layer.flops_per_token() / (out_features * in_features))
+                  layer.nblocks, layer.residual_rank, layer.macs_per_token() / (out_features * in_features))
         return layer
 
     def _diagonal_blocks(self, weight: Tensor) -> Tensor:
@@ -189,9 +189,9 @@ class BlockDiagLinear(StructuredLinear):
         return dense + self.left @ self.right if self.residual_rank else dense
 
     def num_params(self) -> int:
-        return self.flops_per_token() + self.bias_params()
+        return self.macs_per_token() + self.bias_params()
 
-    def flops_per_token(self) -> int:
+    def macs_per_token(self) -> int:
         return self.blocks.numel() + self.residual_rank * (self.in_features + self.out_features)
 
     def config(self) -> dict:
