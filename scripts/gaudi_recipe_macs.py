@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from structured_compress.surgery import dense_view, select_layers
+from structured_compress.modeltree import dense_view, select_layers
 from structured_compress.utils.flops import linear_macs_per_sample
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"

@@ -7,7 +7,8 @@ from torch import nn
 
 from structured_compress.layers.auto import KEEP, Option, greedy_plan, lower_hull, output_weights
 from structured_compress.layers.svdq import SVDQuantLinear
-from structured_compress.surgery import collect_input_gram, compress_, select_layers
+from structured_compress.modeltree import select_layers
+from structured_compress.surgery import collect_input_gram, compress_
 
 # hand-checkable: error added per byte saved -- c: 5e-5 then 1e-4; a: 2e-4 then 1.6e-3; b: 2e-3 then 8e-3
 TABLE = {

@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from structured_compress.layers import check_budget, get_layer_class
-from structured_compress.surgery import check_options, select_layers
+from structured_compress.modeltree import select_layers
+from structured_compress.surgery import check_options
 from structured_compress import pipeline
 from structured_compress.utils.run_helpers import instantiate_list, make_trainer
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from .callbacks.resume_state import ResumeState
 from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
-from .surgery import CompressionReport, collect_input_gram, collect_output_embedding_gram, compress_, replace_child, \
-    select_layers
+from .surgery import CompressionReport, collect_input_gram, collect_output_embedding_gram, compress_
+from .modeltree import replace_child, select_layers
 from .utils.checkpoints import load_checkpoint_file
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..layers import StructuredConv2d, StructuredLinear, get_layer_class
-from ..surgery import dense_view, replace_child
+from ..modeltree import dense_view, replace_child
 from .storage import StoragePolicy, choose_codec, decode, dtype_name, embedding_keys, encode, model_dtype, \
     parse_dtype, stored_layout
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json, check_body,

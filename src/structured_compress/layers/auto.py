@@ -110,7 +110,7 @@ def _build(spec: Mapping, weight: Tensor, bias: Tensor | None, calibration: Mapp
 
 def _calibrated_layers(model: nn.Module, calibration, include, exclude, filter_fn) -> dict[str, nn.Module]:
     """The selected layers, or a ValueError when one has no calibration inputs."""
-    from ..surgery import select_layers
+    from ..modeltree import select_layers
 
     selected = select_layers(model, include, exclude, filter_fn)
     missing = [name for name in selected if name not in (calibration or {})]

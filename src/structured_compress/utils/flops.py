@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers import StructuredLinear
-from ..surgery import _is_hf_conv1d
+from ..modeltree import is_hf_conv1d
 
 
 def _layer_macs(module: nn.Module, inputs: tuple, output: Tensor) -> int | None:
@@ -14,7 +14,7 @@ def _layer_macs(module: nn.Module, inputs: tuple, output: Tensor) -> int | None:
     x = inputs[0]
     if isinstance(module, StructuredLinear):
         return (x.numel() // x.shape[-1]) * module.macs_per_token()
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return (x.numel() // x.shape[-1]) * module.weight.numel()
     if isinstance(module, nn.Conv2d):
         return (output.numel() // module.out_channels) * module.weight.numel()
@@ -32,7 +32,7 @@ def linear_macs_per_sample(model: nn.Module, inputs: Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, (StructuredLinear, nn.Linear, nn.Conv2d)) or _is_hf_conv1d(module):
+        if isinstance(module, (StructuredLinear, nn.Linear, nn.Conv2d)) or is_hf_conv1d(module):
             def hook(mod, args, out, _name=name):
                 macs = _layer_macs(mod, args, out)
                 if macs is not None:
