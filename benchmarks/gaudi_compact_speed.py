@@ -20,7 +20,7 @@ import torch
 
 from gaudi_init import planted
 from layer_speed import make_step, time_round_robin
-from structured_compress.layers.gaudi import GaudiGBLRLinear
+from structured_compress.layers.gaudi import GaudiConfig, GaudiGBLRLinear
 
 MODES = ("dense", "lr", "compact", "auto")
 
@@ -39,7 +39,7 @@ def main() -> None:
         x = torch.randn(args.tokens, in_features, generator=torch.Generator().manual_seed(1))
         dense = torch.nn.Linear(in_features, out_features).eval()
         for budget in args.budgets:
-            base = GaudiGBLRLinear.from_dense(weight, torch.zeros(out_features), budget).eval()
+            base = GaudiGBLRLinear.from_dense(weight, torch.zeros(out_features), GaudiConfig(budget=budget)).eval()
             layers = {"nn.Linear": dense}
             for mode in MODES:
                 layers[mode] = copy.deepcopy(base)

@@ -22,7 +22,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from structured_compress.layers.gaudi import GaudiGBLRLinear
+from structured_compress.layers.gaudi import GaudiConfig, GaudiGBLRLinear
 
 SQUARE = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
           "attention.self.query", "attention.self.key"]
@@ -54,7 +54,7 @@ def planted(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 def fit(weight: torch.Tensor, budget: float, options: dict) -> dict:
     started = time.perf_counter()
-    layer = GaudiGBLRLinear.from_dense(weight, None, budget, **options)
+    layer = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=budget, **options))
     seconds = time.perf_counter() - started
     report = layer.init_report
     return {"shape": "x".join(map(str, weight.shape)), "budget": budget, "start": report.start,
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {}  # the defaults of from_dense: starts [blocks], 8 sweeps
+    options = {}  # GaudiConfig's defaults: starts [blocks], 8 sweeps
     rows = []
     for name, weight in minilm_weights().items():
         for budget in args.budgets:
@@ -98,7 +98,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "gaudi_init", "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
         "threads": args.threads, "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
-        "options": options or "from_dense defaults", "summary": summary, "timing_vit_b_shapes": timing,
+        "options": options or "GaudiConfig defaults", "summary": summary, "timing_vit_b_shapes": timing,
         "per_weight": rows,
     }, indent=1))
 

@@ -187,7 +187,8 @@ def build_layers(types: list[str], weight: torch.Tensor, bias: torch.Tensor, bud
     for name in types:
         start = time.perf_counter()
         try:
-            layer = LAYERS[name].from_dense(weight, bias, budget, **options.get(name, {}))
+            config = LAYERS[name].Config.from_options(options.get(name), budget)
+            layer = LAYERS[name].from_dense(weight, bias, config)
         except Exception as err:  # report and go on: one broken type should not hide the others
             facts.append({"layer": name, "error": f"{type(err).__name__}: {err}"})
             continue

@@ -19,7 +19,7 @@ import time
 import torch
 
 from compress_minilm import minilm_dir
-from structured_compress.layers.tsvd import TernarySVDLinear
+from structured_compress.layers.tsvd import TernarySVDConfig, TernarySVDLinear
 
 
 def main() -> None:
@@ -39,8 +39,8 @@ def main() -> None:
     for name, linear in list(linears.items())[: args.layers]:
         weight = linear.weight.detach()
         start, cpu_start = time.perf_counter(), time.process_time()
-        layer = TernarySVDLinear.from_dense(weight, linear.bias, tolerance=args.tolerance, steps=args.steps,
-                                            refit_every=args.refit_every)
+        config = TernarySVDConfig(tolerance=args.tolerance, steps=args.steps, refit_every=args.refit_every)
+        layer = TernarySVDLinear.from_dense(weight, linear.bias, config)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         residual = (layer.to_dense_weight() - weight).double()
         true_error = (torch.linalg.matrix_norm(residual, ord=2) / torch.linalg.matrix_norm(weight.double(), ord=2)).item()

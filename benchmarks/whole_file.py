@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from codec_suite import CODECS, Codec, compress_copy, save_reload  # noqa: E402
 from quant_int4 import AUTO_CHOICES, int4_codecs  # noqa: E402
-from structured_compress.layers.auto import output_weights  # noqa: E402
+from structured_compress.planner import output_weights  # noqa: E402
 from structured_compress.modeltree import select_layers  # noqa: E402
 from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram  # noqa: E402
 

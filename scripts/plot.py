@@ -183,7 +183,7 @@ def gaudi_layers(path: str | Path) -> dict[str, Any]:
     """The Gaudi-GBLR layers (name -> ``GaudiGBLRLinear`` with its learned widths and locations) of a training
     checkpoint (its ``structure`` record rebuilds them) or a ``save_compressed`` folder."""
     from structured_compress.io import load_compressed  # deferred: the Pareto plots need no torch
-    from structured_compress.io.compressed_format import build_layer_from_entry
+    from structured_compress.io.structure import build_layer_from_entry
     from structured_compress.layers.gaudi import GaudiGBLRLinear
     from structured_compress.pipeline import STRUCTURE_KEY, read_checkpoint
 

@@ -24,7 +24,7 @@ import torch
 from structured_compress.io import folder_sizes, load_compressed, save_compressed
 from structured_compress.datamodules.wiki_offline import packaged_summaries, read_articles
 from structured_compress.models.hf_models import create_hf_model
-from structured_compress.models.hf_sources import load_tokenizer
+from structured_compress.sources import load_tokenizer
 from structured_compress.surgery import compress_
 
 POLICIES = {
@@ -62,7 +62,7 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="a structured_compress.models.hf_sources source string")
+    parser.add_argument("--source", required=True, help="a structured_compress.sources source string")
     parser.add_argument("--kind", default="sequence_classification", choices=["sequence_classification", "causal_lm"])
     parser.add_argument("--layer", default="svdq")
     parser.add_argument("--budget", type=float, default=0.5)

@@ -104,7 +104,7 @@ def write_models(root: Path) -> dict[str, Path]:
                               GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig,
                               PhiForCausalLM)
 
-    from structured_compress.models.hf_sources import load_tokenizer
+    from structured_compress.sources import load_tokenizer
 
     tokenizer = load_tokenizer(MINILM)
     vocab = len(tokenizer)

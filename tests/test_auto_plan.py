@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from structured_compress.layers.auto import KEEP, Option, greedy_plan, lower_hull, output_weights
+from structured_compress.planner import KEEP, Option, greedy_plan, lower_hull, output_weights
 from structured_compress.layers.svdq import SVDQuantLinear
 from structured_compress.modeltree import select_layers
 from structured_compress.surgery import collect_input_gram, compress_
@@ -80,7 +80,7 @@ def test_auto_needs_calibration_and_choices():
     with pytest.raises(ValueError, match="calibration_batches"):
         compress_(model, "auto", options={"choices": CHOICES, "target_ratio": 2.0})
     with pytest.raises(ValueError, match="choices"):
-        compress_(model, "auto", options={"target_ratio": 2.0})
+        compress_(model, "auto", options={"choices": {}, "target_ratio": 2.0})
 
 
 class DampedBranch(nn.Module):

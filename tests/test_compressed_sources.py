@@ -1,5 +1,6 @@
 """Self-describing saves: ``load_compressed(path)`` rebuilds transformers, timm and Hydra-configured models
-without a skeleton, and ``save_pretrained`` on a compressed transformers model writes the compressed format."""
+without a skeleton, and ``save_pretrained`` on a compressed transformers model writes the compressed format once io
+(``guard_save_pretrained``, ``load_compressed``) or the pipeline has guarded it."""
 import importlib.util
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from structured_compress import load_compressed, save_compressed
-from structured_compress.io import read_manifest, timm_source
+from structured_compress.io import guard_save_pretrained, read_manifest, timm_source
 from structured_compress.io.compressed_format import MANIFEST_FILE
 from structured_compress.surgery import compress_
 
@@ -98,15 +99,29 @@ def test_hf_model_records_its_config_and_transformers_recognises_the_folder(tmp_
     assert_same_outputs(model, loaded, TOKENS)
 
 
-def test_save_pretrained_after_compress_writes_the_compressed_format(tmp_path):
+def test_guarded_save_pretrained_writes_the_compressed_format(tmp_path):
     model = tiny_bert()
     compress_(model, "svdq", include=["bert.encoder.*"])
+    guard_save_pretrained(model)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert json.loads((tmp_path / "hf" / MANIFEST_FILE).read_text())["source"]["kind"] == "hf"
     loaded = load_compressed(tmp_path / "hf")
     assert_same_outputs(model, loaded, TOKENS)
     with pytest.raises(ValueError, match=r"does not take \['push_to_hub'\].*save_compressed"):
         loaded.save_pretrained(tmp_path / "again", push_to_hub=True)  # the loaded model is guarded too
+
+
+def test_the_pipeline_guards_save_pretrained_after_surgery(tmp_path):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from structured_compress.pipeline import compress_task_model
+
+    task = SimpleNamespace(model=tiny_bert())  # without calibration, compress_task_model only reads task.model
+    compress_task_model(task, OmegaConf.create({"name": "lowrank", "budget": 0.5, "include": ["bert.encoder.*"]}))
+    task.model.save_pretrained(tmp_path / "hf")
+    assert read_manifest(tmp_path / "hf")["source"]["kind"] == "hf"
 
 
 def test_gpt2_tied_head_quantized_and_reloaded(tmp_path):

@@ -10,7 +10,8 @@ from torch import nn
 from structured_compress import load_compressed, save_compressed
 from structured_compress.compress import dense_bytes
 from structured_compress.io import StoragePolicy, folder_sizes, read_manifest
-from structured_compress.io.compressed_format import WEIGHTS_FILE, structured_layers
+from structured_compress.io.compressed_format import WEIGHTS_FILE
+from structured_compress.io.structure import structured_layers
 from structured_compress.layers.quant import dequantize, quantize, quantize_grid
 from structured_compress.surgery import collect_output_embedding_gram, compress_
 
@@ -191,14 +192,14 @@ def test_untied_lm_head_is_an_embedding_too(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"dtipe": "fp16"}, r"storage has no key\(s\) \['dtipe'\]"),
-    ({"dtype": "fp8"}, r"storage.dtype must be one of"),
-    ({"embeddings": "int2"}, r"storage.embeddings must be one of"),
-    ({"embeddings": "int4", "group_size": 0}, r"group_size must be a positive integer"),
-    ({"embeddings_rounding": "hessian"}, r"storage.embeddings_rounding must be one of \('nearest', 'gptq'\)"),
-    ({"rest": "int4"}, r"storage.rest must be one of \('none', 'int8'\)"),
-    ({"zero_point": "yes"}, r"storage.zero_point must be true or false"),
-    ("fp16", r"storage must be a dict"),
+    ({"dtipe": "fp16"}, r"^dtipe=fp16: storage has no such option .*did you mean dtype\?"),
+    ({"dtype": "fp8"}, r"^dtype=fp8: expected one of fp16, .* or null"),
+    ({"embeddings": "int2"}, r"^embeddings=int2: expected one of none, int8, int4"),
+    ({"embeddings": "int4", "group_size": 0}, r"^group_size=0: must be >= 1"),
+    ({"embeddings_rounding": "hessian"}, r"^embeddings_rounding=hessian: expected one of nearest, gptq"),
+    ({"rest": "int4"}, r"^rest=int4: expected one of none, int8"),
+    ({"zero_point": "yes"}, r"^zero_point=yes: expected true or false"),
+    ("fp16", r"storage=fp16: must be a mapping"),
 ])
 def test_bad_storage_config_names_the_key(config, message):
     with pytest.raises(ValueError, match=message):

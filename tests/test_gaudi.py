@@ -12,11 +12,13 @@ from torch import nn
 
 from structured_compress.callbacks.gaudi import GaudiShrink, SigmaAnnealing, WidthMonitor, mean_active_width
 from structured_compress.layers import build_layer, get_layer_class
-from structured_compress.layers.gaudi import GaudiGBLRLinear, gaudi_mask
-from structured_compress.layers.gaudi_search import (alternate_factors_, blocks_start, greedy_intervals, interval_masks,
-                                     longest_circular_run, project_widths_, snapped_cost, svd_error_at,
-                                     top_singular_pairs)
-from structured_compress.layers.lowrank import LowRankLinear
+from structured_compress.layers.config import OptionError
+from structured_compress.layers.gaudi import GaudiConfig, GaudiGBLRLinear, gaudi_mask
+from structured_compress.layers.gaudi.mask import interval_masks, project_widths_, snapped_cost
+from structured_compress.layers.gaudi.search import svd_error_at
+from structured_compress.layers.gaudi.starts import (alternate_factors_, blocks_start, greedy_intervals,
+                                                     longest_circular_run, top_singular_pairs)
+from structured_compress.layers.lowrank import LowRankConfig, LowRankLinear
 from structured_compress.surgery import compress_
 
 
@@ -186,9 +188,9 @@ def test_width_projection_bounds_the_snapped_cost_of_live_components():
 def test_lowrank_start_is_the_truncated_svd_at_the_budget():
     torch.manual_seed(0)
     weight, bias = torch.randn(20, 14), torch.randn(20)
-    layer = GaudiGBLRLinear.from_dense(weight, bias, 0.5, starts=["lowrank"])
+    layer = GaudiGBLRLinear.from_dense(weight, bias, GaudiConfig(budget=0.5, starts=["lowrank"]))
     rank = 14 * 20 // 2 // 34  # floor(budget m n / (m + n))
-    lowrank = LowRankLinear.from_dense(weight, bias, rank=rank)
+    lowrank = LowRankLinear.from_dense(weight, bias, LowRankConfig(rank=rank))
     assert layer.num_components == rank and torch.all(layer.widths == 1)
     for mode in (layer.train, layer.eval):
         mode()
@@ -200,7 +202,8 @@ def test_lowrank_start_is_the_truncated_svd_at_the_budget():
 def test_given_full_widths_are_cut_to_the_budget_before_refinement():
     torch.manual_seed(0)  # the reference's find_mask=False path: full widths at random locations
     weight = torch.randn(20, 14)
-    layer = GaudiGBLRLinear.from_dense(weight, None, 0.5, num_components=5, starts=["given"], niter=0)
+    config = GaudiConfig(budget=0.5, num_components=5, starts=["given"], niter=0)
+    layer = GaudiGBLRLinear.from_dense(weight, None, config)
     assert 0 < layer.macs_per_token() <= 0.5 * weight.numel()
 
 
@@ -214,7 +217,7 @@ def test_from_dense_error_decreases_with_budget_and_respects_it():
     weight = torch.randn(24, 20)
     errors = []
     for budget in (0.15, 0.3, 0.6):
-        layer = GaudiGBLRLinear.from_dense(weight, None, budget, niter=20)
+        layer = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=budget))
         errors.append(relative_error(layer, weight))
         assert layer.macs_per_token() <= 1.1 * budget * weight.numel()
     assert errors[0] > errors[1] > errors[2]
@@ -242,8 +245,8 @@ def test_greedy_search_finds_block_intervals_including_wrapped_ones():
 
 def test_from_dense_is_never_worse_than_lowrank_at_the_same_budget():
     weight = rolled_block_diagonal()
-    layer = GaudiGBLRLinear.from_dense(weight, None, 0.15, niter=40)
-    lowrank = LowRankLinear.from_dense(weight, None, 0.15)
+    layer = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=0.15))
+    lowrank = LowRankLinear.from_dense(weight, None, LowRankConfig(budget=0.15))
     lowrank_error = float((lowrank.to_dense_weight() - weight).norm() / weight.norm())
     assert relative_error(layer, weight) <= lowrank_error + 1e-5
     assert layer.macs_per_token() <= 0.15 * weight.numel()
@@ -266,7 +269,7 @@ def planted_blocks(seed: int = 0, noise: float = 0.01) -> tuple[torch.Tensor, fl
 def test_init_beats_svd_on_planted_blocks_at_equal_flops():
     weight, flops = planted_blocks()
     budget = flops / weight.numel()
-    layer = GaudiGBLRLinear.from_dense(weight, None, budget)
+    layer = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=budget))
     layer.eval()
     error = float((layer.to_dense_weight() - weight).norm() / weight.norm())
     svd = svd_error_at(torch.linalg.svdvals(weight.double()), layer.macs_per_token(), tuple(weight.shape))
@@ -288,7 +291,8 @@ def test_top_singular_pairs_match_svd():
     for matrix in (weight, weight.T):
         u, s, vh = top_singular_pairs(matrix, 5)
         torch.testing.assert_close(s, torch.linalg.svdvals(matrix)[:5])
-        torch.testing.assert_close((u * s) @ vh, LowRankLinear.from_dense(matrix, None, rank=5).to_dense_weight())
+        lowrank = LowRankLinear.from_dense(matrix, None, LowRankConfig(rank=5))
+        torch.testing.assert_close((u * s) @ vh, lowrank.to_dense_weight())
 
 
 def test_alternating_least_squares_never_raises_the_error_and_keeps_the_structure():
@@ -306,10 +310,21 @@ def test_alternating_least_squares_never_raises_the_error_and_keeps_the_structur
     assert before >= errors[0] - 1e-6 and errors[0] >= errors[1] - 1e-6 >= errors[2] - 2e-6 and errors[2] < before
 
 
-OPTION_GRID = [dict(starts=starts, find_mask=find_mask, lowrank_start=lowrank, drop_empty=drop, num_components=k)
-               for starts in (None, ["given"], ["blocks", "greedy", "lowrank", "given"])
-               for find_mask in (False, True) for lowrank in (False, True) for drop in (False, True)
-               for k in (None, 6)]
+STARTS_GRID = [["blocks"], ["blocks", "greedy"], ["blocks", "lowrank"], ["blocks", "greedy", "lowrank"], ["given"],
+               ["given", "greedy"], ["given", "lowrank"], ["given", "greedy", "lowrank"],
+               ["blocks", "greedy", "lowrank", "given"]]
+OPTION_GRID = [dict(starts=starts, drop_empty=drop, num_components=k)
+               for starts in STARTS_GRID for drop in (False, True) for k in (None, 6)]
+
+
+def short_search(starts: list[str]) -> dict:
+    """Few sweeps/steps, and low greedy thresholds, for the start kinds that read them."""
+    options = {"sweeps": 1} if "blocks" in starts else {}
+    if {"greedy", "given"} & set(starts):
+        options["niter"] = 3
+    if "greedy" in starts:
+        options.update(row_thresholds=[0.5], col_thresholds=[0.5])
+    return options
 
 
 @pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
@@ -317,22 +332,22 @@ def test_budget_holds_for_every_from_dense_option(options):
     weights = [torch.randn(24, 20, generator=torch.Generator().manual_seed(2)), planted_blocks()[0]]
     for weight in weights:
         for budget in (0.1, 0.3, 0.7):
-            layer = GaudiGBLRLinear.from_dense(weight, None, budget, niter=3, sweeps=1, row_thresholds=(0.5,),
-                                               col_thresholds=(0.5,), **options)
+            config = GaudiConfig(budget=budget, **options, **short_search(options["starts"]))
+            layer = GaudiGBLRLinear.from_dense(weight, None, config)
             for mode in (layer.eval, layer.train):
                 mode()
                 assert layer.macs_per_token() <= budget * weight.numel()
 
 
 def test_unknown_start_is_rejected():
-    with pytest.raises(ValueError, match="starts"):
-        GaudiGBLRLinear.from_dense(torch.randn(8, 8), None, 0.5, starts=["svd"])
+    with pytest.raises(OptionError, match=r"starts=\[svd\]: expected a non-empty list of one of blocks"):
+        GaudiConfig(budget=0.5, starts=["svd"])
 
 
 def test_surgery_and_bfloat16_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4, bias=False)).to(torch.bfloat16)
-    report = compress_(model, "gaudi", 0.5, options={"niter": 5})
+    report = compress_(model, "gaudi", 0.5, options={"sweeps": 2})
     assert get_layer_class("gaudi") is GaudiGBLRLinear and len(report.layers) == 2
     assert isinstance(model[0], GaudiGBLRLinear) and model[0].in_factors.dtype == torch.bfloat16
     assert model[2].bias is None and model(torch.randn(2, 16, dtype=torch.bfloat16)).shape == (2, 4)
@@ -394,8 +409,8 @@ def test_shrink_schedules_and_sigma_ramp():
 
 def test_config_rebuilds_the_state_layout_without_decomposing():
     torch.manual_seed(0)
-    layer = GaudiGBLRLinear.from_dense(torch.randn(12, 20), torch.randn(12), 0.4, niter=3, sigma=2.0,
-                                       compute_mode="lr")
+    layer = GaudiGBLRLinear.from_dense(torch.randn(12, 20), torch.randn(12),
+                                       GaudiConfig(budget=0.4, sweeps=1, sigma=2.0, compute_mode="lr"))
     rebuilt = type(layer)(layer.in_features, layer.out_features, **layer.config())
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
     rebuilt.load_state_dict(layer.state_dict())
@@ -414,7 +429,7 @@ def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
 
     torch.manual_seed(0)
     compressed = model().eval()
-    compress_(compressed, "gaudi", 0.5, options={"niter": 3})
+    compress_(compressed, "gaudi", 0.5, options={"sweeps": 1})
     save_compressed(compressed, tmp_path / "gaudi")
     loaded = load_compressed(tmp_path / "gaudi", model().eval())
     x = torch.randn(3, 2, 4, 4)
@@ -518,10 +533,10 @@ def test_surgery_decomposes_conv_kernels_in_the_layer_types_order():
 
 def test_keeping_empty_components_pads_to_the_reference_slot_count():
     weight = torch.randn(20, 14, generator=torch.Generator().manual_seed(0))
-    layer = GaudiGBLRLinear.from_dense(weight, None, 0.5, starts=["lowrank"], drop_empty=False)
+    layer = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=0.5, starts=["lowrank"], drop_empty=False))
     assert layer.num_components == 14 and torch.all(layer.widths[:, 4:] == 0)  # rank floor(140 / 34) = 4
     assert mean_active_width([layer]) == pytest.approx(4 / 14)  # what MeanShrink sees, as in the reference
-    dropped = GaudiGBLRLinear.from_dense(weight, None, 0.5, starts=["lowrank"])
+    dropped = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=0.5, starts=["lowrank"]))
     layer.eval(), dropped.eval()
     torch.testing.assert_close(layer.to_dense_weight(), dropped.to_dense_weight())
 
@@ -575,7 +590,7 @@ def test_compact_plan_follows_structure_changes_and_is_skipped_while_widths_lear
 
 def test_auto_mode_runs_compact_only_when_it_is_cheap():
     weight, _ = planted_blocks(noise=0.0)
-    cheap = GaudiGBLRLinear.from_dense(weight, None, 0.4).eval()
+    cheap = GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=0.4)).eval()
     assert cheap.compute_mode == "auto" and cheap._chosen_plan() is not None
     many = GaudiGBLRLinear(64, 64, num_components=64, sigma=None, width_init=0.2, location_init="linspace").eval()
     assert many._chosen_plan() is None and many.compact_plan() is not None  # 128 distinct intervals: dense
@@ -610,7 +625,8 @@ def test_per_kernel_position_variant_against_a_hand_built_kernel():
 def test_segments_from_dense_holds_the_budget_and_round_trips():
     weight = torch.randn(24, 20, generator=torch.Generator().manual_seed(3))
     for drop_empty in (True, False):
-        layer = GaudiGBLRLinear.from_dense(weight, torch.randn(24), 0.4, segments=2, drop_empty=drop_empty)
+        layer = GaudiGBLRLinear.from_dense(weight, torch.randn(24), GaudiConfig(budget=0.4, segments=2,
+                                                                                  drop_empty=drop_empty))
         for train in (True, False):
             layer.train(train)
             assert layer.macs_per_token() <= 0.4 * weight.numel()
@@ -623,8 +639,8 @@ def test_segments_from_dense_holds_the_budget_and_round_trips():
         assert torch.equal(rebuilt(x), layer(x))
         layer.compute_mode = "dense"
         torch.testing.assert_close(rebuilt(x), layer(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="segments"):
-        GaudiGBLRLinear.from_dense(weight, None, 0.4, segments=3)
+    with pytest.raises(OptionError, match="segments=3: 3 blocks do not divide the 20 input features"):
+        GaudiGBLRLinear.from_dense(weight, None, GaudiConfig(budget=0.4, segments=3))
 
 
 def test_segments_kernel_gives_each_conv_its_kernel_positions():
@@ -639,7 +655,7 @@ def test_compact_forward_under_cpu_bf16_autocast_matches_the_dense_mask_path():
     import copy
 
     torch.manual_seed(0)
-    layer = GaudiGBLRLinear.from_dense(torch.randn(48, 32), torch.randn(48), 0.25, sigma=None).eval()
+    layer = GaudiGBLRLinear.from_dense(torch.randn(48, 32), torch.randn(48), GaudiConfig(budget=0.25)).eval()
     reference = copy.deepcopy(layer)
     layer.compute_mode, reference.compute_mode = "compact", "dense"
     x = torch.randn(5, 32)

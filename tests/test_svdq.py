@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from structured_compress.layers.quant import dequantize, pack, packed_numel, quantize, unpack
-from structured_compress.layers.svdq import SVDQuantLinear, fake_quantize, max_useful_rank, search_rank
+from structured_compress.layers.config import OptionError
+from structured_compress.layers.svdq import (SVDQuantConfig, SVDQuantLinear, fake_quantize, max_useful_rank,
+                                           search_rank)
 
 
 def spectrum_matrix(rows: int, cols: int, decay: float = 0.75, seed: int = 0) -> torch.Tensor:
@@ -68,8 +70,8 @@ def test_from_dense_finds_the_smallest_rank_meeting_the_bound(shape, bits, group
     assert all(errors[a] > errors[a + 1] for a in range(1, 6))  # strictly decreasing where the bounds lie
     for k in (1, 2, 5):
         bound = errors[1] * 1.001 if k == 1 else (errors[k - 1] + errors[k]) / 2  # met by k, missed by k - 1
-        layer = SVDQuantLinear.from_dense(weight, bias, bits=bits, group_size=group_size, max_error=bound,
-                                          inputs=inputs)
+        config = SVDQuantConfig(bits=bits, group_size=group_size, max_error=bound)
+        layer = SVDQuantLinear.from_dense(weight, bias, config, inputs=inputs)
         scan = next(r for r in ranks if errors[r] <= bound)
         assert scan == k and layer.mode == "factored" and layer.rank == k
         achieved = ((layer(inputs) - (inputs @ weight.T + bias)).norm() / (inputs @ weight.T + bias).norm()).item()
@@ -79,7 +81,7 @@ def test_from_dense_finds_the_smallest_rank_meeting_the_bound(shape, bits, group
 def test_falls_back_to_quantized_dense_when_no_rank_meets_the_bound():
     gen = torch.Generator().manual_seed(4)
     weight, inputs = torch.randn(32, 24, generator=gen), torch.randn(64, 24, generator=gen)  # flat spectrum
-    layer = SVDQuantLinear.from_dense(weight, None, max_error=0.05, inputs=inputs)
+    layer = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(max_error=0.05), inputs=inputs)
     assert layer.mode == "qdense" and layer.rank is None
     assert layer.w_packed.numel() == 32 * 24 and layer.macs_per_token() == 32 * 24
     assert ((layer(inputs) - inputs @ weight.T).norm() / (inputs @ weight.T).norm()) <= 0.05
@@ -89,7 +91,7 @@ def test_falls_back_to_float_dense_when_even_quantized_dense_misses():
     gen = torch.Generator().manual_seed(5)
     weight, bias = torch.randn(16, 12, generator=gen), torch.randn(16, generator=gen)
     inputs = torch.randn(32, 12, generator=gen)
-    layer = SVDQuantLinear.from_dense(weight, bias, bits=4, max_error=1e-6, inputs=inputs)
+    layer = SVDQuantLinear.from_dense(weight, bias, SVDQuantConfig(bits=4, max_error=1e-6), inputs=inputs)
     assert layer.mode == "dense"
     assert torch.equal(layer(inputs), torch.nn.functional.linear(inputs, weight, bias))
 
@@ -97,27 +99,30 @@ def test_falls_back_to_float_dense_when_even_quantized_dense_misses():
 def test_int4_layer_that_misses_the_bound_falls_back_to_int8_before_float():
     gen = torch.Generator().manual_seed(4)
     weight, inputs = torch.randn(32, 24, generator=gen), torch.randn(64, 24, generator=gen)  # flat spectrum
-    without = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=0.05, inputs=inputs)
-    layer = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=0.05, inputs=inputs, fallback_bits=8)
+    without = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(bits=4, max_error=0.05), inputs=inputs)
+    layer = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(bits=4, max_error=0.05, fallback_bits=8),
+                                      inputs=inputs)
     assert without.mode == "dense"  # int4 misses 5 % even as a whole matrix
     assert (layer.mode, layer.bits) == ("qdense", 8) and layer.config()["bits"] == 8
     assert ((layer(inputs) - inputs @ weight.T).norm() / (inputs @ weight.T).norm()) <= 0.05
-    strict = SVDQuantLinear.from_dense(weight, None, bits=4, max_error=1e-6, inputs=inputs, fallback_bits=8)
+    strict = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(bits=4, max_error=1e-6, fallback_bits=8),
+                                      inputs=inputs)
     assert strict.mode == "dense"  # int8 misses too: float
 
 
 def test_factors_bigger_than_quantized_dense_are_not_kept():
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(6))
-    full = SVDQuantLinear.from_dense(weight, budget=1.0)  # rank floor(mn/(m+n)): more bytes than int8 dense
+    # budget 1: rank floor(mn/(m+n)), whose factors take more bytes than the int8 dense weight
+    full = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(budget=1.0))
     assert full.mode == "qdense" and full.storage_bytes() < 2 * weight.numel()
-    half = SVDQuantLinear.from_dense(weight, budget=0.5)
+    half = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(budget=0.5))
     assert half.mode == "factored" and half.storage_bytes() < full.storage_bytes()
 
 
 def test_int4_factors_are_packed_two_per_byte():
     weight = spectrum_matrix(64, 48)
-    int8 = SVDQuantLinear.from_dense(weight, budget=0.25, bits=8)
-    int4 = SVDQuantLinear.from_dense(weight, budget=0.25, bits=4)
+    int8 = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(budget=0.25, bits=8))
+    int4 = SVDQuantLinear.from_dense(weight, None, SVDQuantConfig(budget=0.25, bits=4))
     assert int4.rank == int8.rank
     assert int4.u_packed.numel() == (64 * int4.rank + 1) // 2 and int4.v_packed.numel() == (int4.rank * 48 + 1) // 2
     x = torch.randn(3, 48)
@@ -126,12 +131,12 @@ def test_int4_factors_are_packed_two_per_byte():
 
 
 def test_max_error_needs_inputs():
-    with pytest.raises(ValueError, match="calibration inputs"):
-        SVDQuantLinear.from_dense(torch.randn(8, 8), max_error=0.1)
+    with pytest.raises(OptionError, match="calibration_batches=0: .*needs calibration inputs"):
+        SVDQuantLinear.from_dense(torch.randn(8, 8), None, SVDQuantConfig(max_error=0.1))
 
 
 def test_half_cast_keeps_the_scales_exact():
-    layer = SVDQuantLinear.from_dense(spectrum_matrix(32, 24), budget=0.3)
+    layer = SVDQuantLinear.from_dense(spectrum_matrix(32, 24), None, SVDQuantConfig(budget=0.3))
     before = layer.to_dense_weight().clone()
     layer.to(torch.bfloat16)
     assert layer.u_scales.dtype == torch.int16

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from structured_compress.callbacks.tsvd_qat import TernaryQAT
-from structured_compress.layers import tsvd
-from structured_compress.layers.tsvd import TernarySVDLinear, requantize_, ternarize
+from structured_compress.layers import ternary
+from structured_compress.layers.ternary import ternarize
+from structured_compress.layers.tsvd import TernarySVDConfig, TernarySVDLinear, requantize_
 
 
 
@@ -36,7 +37,7 @@ def test_ternarize_keeps_the_sparsest_support_reaching_the_cosine():
 
 def test_factors_are_ternary_and_forward_matches_dense():
     weight, bias = decaying_matrix(40, 28), torch.randn(40)
-    layer = TernarySVDLinear.from_dense(weight, bias, tolerance=0.05)  # about 20 components
+    layer = TernarySVDLinear.from_dense(weight, bias, TernarySVDConfig(tolerance=0.05))  # about 20 components
     assert_ternary(layer)
     x = torch.randn(6, 28)
     assert torch.allclose(layer(x), x @ layer.to_dense_weight().T + bias, atol=1e-5)
@@ -46,7 +47,7 @@ def test_factors_are_ternary_and_forward_matches_dense():
 
 def test_error_decreases_as_tolerance_decreases():
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
-    results = [TernarySVDLinear.from_dense(weight, tolerance=tol) for tol in (0.5, 0.2, 0.05)]
+    results = [TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(tolerance=tol)) for tol in (0.5, 0.2, 0.05)]
     errors = [r.fit_error for r in results]
     assert errors == sorted(errors, reverse=True) and errors[0] > errors[-1]
     assert all(r.fit_error < tol for r, tol in zip(results, (0.5, 0.2, 0.05)))
@@ -66,13 +67,13 @@ def test_exact_ternary_product_is_recovered():
         t_v[i, sv] = signs[: len(sv)].flip(0)
     scales = torch.tensor([4.0, -2.5, 1.5, 0.7])
     weight = (t_u * scales) @ t_v
-    layer = TernarySVDLinear.from_dense(weight, tolerance=1e-4, steps=100)  # stride 1
+    layer = TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(tolerance=1e-4, steps=100))  # stride 1
     assert layer.rank == 4 and layer.fit_error < 1e-4
     assert torch.allclose(layer.to_dense_weight(), weight, rtol=1e-4, atol=1e-5)
 
 
 def test_muls_and_adds_are_counted_separately():
-    layer = TernarySVDLinear.from_dense(decaying_matrix(30, 20), tolerance=0.1)
+    layer = TernarySVDLinear.from_dense(decaying_matrix(30, 20), None, TernarySVDConfig(tolerance=0.1))
     nnz = int((layer.u != 0).sum() + (layer.v != 0).sum())
     assert layer.muls_per_token() == layer.rank
     assert layer.adds_per_token() == nnz
@@ -82,11 +83,11 @@ def test_muls_and_adds_are_counted_separately():
 
 def test_budget_cap_is_explicit_and_reported_when_it_binds(caplog):
     weight = torch.randn(40, 40, generator=torch.Generator().manual_seed(2))
-    capped = TernarySVDLinear.from_dense(weight, budget=0.1, tolerance=1e-2, budget_cap=True)
-    assert capped.rank <= tsvd.rank_cap(0.1, 40, 40) and capped.tolerance_met is False
+    capped = TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(budget=0.1, tolerance=1e-2, budget_cap=True))
+    assert capped.rank <= ternary.rank_cap(0.1, 40, 40) and capped.tolerance_met is False
     assert "rank cap" in caplog.text
-    free = TernarySVDLinear.from_dense(weight, budget=0.1, tolerance=1e-2)  # the budget alone caps nothing
-    assert free.rank > tsvd.rank_cap(0.1, 40, 40) and free.tolerance_met
+    free = TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(budget=0.1, tolerance=1e-2))  # budget alone
+    assert free.rank > ternary.rank_cap(0.1, 40, 40) and free.tolerance_met  # caps nothing
 
 
 def real_ish_matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -102,7 +103,7 @@ def real_ish_matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("shape,steps", [((64, 112), 20), ((112, 64), 20), ((64, 112), 4)])
 def test_tolerance_is_met_and_the_reported_error_is_the_true_spectral_error(shape, steps):
     weight = real_ish_matrix(*shape)
-    layer = TernarySVDLinear.from_dense(weight, tolerance=1e-2, steps=steps)
+    layer = TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(tolerance=1e-2, steps=steps))
     true_error = (torch.linalg.matrix_norm((layer.to_dense_weight() - weight).double(), ord=2)
                   / torch.linalg.matrix_norm(weight.double(), ord=2)).item()
     assert layer.fit_error == pytest.approx(true_error, rel=1e-4, abs=1e-7)
@@ -114,11 +115,11 @@ def test_growing_the_scale_system_matches_solving_it_at_once():
     gen = torch.Generator().manual_seed(3)
     target = torch.randn(30, 20, generator=gen)
     t_u, t_v = torch.randint(-1, 2, (30, 12), generator=gen).float(), torch.randint(-1, 2, (12, 20), generator=gen).float()
-    grown = tsvd.ScaleFit(target, t_u[:, :5], t_v[:5])
+    grown = ternary.ScaleFit(target, t_u[:, :5], t_v[:5])
     grown.extend(t_u[:, 5:9], t_v[5:9])
     grown.extend(t_u[:, 9:], t_v[9:])
     scales, residual = grown.solve()
-    at_once, _ = tsvd.fit_scales(target, t_u, t_v)
+    at_once, _ = ternary.fit_scales(target, t_u, t_v)
     assert torch.allclose(scales, at_once, atol=1e-5)
     gram = (t_u.T @ t_u) * (t_v @ t_v.T)
     exact = torch.linalg.solve(gram.double(), ((t_u.T @ target) * t_v).sum(1).double()).float()
@@ -127,7 +128,7 @@ def test_growing_the_scale_system_matches_solving_it_at_once():
 
 
 def test_op_counts_follow_the_paper_columns():
-    layer = TernarySVDLinear.from_dense(decaying_matrix(40, 28), torch.randn(40), tolerance=0.05)
+    layer = TernarySVDLinear.from_dense(decaying_matrix(40, 28), torch.randn(40), TernarySVDConfig(tolerance=0.05))
     counts = layer.op_counts()
     assert counts["muls"] == layer.rank
     assert counts["adds"] == int((layer.u != 0).sum() + (layer.v != 0).sum())
@@ -138,7 +139,7 @@ def test_op_counts_follow_the_paper_columns():
 @pytest.mark.parametrize("prune_rate", [math.inf, 3.0])
 def test_requantize_tracks_the_latent_weight(prune_rate):
     weight = decaying_matrix(24, 20)
-    layer = TernarySVDLinear.from_dense(weight, tolerance=0.05, prune_rate=prune_rate)
+    layer = TernarySVDLinear.from_dense(weight, None, TernarySVDConfig(tolerance=0.05, prune_rate=prune_rate))
     layer.enable_qat()
     x = torch.randn(8, 20)
     loss = layer(x).square().sum()
@@ -173,7 +174,7 @@ class _Regression(pl.LightningModule):
 
 
 def test_ternary_qat_callback_trains_and_leaves_a_deployable_layer():
-    layer = TernarySVDLinear.from_dense(decaying_matrix(16, 12), torch.zeros(16), tolerance=0.1)
+    layer = TernarySVDLinear.from_dense(decaying_matrix(16, 12), torch.zeros(16), TernarySVDConfig(tolerance=0.1))
     before = layer.to_dense_weight().clone()
     module = _Regression(layer)
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -189,13 +190,13 @@ def test_a_qat_checkpoint_loads_into_the_deployed_layer_with_its_rank():
     after training (QAT off, another rank) loads it and computes exactly what was validated."""
     torch.manual_seed(0)
     weight = torch.randn(24, 16)
-    training = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.05)
+    training = TernarySVDLinear.from_dense(weight, torch.zeros(24), TernarySVDConfig(tolerance=0.05))
     training.enable_qat()
     with torch.no_grad():
         training.latent_weight.add_(0.5 * torch.randn_like(weight))
     requantize_(training)
     checkpoint = {k: v.clone() for k, v in training.state_dict().items()}
-    deployed = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.3)
+    deployed = TernarySVDLinear.from_dense(weight, torch.zeros(24), TernarySVDConfig(tolerance=0.3))
     assert deployed.rank != training.rank and "latent_weight" in checkpoint
     deployed.load_state_dict(checkpoint)
     x = torch.randn(5, 16)
@@ -203,7 +204,7 @@ def test_a_qat_checkpoint_loads_into_the_deployed_layer_with_its_rank():
     assert torch.equal(deployed.to_dense_weight(), training.to_dense_weight())
     with torch.no_grad():
         assert torch.allclose(deployed(x), x @ training.to_dense_weight().T, atol=1e-5)
-    resumed = TernarySVDLinear.from_dense(weight, torch.zeros(24), tolerance=0.3)
+    resumed = TernarySVDLinear.from_dense(weight, torch.zeros(24), TernarySVDConfig(tolerance=0.3))
     resumed.enable_qat()  # resuming QAT keeps the latent weight
     resumed.load_state_dict(checkpoint)
     assert torch.equal(resumed.latent_weight, checkpoint["latent_weight"])
@@ -212,13 +213,14 @@ def test_a_qat_checkpoint_loads_into_the_deployed_layer_with_its_rank():
 @pytest.mark.parametrize("refit_every", [2, 5])
 def test_refitting_every_few_steps_still_meets_the_tolerance_with_the_true_error(refit_every):
     weight = real_ish_matrix(64, 112)
-    layer = TernarySVDLinear.from_dense(weight, tolerance=1e-2, steps=20, refit_every=refit_every)
+    config = TernarySVDConfig(tolerance=1e-2, steps=20, refit_every=refit_every)
+    layer = TernarySVDLinear.from_dense(weight, None, config)
     assert_ternary(layer)
     true_error = (torch.linalg.matrix_norm((layer.to_dense_weight() - weight).double(), ord=2)
                   / torch.linalg.matrix_norm(weight.double(), ord=2)).item()
     assert layer.fit_error == pytest.approx(true_error, rel=1e-4, abs=1e-7) and true_error < 1e-2
     # the returned scales are the joint least-squares fit of the returned factors
-    joint, _ = tsvd.fit_scales(weight, layer.u.float(), layer.v.float())
+    joint, _ = ternary.fit_scales(weight, layer.u.float(), layer.v.float())
     assert torch.allclose(layer.s, joint, rtol=1e-4, atol=1e-6)
     assert layer.config()["refit_every"] == refit_every
     with pytest.raises(ValueError, match="refit_every"):
@@ -230,20 +232,20 @@ def test_new_scales_fit_only_the_last_components_to_the_residual():
     target = torch.randn(20, 16, generator=gen)
     t_u = torch.randint(-1, 2, (20, 7), generator=gen).float()
     t_v = torch.randint(-1, 2, (7, 16), generator=gen).float()
-    fit = tsvd.ScaleFit(target, t_u[:, :4], t_v[:4])
+    fit = ternary.ScaleFit(target, t_u[:, :4], t_v[:4])
     _, residual = fit.solve()
     fit.extend(t_u[:, 4:], t_v[4:])
-    alone, _ = tsvd.fit_scales(residual, t_u[:, 4:], t_v[4:])
+    alone, _ = ternary.fit_scales(residual, t_u[:, 4:], t_v[4:])
     assert torch.allclose(fit.new_scales(residual), alone, atol=1e-5)
 
 
 def test_cpu_helpers_match_torch():
     gen = torch.Generator().manual_seed(5)
     rows = torch.randn(7, 50, generator=gen)
-    assert torch.equal(tsvd.sorted_descending(rows), rows.sort(dim=-1, descending=True).values)
+    assert torch.equal(ternary.sorted_descending(rows), rows.sort(dim=-1, descending=True).values)
     a = torch.randn(30, 45, generator=gen, dtype=torch.float64)
     gram = a @ a.T
-    values, vectors = tsvd.top_eigenpairs(gram, 6)
+    values, vectors = ternary.top_eigenpairs(gram, 6)
     all_values, all_vectors = torch.linalg.eigh(gram)
     assert torch.allclose(values, all_values.flip(0)[:6], rtol=1e-10)
     assert torch.allclose((vectors * all_vectors.flip(1)[:, :6]).sum(0).abs(), torch.ones(6, dtype=torch.float64))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import pipeline
 from .io import folder_sizes, save_compressed
+from .runner import RunState, Steps, run
 from .utils.report_logging import log_report
-from .utils.run_helpers import collect_run_metrics, instantiate_list, make_trainer, seed_run, write_metrics_json
 
 
 def dense_bytes(model: torch.nn.Module, bytes_per_value: int) -> int:
@@ -37,36 +37,44 @@ def size_metrics(saved_dir: str | Path) -> dict:
     return folder_sizes(saved_dir)
 
 
+class CompressSteps(Steps):
+    """mode=compress: the pretrained model, tested (``mode.eval_baseline``), compressed and saved; the
+    skeleton's test then scores exactly the saved model."""
+
+    def build(self, cfg: DictConfig, datamodule: pl.LightningDataModule) -> pipeline.Built:
+        return pipeline.Built(pipeline.build_pretrained_task(cfg), report=None)
+
+    def work(self, state: RunState) -> None:
+        cfg, task, trainer, datamodule = state.cfg, state.built.task, state.trainer, state.datamodule
+        baseline = trainer.test(task, datamodule=datamodule)[0] if cfg.mode.get("eval_baseline", True) else {}
+        compress_start = time.perf_counter()
+        state.built.report = pipeline.compress_task_model(task, cfg.layer, datamodule)
+        state.facts.update(baseline_metrics={k: float(v) for k, v in baseline.items()},
+                           compress_time_s=round(time.perf_counter() - compress_start, 2),
+                           compressed_path=str(self.saved_dir(cfg).resolve()))
+        # save first: storing the untouched tensors at the storage dtype rounds them in the model too, so the
+        # test scores exactly the saved model (rank 0 saves; other DDP ranks keep the unrounded tensors)
+        if trainer.is_global_zero:
+            storage = OmegaConf.to_container(cfg.mode.storage, resolve=True) if cfg.mode.get("storage") else None
+            head_gram = pipeline.output_embedding_calibration(task, storage,
+                                                              int(cfg.layer.get("calibration_batches") or 8),
+                                                              datamodule)
+            save_compressed(task.model, self.saved_dir(cfg), state.built.report,
+                            source=pipeline.dense_model_factory_config(cfg), storage=storage, calibration=head_gram)
+
+    def tested(self, state: RunState) -> dict:
+        return {"tested_checkpoint": None, "tested_because": "the compressed model as saved"}
+
+    def finish(self, state: RunState, metrics: dict) -> None:
+        sizes = size_metrics(self.saved_dir(state.cfg))
+        metrics.update(sizes)
+        log_report(state.trainer.loggers, state.built.report, sizes)
+
+    @staticmethod
+    def saved_dir(cfg: DictConfig) -> Path:
+        return Path(cfg.paths.output_dir) / "compressed"
+
+
 def compress(cfg: DictConfig) -> tuple[dict, dict]:
     """Post-training compression run; returns ``(metrics, objects)``."""
-    start = time.perf_counter()
-    seed_run(cfg)
-    datamodule = instantiate(cfg.datamodule)
-    task = pipeline.build_pretrained_task(cfg)
-    trainer = make_trainer(cfg, instantiate_list(cfg.get("callbacks")), instantiate_list(cfg.get("logger")))
-    baseline = trainer.test(task, datamodule=datamodule)[0] if cfg.mode.get("eval_baseline", True) else {}
-
-    compress_start = time.perf_counter()
-    report = pipeline.compress_task_model(task, cfg.layer, datamodule)
-    compress_seconds = time.perf_counter() - compress_start
-    # save first: storing the untouched tensors at the storage dtype rounds them in the model too, so the test
-    # below scores exactly the saved model (rank 0 saves; other DDP ranks keep the unrounded tensors)
-    out_dir = Path(cfg.paths.output_dir) / "compressed"
-    if trainer.is_global_zero:
-        storage = OmegaConf.to_container(cfg.mode.storage, resolve=True) if cfg.mode.get("storage") else None
-        head_gram = pipeline.output_embedding_calibration(task, storage, int(cfg.layer.get("calibration_batches") or 8),
-                                                          datamodule)
-        save_compressed(task.model, out_dir, report, source=pipeline.dense_model_factory_config(cfg),
-                        storage=storage, calibration=head_gram)
-    trainer.test(task, datamodule=datamodule)
-
-    metrics = collect_run_metrics(trainer.callback_metrics, report, cfg.layer, {
-        "baseline_metrics": {k: float(v) for k, v in baseline.items()},
-        "compress_time_s": round(compress_seconds, 2), "experiment": cfg.get("experiment_name"),
-        "compressed_path": str(out_dir.resolve()),
-    })
-    if trainer.is_global_zero:
-        metrics.update(size_metrics(out_dir), wall_time_s=round(time.perf_counter() - start, 2))
-        log_report(trainer.loggers, report, size_metrics(out_dir))
-        write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-    return metrics, {"cfg": cfg, "task": task, "trainer": trainer, "report": report}
+    return run(cfg, CompressSteps())

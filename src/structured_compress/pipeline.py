@@ -22,10 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .errors import UserInputError
 from .callbacks.resume_state import ResumeState
-from .io.compressed_format import build_layer_from_entry, layer_entry, structured_layers
+from .io.compressed_format import guard_save_pretrained
+from .io.structure import install_structured_layers, layer_entry, structured_layers
+from .modeltree import select_layers
 from .surgery import CompressionReport, collect_input_gram, collect_output_embedding_gram, compress_
-from .modeltree import replace_child, select_layers
 from .utils.checkpoints import load_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         found = [path / name for name in HF_WEIGHT_FILES if (path / name).exists()]
         if not found:
-            raise FileNotFoundError(f"{path} holds none of {HF_WEIGHT_FILES}; point to a weights file or a "
+            raise UserInputError(f"{path} holds none of {HF_WEIGHT_FILES}; point to a weights file or a "
                                     f"Hugging Face model folder")
         path = found[0]
     if path.suffix == ".safetensors" and path.is_file():
@@ -74,7 +76,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a malformed header
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); re-export it") from err
+            raise UserInputError(f"{path} is not a readable safetensors file ({err}); re-export it") from err
     state = load_checkpoint_file(path)
     state = state.get("state_dict", state)
     if state and all(k.startswith("model.") for k in state):  # a Lightning checkpoint of this project's tasks
@@ -96,7 +98,7 @@ def load_dense_weights(model: nn.Module, path: str | Path) -> None:
                          for k in unexpected)  # tensors of a replaced layer under a dense layer's name
         hint = (" It holds a compressed model's weights: evaluate or resume it with ckpt_path=<that file> instead."
                 if structured else " Point model.pretrained_path to weights of this exact architecture.")
-        raise ValueError(f"model.pretrained_path={path} does not fit {type(model).__name__}: "
+        raise UserInputError(f"model.pretrained_path={path} does not fit {type(model).__name__}: "
                          f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}, "
                          f"{len(wrong_shape)} of another shape {wrong_shape[:3]}.{hint}")
     model.load_state_dict(state, strict=True)
@@ -106,7 +108,7 @@ def load_dense_weights(model: nn.Module, path: str | Path) -> None:
 def _calibrate(task: pl.LightningModule, datamodule: pl.LightningDataModule | None, n_batches: int, collect):
     """``collect(model, batches, forward)`` over the first ``n_batches`` train batches, the model in eval mode."""
     if datamodule is None:
-        raise ValueError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
+        raise UserInputError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
                          "a datamodule to draw calibration batches from")
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -140,11 +142,13 @@ def output_embedding_calibration(task: pl.LightningModule, storage: dict | None,
 
 def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
                         datamodule: pl.LightningDataModule | None = None) -> CompressionReport:
-    """Run :func:`compress_` on ``task.model`` as the ``layer`` config says (calibrating first if asked)."""
+    """Run :func:`compress_` on ``task.model`` as the ``layer`` config says (calibrating first if asked); a
+    transformers model's ``save_pretrained`` then writes the compressed format."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
     calibration = calibration_inputs(task, cfg, datamodule)
     report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
                        exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
+    guard_save_pretrained(task.model)
     log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
     return report
 
@@ -191,7 +195,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint (memory-mapped), with a ``ValueError`` naming the file when it is unusable."""
     checkpoint = load_checkpoint_file(path)
     if "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
+        raise UserInputError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
                          f"from, use model.pretrained_path={path}")
     return checkpoint
 
@@ -200,37 +204,24 @@ def _check_same_model(recorded: dict, current: dict, path: Path) -> None:
     differing = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
     if differing:
         shown = ", ".join(f"model.{k}={recorded.get(k)!r} (this run: {current.get(k)!r})" for k in differing[:4])
-        raise ValueError(f"checkpoint {path} was trained with a different model: {shown}; run with the "
+        raise UserInputError(f"checkpoint {path} was trained with a different model: {shown}; run with the "
                          f"experiment and overrides that produced it")
 
 
-def _fill_optional_parameters(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
-    """Create parameters a layer registers as ``None`` until used (e.g. a QAT latent weight) when the
-    checkpoint holds them, so the state dict loads strictly."""
-    for name, sub in module.named_modules():
-        for key, value in list(sub._parameters.items()):
-            full = ".".join(p for p in (prefix, name, key) if p)
-            if value is None and full in state:
-                sub._parameters[key] = nn.Parameter(torch.empty_like(state[full], device="cpu"))
-
-
 def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
-    """Rebuild the checkpoint's model: dense skeleton + the recorded structured layers, no decomposition."""
+    """Rebuild the checkpoint's model: dense skeleton + the recorded structured layers (each checked against
+    the dense layer it replaces), no decomposition; Lightning loads the weights afterwards."""
     path = Path(checkpoint_path).expanduser()
     checkpoint = read_checkpoint(path)
     record = checkpoint.get(STRUCTURE_KEY)
     if record is None:
-        raise ValueError(f"checkpoint {path} has no structure record (it was not written by this project's "
+        raise UserInputError(f"checkpoint {path} has no structure record (it was not written by this project's "
                          f"train mode); start from its weights with model.pretrained_path={path}")
     _check_same_model(record["model"], dense_model_factory_config(cfg), path)
     model = build_dense_model(cfg)
-    with torch.random.fork_rng(devices=[]):  # layer constructors may draw random inits; keep the run's RNG
-        for entry in record["layers"]:
-            layer = build_layer_from_entry(entry)
-            replace_child(model, entry["name"], layer)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    for entry in record["layers"]:
-        _fill_optional_parameters(model.get_submodule(entry["name"]), state, entry["name"])
+    install_structured_layers(model, record["layers"], state, f"checkpoint {path}")
+    guard_save_pretrained(model)
     report = CompressionReport.from_dict(record["report"]) if record.get("report") else None
     log.info("rebuilt %d structured layers from %s", len(record["layers"]), path)
     return Built(instantiate(cfg.task, model=model), report, int(checkpoint.get("global_step", 0)))

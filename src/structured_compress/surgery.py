@@ -6,7 +6,6 @@ initialises it from the layer's own (pretrained) weight and returns a :class:`Co
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -14,12 +13,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import StructuredConv2d, StructuredLinear, check_budget, get_layer_class
+from .layers import StructuredConv2d, get_layer_class
+from .layers.config import LayerConfig, config_class
 from .layers.conv import kernel_as_matrix
 from .modeltree import FilterFn, dense_view, replace_child, select_layers
+from .planner import AutoConfig, build_layer, plan_layers
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LayerReport:
     macs_after: int
     rel_error: float
     options: dict = field(default_factory=dict)
+    budget_of: str = "params"  # what budget counted: params, macs or none (see LayerConfig.budget_of)
 
 
 @dataclass
@@ -80,8 +81,10 @@ class CompressionReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionReport":
-        """The report :meth:`to_dict` wrote (as stored in checkpoints)."""
-        return cls([LayerReport(**row) for row in data["layers"]], data["model_params_before"],
+        """The report :meth:`to_dict` wrote (as stored in checkpoints; rows of older ones say flops for MACs)."""
+        renamed = {"flops_before": "macs_before", "flops_after": "macs_after"}
+        rows = [LayerReport(**{renamed.get(k, k): v for k, v in row.items()}) for row in data["layers"]]
+        return cls(rows, data["model_params_before"],
                    data["model_params_after"])
 
     def format_table(self) -> str:
@@ -103,101 +106,101 @@ class CompressionReport:
         return "\n".join(rows)
 
 
-def _first_match(name: str, table: Mapping[str, object], what: str):
-    for pattern, value in table.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return value
-    raise ValueError(f"no {what} given for layer {name!r}: add a matching pattern (e.g. '*') to the {what} dict")
+def _first_match(name: str, table: Mapping[str, object]):
+    return next((value for pattern, value in table.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
-def check_options(cls: type[StructuredLinear], options: Mapping) -> None:
-    """Fail with the list of valid names when ``options`` holds a keyword ``cls.from_dense`` does not take."""
-    accepted = inspect.signature(cls.from_dense).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    unknown = [k for k in options if k not in accepted and not takes_any]
-    if unknown:
-        valid = [k for k in accepted if k not in ("cls", "weight", "bias", "budget")]
-        raise ValueError(f"layer type {cls.layer_type!r} has no option(s) {unknown}; valid options: {valid}")
+def config_table(layer: str | LayerConfig | Mapping[str, str | LayerConfig],
+                 budget: float | Mapping[str, float] | None = None,
+                 options: Mapping | None = None) -> Callable[[str], LayerConfig | None]:
+    """Per layer name, the typed config that ``compress_``'s arguments give it (None: leave the layer alone).
+    Every config is built -- and so checked -- here, before any layer changes."""
+    several_types = isinstance(layer, Mapping)
+    layer_table = dict(layer) if several_types else {"*": layer}
+    budget_table = dict(budget) if isinstance(budget, Mapping) else {"*": budget}
+    if any(isinstance(spec, LayerConfig) for spec in layer_table.values()) and (budget is not None or options):
+        raise ValueError("compress_ got a config object and budget=/options=: set them in the config instead, "
+                         "e.g. LowRankConfig(budget=0.25, init='whiten')")
+    built: dict[tuple, LayerConfig] = {}
+
+    def build(spec: str | LayerConfig, layer_budget: float | None) -> LayerConfig:
+        if isinstance(spec, LayerConfig):
+            return spec
+        if (spec, layer_budget) not in built:
+            own = (options or {}).get(spec) if several_types else options
+            built[spec, layer_budget] = config_class(spec).from_options(own, layer_budget)
+        return built[spec, layer_budget]
+
+    for spec in layer_table.values():
+        for layer_budget in budget_table.values():
+            build(spec, layer_budget)
+
+    def config_for(name: str) -> LayerConfig | None:
+        spec = _first_match(name, layer_table)
+        return None if spec is None else build(spec, _first_match(name, budget_table))
+
+    return config_for
 
 
-def _call_from_dense(cls, weight: Tensor, bias: Tensor | None, budget: float, options: dict,
-                     calibration: Mapping[str, Tensor] | None) -> StructuredLinear:
-    check_options(cls, options)
-    accepted = inspect.signature(cls.from_dense).parameters
-    extra = {k: v for k, v in (calibration or {}).items() if k in accepted and k not in options}
-    return cls.from_dense(weight, bias, budget, **options, **extra)
-
-
-def _options_for(layer_type: str, options: Mapping | None, several_types: bool) -> dict:
-    if not options:
-        return {}
-    if several_types:
-        return dict(options.get(layer_type, {}) or {})
-    return dict(options)
+def replace_layer(model: nn.Module, name: str, config: LayerConfig,
+                  calibration: Mapping[str, Tensor] | None = None) -> LayerReport:
+    """Replace the dense layer ``name`` of ``model`` by the structured layer ``config`` makes from its weight."""
+    module = model.get_submodule(name)
+    kind, weight, bias = dense_view(module)
+    cls = get_layer_class(config.layer_type)
+    weight = (kernel_as_matrix(module.weight, cls.conv_column_order) if kind == "conv2d" else weight).detach()
+    # a conv's kernel positions matter to types that treat them apart (Gaudi's segments="kernel")
+    positions = module.kernel_size[0] * module.kernel_size[1] if kind == "conv2d" else 1
+    new_linear = build_layer(config, weight, None if bias is None else bias.detach(), calibration, positions)
+    new_linear.train(module.training)
+    error = (new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+    replace_child(model, name, StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear)
+    out_features, in_features = weight.shape
+    return LayerReport(
+        name=name, kind=kind, layer_type=config.layer_type, out_features=out_features, in_features=in_features,
+        budget=config.budget, budget_of=config.budget_of,
+        params_before=weight.numel() + (0 if bias is None else bias.numel()), params_after=new_linear.num_params(),
+        macs_before=weight.numel(), macs_after=new_linear.macs_per_token(), rel_error=error.item(),
+        options=config.options())
 
 
 @torch.no_grad()
-def compress_(model: nn.Module, layer: str | Mapping[str, str], budget: float | Mapping[str, float] = 1.0,
+def compress_(model: nn.Module, layer: str | LayerConfig | Mapping[str, str | LayerConfig],
+              budget: float | Mapping[str, float] | None = None,
               include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
               filter_fn: FilterFn | None = None, options: Mapping | None = None,
               calibration: Mapping[str, Mapping[str, Tensor]] | None = None) -> CompressionReport:
     """Replace matching layers of ``model`` in place by structured layers initialised from their weights.
 
-    layer: a type name (``"lowrank"``) or an ordered dict of fnmatch patterns -> type names.
-    budget: a dense fraction in (0, 1], or an ordered dict of patterns -> budget (first match wins).
-    options: keyword options for ``from_dense``; with a dict ``layer``, keyed by type name.
+    layer: a typed config (``LowRankConfig(budget=0.25)``), a type name (``"lowrank"``), or an ordered dict
+        of fnmatch patterns -> either (first match wins).
+    budget, options: with type names only -- the dense fraction (or patterns -> fraction) and the type's
+        options (with a dict ``layer``, keyed by type name); they build that type's config.
     calibration: per layer name, data-aware inputs such as ``{"gram": X X^T}`` (see ``collect_input_gram``).
-    ``layer="auto"`` plans a codec per layer from the calibration data instead (``src/structured_compress/layers/auto.py``; its
-    settings -- choices, target_bytes / target_ratio / max_error -- come in ``options``).
+    ``AutoConfig`` (``"auto"``) plans a codec per layer from the calibration data instead (``planner.py``).
     """
-    if isinstance(layer, str) and layer == "auto":
-        from .layers.auto import compress_auto_
-
-        return compress_auto_(model, calibration, include=include, exclude=exclude, filter_fn=filter_fn,
-                              **dict(options or {}))
-    several_types = isinstance(layer, Mapping)
-    layer_table = dict(layer) if several_types else {"*": layer}
-    budget_table = dict(budget) if isinstance(budget, Mapping) else {"*": budget}
-    for type_name in layer_table.values():
-        get_layer_class(type_name)
-    for value in budget_table.values():
-        check_budget(value)
-
+    config_for = config_table(layer, budget, options)
+    selected = select_layers(model, include, exclude, filter_fn)
+    planned = {name: config_for(name) for name in selected}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
-    for name, module in select_layers(model, include, exclude, filter_fn).items():
-        if not any(fnmatch.fnmatchcase(name, p) for p in layer_table):
+    notes: dict[str, dict] = {}
+    autos = [c for c in planned.values() if isinstance(c, AutoConfig)]
+    for config in [c for i, c in enumerate(autos) if all(c is not other for other in autos[:i])]:
+        names = [name for name, c in planned.items() if c is config]
+        auto_plan = plan_layers(model, config, calibration, include=names)
+        planned.update({name: auto_plan.get(name, (None, None))[0] for name in names})
+        notes.update({name: note for name, (_, note) in auto_plan.items()})
+    for name, config in planned.items():
+        if config is None:
             continue
-        type_name = _first_match(name, layer_table, "layer type")
-        layer_budget = _first_match(name, budget_table, "budget")
-        cls = get_layer_class(type_name)
-        kind, weight, bias = dense_view(module)
-        weight = kernel_as_matrix(module.weight, cls.conv_column_order) if kind == "conv2d" else weight
-        weight = weight.detach()
-        layer_options = _options_for(type_name, options, several_types)
-        extras = dict((calibration or {}).get(name) or {})
-        if kind == "conv2d":  # types that treat kernel positions apart (Gaudi's segments="kernel") take this
-            extras["kernel_positions"] = module.kernel_size[0] * module.kernel_size[1]
-        new_linear = _call_from_dense(cls, weight, None if bias is None else bias.detach(), layer_budget,
-                                      layer_options, extras)
-        new_linear.train(module.training)
-        rel_error = ((new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)).item()
-        new = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear
-        replace_child(model, name, new)
-        out_features, in_features = weight.shape
-        report.layers.append(LayerReport(
-            name=name, kind=kind, layer_type=type_name, out_features=out_features, in_features=in_features,
-            budget=layer_budget, params_before=weight.numel() + (0 if bias is None else bias.numel()),
-            params_after=new_linear.num_params(), macs_before=weight.numel(),
-            macs_after=new_linear.macs_per_token(), rel_error=rel_error, options=layer_options,
-        ))
-        log.debug("replaced %s (%s %dx%d) by %s", name, kind, out_features, in_features, type_name)
-    if not report.layers:
+        row = replace_layer(model, name, config, (calibration or {}).get(name))
+        row.options.update(notes.get(name, {}))
+        report.layers.append(row)
+        log.debug("replaced %s (%s %dx%d) by %s", name, row.kind, row.out_features, row.in_features, row.layer_type)
+    if not report.layers and not notes and not any(isinstance(c, AutoConfig) for c in planned.values()):
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers
     report.model_params_after = report.model_params_before - report.params_before + report.params_after
-    from .io.source import guard_save_pretrained  # deferred: structured_compress.io imports this module
-
-    guard_save_pretrained(model)  # its plain save_pretrained would write packed layers transformers cannot read
     return report
 
 

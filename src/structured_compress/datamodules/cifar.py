@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetNotFoundError, check_val_size, network_available
+from ..sources import network_available
+from .common import DatasetNotFoundError, check_val_size
 from .image_classification import ImageClassificationDataModule
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, random_split
 
-from .common import DatasetNotFoundError, check_val_size, first_dir_with, network_available
+from ..sources import network_available
+from .common import DatasetNotFoundError, check_val_size, first_dir_with
 from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .common import DatasetNotFoundError, network_available
+from ..sources import network_available
+from .common import DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import Dataset
 
-from ..models.hf_sources import load_tokenizer
+from ..sources import load_tokenizer
 from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)

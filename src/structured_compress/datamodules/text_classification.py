@@ -6,7 +6,7 @@ import logging
 
 import lightning.pytorch as pl
 
-from ..models.hf_sources import load_tokenizer
+from ..sources import load_tokenizer
 from .loaders import ResumableDataLoader, make_loader
 
 log = logging.getLogger(__name__)

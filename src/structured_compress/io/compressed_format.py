@@ -19,6 +19,7 @@ builds, so outputs are bit-identical to the saved model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,51 +32,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..layers import StructuredConv2d, StructuredLinear, get_layer_class
-from ..modeltree import dense_view, replace_child
+from ..errors import UserInputError
+from ..layers import StructuredLinear
 from .storage import StoragePolicy, choose_codec, decode, dtype_name, embedding_keys, encode, model_dtype, \
     parse_dtype, stored_layout
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json, check_body,
                        check_sealed, check_weights_entry, read_manifest)
-from .source import build_from_source, describe_source, guard_save_pretrained, write_hf_config
+from .source import build_from_source, describe_source, is_hf_model, write_hf_config
+from .structure import build_layer_from_entry, install_structured_layers, layer_entry, structured_layers
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "compressed.safetensors"
 _CHUNK = 1 << 20
-
-
-def structured_layers(model: nn.Module) -> dict[str, StructuredLinear | StructuredConv2d]:
-    """Every structured layer by qualified name; a conv wrapper stands for the linear map inside it."""
-    found: dict[str, nn.Module] = {}
-    convs = set()
-    for name, module in model.named_modules():
-        if isinstance(module, StructuredConv2d):
-            found[name] = module
-            convs.add(name)
-        elif isinstance(module, StructuredLinear) and name.rpartition(".")[0] not in convs:
-            found[name] = module
-    return found
-
-
-def layer_entry(name: str, module: StructuredLinear | StructuredConv2d) -> dict[str, Any]:
-    linear = module.linear if isinstance(module, StructuredConv2d) else module
-    conv = None
-    if isinstance(module, StructuredConv2d):
-        conv = {"in_channels": module.in_channels, "kernel_size": list(module.kernel_size),
-                "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation)}
-    return {"name": name, "type": linear.layer_type, "out_features": linear.out_features,
-            "in_features": linear.in_features, "config": linear.config(), "conv": conv}
-
-
-def build_layer_from_entry(entry: dict[str, Any]) -> nn.Module:
-    """The layer an entry describes, freshly constructed (no weights yet)."""
-    linear = get_layer_class(entry["type"])(entry["in_features"], entry["out_features"], **entry["config"])
-    conv = entry.get("conv")
-    if conv is None:
-        return linear
-    return StructuredConv2d(linear, conv["in_channels"], tuple(conv["kernel_size"]), tuple(conv["stride"]),
-                            tuple(conv["padding"]), tuple(conv["dilation"]))
+# save_pretrained keywords that only tune how transformers writes files; anything else is refused
+_IGNORED_SAVE_PRETRAINED_KWARGS = ("safe_serialization", "max_shard_size")
 
 
 def _layer_problems(entry: Mapping[str, Any], described: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -170,9 +141,9 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     """Write ``model`` (after ``compress_``) to the directory ``path``; returns it.
 
     report: a ``CompressionReport`` (or a plain dict) stored in the manifest for reference.
-    source: how to rebuild the dense model on load (see ``structured_compress.io.source``): a source spec or a Hydra model
-        config; ``None`` records a transformers model's class and config, and nothing for other models (then
-        loading needs a skeleton).
+    source: how to rebuild the dense model on load (see ``structured_compress.io.source``): a source spec or a
+        Hydra model config; ``None`` records a transformers model's class and config, and nothing for other
+        models (then loading needs a skeleton).
     storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``, ``zero_point``,
         ``embeddings_rounding``, ``rest``) for the tensors no structured layer owns; default fp16 (or the
         model's own half dtype).
@@ -203,7 +174,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
                     "model_dtype": dtype_name(model_dtype(state))},
     }
     data = safetensors.torch.save(encoded.files, metadata={SEAL_KEY: canonical_json(body)})
-    manifest = {**body, "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    weights_entry = {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {**body, "weights": weights_entry}
     atomic_write_bytes(directory / WEIGHTS_FILE, data)
     write_hf_config(model, directory)
     atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
@@ -217,17 +189,17 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
 
 def _verify_weights(file: Path, expected: dict[str, Any]) -> None:
     if not file.is_file():
-        raise ValueError(f"{file} is missing")
+        raise UserInputError(f"{file} is missing")
     size = file.stat().st_size
     if size != expected["bytes"]:
         problem = "is truncated" if size < expected["bytes"] else "is longer than recorded"
-        raise ValueError(f"{file} {problem}: {size} bytes, the manifest records {expected['bytes']}")
+        raise UserInputError(f"{file} {problem}: {size} bytes, the manifest records {expected['bytes']}")
     digest = hashlib.sha256()
     with file.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     if digest.hexdigest() != expected["sha256"]:
-        raise ValueError(f"{file} failed its sha256 check (tampered or corrupted): "
+        raise UserInputError(f"{file} failed its sha256 check (tampered or corrupted): "
                          f"{digest.hexdigest()} != {expected['sha256']}")
 
 
@@ -237,7 +209,7 @@ def _read_weights(file: Path) -> tuple[dict[str, str] | None, dict[str, torch.Te
         with safetensors.safe_open(file, "pt", device="cpu") as handle:
             return handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # safetensors raises its own error types for malformed headers
-        raise ValueError(f"{file} is not a readable safetensors file: {err}") from err
+        raise UserInputError(f"{file} is not a readable safetensors file: {err}") from err
 
 
 def _upgrade(manifest: dict[str, Any], stored: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -245,7 +217,7 @@ def _upgrade(manifest: dict[str, Any], stored: Mapping[str, torch.Tensor]) -> di
     every tensor as held, ternary ones 2-bit packed)."""
     packed = manifest.get("ternary_packed", {})
     if not isinstance(packed, dict):
-        raise ValueError(f"manifest field ternary_packed must be a dict, got {packed!r}")
+        raise UserInputError(f"manifest field ternary_packed must be a dict, got {packed!r}")
     table = {key: {"dtype": "int8", "shape": packed[key], "codec": "ternary2"} if key in packed
              else {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "codec": "raw"}
              for key, t in stored.items()}
@@ -286,35 +258,13 @@ def check_saved(manifest: Mapping[str, Any], stored: Mapping[str, torch.Tensor])
                                           if t in manifest["tensors"]}}
     problems += [line for entry in manifest["layers"] for line in _layer_problems(entry, described)]
     if problems:
-        raise ValueError(f"the saved model is inconsistent ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
-
-
-def _install(model: nn.Module, entry: dict[str, Any]) -> None:
-    """Replace the skeleton's layer ``entry['name']`` by the structured layer the entry describes."""
-    name = entry["name"]
-    try:
-        current = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"layer {name!r} recorded in the manifest is missing from the model skeleton") from None
-    if isinstance(current, StructuredConv2d):
-        current = current.linear
-    if isinstance(current, StructuredLinear):
-        shape = (current.out_features, current.in_features)
-    elif (view := dense_view(current)) is not None:
-        shape = tuple(view[1].shape)
-    else:
-        raise ValueError(f"skeleton module {name!r} is a {type(current).__name__}, not a layer that a "
-                         f"{entry['type']!r} layer can replace")
-    if shape != (entry["out_features"], entry["in_features"]):
-        raise ValueError(f"shape mismatch for layer {name!r}: the manifest records "
-                         f"{entry['out_features']}x{entry['in_features']}, the skeleton has {shape[0]}x{shape[1]}")
-    replace_child(model, name, build_layer_from_entry(entry))
+        raise UserInputError(f"the saved model is inconsistent ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
 
 
 def _skeleton(manifest: Mapping[str, Any], directory: Path) -> nn.Module:
     """The dense model the manifest's source spec builds, in the saved model's dtype."""
     if manifest["source"] is None:
-        raise ValueError(f"{directory} records no source to rebuild the model from (saved from a model that is not "
+        raise UserInputError(f"{directory} records no source to rebuild the model from (saved from a model that is not "
                          f"a transformers model, without source=...): pass the dense model as "
                          f"load_compressed(path, model_skeleton)")
     dtype = parse_dtype(manifest["storage"].get("model_dtype", "float32") if manifest["storage"] else "float32",
@@ -324,7 +274,7 @@ def _skeleton(manifest: Mapping[str, Any], directory: Path) -> nn.Module:
     except ValueError:
         raise
     except Exception as err:  # timm / transformers / Hydra raise their own types for a spec they cannot build
-        raise ValueError(f"{directory}: the recorded source {manifest['source']} does not build a model: {err!r}; "
+        raise UserInputError(f"{directory}: the recorded source {manifest['source']} does not build a model: {err!r}; "
                          f"pass the dense model as load_compressed(path, model_skeleton)") from err
 
 
@@ -350,14 +300,35 @@ def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
     tensors = {key: decode(key, entry, stored).to(device) for key, entry in manifest["tensors"].items()}
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
-    with torch.random.fork_rng(devices=[]):  # constructors draw random inits; keep the caller's RNG
-        model = model_skeleton if model_skeleton is not None else _skeleton(manifest, directory)
-        for entry in manifest["layers"]:
-            _install(model, entry)
+    model = model_skeleton
+    if model is None:
+        with torch.random.fork_rng(devices=[]):  # building the model may draw random inits; keep the caller's RNG
+            model = _skeleton(manifest, directory)
+    install_structured_layers(model, manifest["layers"], tensors, "the manifest")
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"the saved state does not fit the model skeleton: {err}") from err
+        raise UserInputError(f"the saved state does not fit the model skeleton: {err}") from err
     guard_save_pretrained(model)
     log.info("loaded %d structured layers from %s", len(manifest["layers"]), directory)
     return model
+
+
+def _save_pretrained_compressed(model: nn.Module, save_directory, is_main_process: bool = True, **kwargs) -> None:
+    """``save_pretrained`` of a compressed transformers model: writes the compressed format, which
+    ``load_compressed(save_directory)`` reloads (``from_pretrained`` cannot read packed layers)."""
+    refused = sorted(k for k in kwargs if k not in _IGNORED_SAVE_PRETRAINED_KWARGS)
+    if refused:
+        raise ValueError(f"this model has structured (compressed) layers: save_pretrained writes the compressed "
+                         f"format and does not take {refused}; call structured_compress.save_compressed(model, path) "
+                         f"instead")
+    if is_main_process:
+        save_compressed(model, save_directory)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the compressed format (instead of a state dict that transformers
+    would reload with random linears); called by whatever puts structured layers into a transformers model:
+    ``load_compressed`` and the pipeline (``compress_`` itself leaves ``save_pretrained`` alone)."""
+    if is_hf_model(model):
+        model.save_pretrained = functools.partial(_save_pretrained_compressed, model)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..errors import UserInputError
 from .storage import CODECS, parse_dtype
 
 FORMAT_NAME = "structured-compress"
@@ -35,15 +36,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a saved model, checked for format name and version."""
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
-        raise ValueError(f"no compressed model at {path}: {MANIFEST_FILE} is missing")
+        raise UserInputError(f"no compressed model at {path}: {MANIFEST_FILE} is missing")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON (truncated or corrupted): {err}") from err
+        raise UserInputError(f"{file} is not valid JSON (truncated or corrupted): {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{file} is not a {FORMAT_NAME!r} manifest")
+        raise UserInputError(f"{file} is not a {FORMAT_NAME!r} manifest")
     if manifest.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{file} has format version {manifest.get('version')!r}; this reader supports "
+        raise UserInputError(f"{file} has format version {manifest.get('version')!r}; this reader supports "
                          f"versions {READABLE_VERSIONS} (a newer save needs a newer structured-compress)")
     return manifest
 
@@ -165,7 +166,8 @@ def check_body(manifest: Mapping[str, Any]) -> None:
         check_layer_entry(entry, index)
     names = [entry["name"] for entry in layers]
     if len(set(names)) != len(names):
-        raise ValueError(f"manifest field layers names a layer twice: {sorted({n for n in names if names.count(n) > 1})}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"manifest field layers names a layer twice: {twice}")
     aliases = _field(manifest, "aliases", dict, "")
     for alias, target in aliases.items():
         if not isinstance(target, str):

@@ -10,7 +10,6 @@ A *source spec* is one of
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import sys
 from pathlib import Path
@@ -23,8 +22,6 @@ SOURCE_KINDS = ("hf", "timm", "hydra")
 HYDRA_TARGET_PREFIX = "structured_compress.models."  # a saved folder may only name the project's own model builders
 TIMM_BUILDER = "structured_compress.models.timm_models.create_timm_model"
 HF_CONFIG_FILE = "config.json"
-# save_pretrained keywords that only tune how transformers writes files; anything else is refused
-_IGNORED_SAVE_PRETRAINED_KWARGS = ("safe_serialization", "max_shard_size")
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -67,7 +64,8 @@ def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | No
         check_source(source)
         return source
     if target is None:
-        raise ValueError(f"source needs 'kind' (one of {SOURCE_KINDS}) or a Hydra '_target_'; got keys {sorted(source)}")
+        raise ValueError(f"source needs 'kind' (one of {SOURCE_KINDS}) or a Hydra '_target_'; "
+                         f"got keys {sorted(source)}")
     if is_hf_model(model):
         return hf_source(model)  # the model's own config is exact (labels, head size), the Hydra one a recipe
     kwargs = {k: v for k, v in source.items() if k not in ("_target_", "name", "pretrained", "pretrained_path")}
@@ -81,7 +79,8 @@ def describe_source(model: nn.Module, source: Any = None) -> dict[str, Any] | No
 
 
 def hf_source(model: nn.Module) -> dict[str, Any]:
-    return {"kind": "hf", "class": type(model).__name__, "config": json.loads(_hf_config(model).to_json_string(use_diff=False))}
+    config = json.loads(_hf_config(model).to_json_string(use_diff=False))
+    return {"kind": "hf", "class": type(model).__name__, "config": config}
 
 
 def _targets(value: Any) -> list[str]:
@@ -101,7 +100,8 @@ def check_source(spec: Mapping[str, Any]) -> None:
                 "hydra": {"config": dict}}[kind]
     for key, kind_type in required.items():
         if not isinstance(spec.get(key), kind_type):
-            raise ValueError(f"source.{key} must be a {kind_type.__name__} for a {kind!r} source, got {spec.get(key)!r}")
+            raise ValueError(f"source.{key} must be a {kind_type.__name__} for a {kind!r} source, "
+                             f"got {spec.get(key)!r}")
     if kind == "hydra":
         foreign = [t for t in _targets(spec["config"]) if not str(t).startswith(HYDRA_TARGET_PREFIX)]
         if foreign or "_target_" not in spec["config"]:
@@ -144,22 +144,3 @@ def write_hf_config(model: nn.Module, directory: Path) -> bool:
     atomic_write_text(directory / HF_CONFIG_FILE, _hf_config(model).to_json_string())
     return True
 
-
-def _save_pretrained_compressed(model: nn.Module, save_directory, is_main_process: bool = True, **kwargs) -> None:
-    """``save_pretrained`` of a compressed transformers model: writes the compressed format, which
-    ``load_compressed(save_directory)`` reloads (``from_pretrained`` cannot read packed layers)."""
-    from .compressed_format import save_compressed
-
-    refused = sorted(k for k in kwargs if k not in _IGNORED_SAVE_PRETRAINED_KWARGS)
-    if refused:
-        raise ValueError(f"this model has structured (compressed) layers: save_pretrained writes the compressed "
-                         f"format and does not take {refused}; call structured_compress.save_compressed(model, path) instead")
-    if is_main_process:
-        save_compressed(model, save_directory)
-
-
-def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` write the compressed format (instead of a state dict that transformers
-    would reload with random linears) once the model holds structured layers."""
-    if is_hf_model(model):
-        model.save_pretrained = functools.partial(_save_pretrained_compressed, model)

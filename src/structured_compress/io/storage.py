@@ -15,13 +15,14 @@ back into the model, so the model in memory is exactly the one on disk.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..layers.gptq import gptq_quantize
+from ..typed_config import OptionError, TypedConfig, option
 from ..layers.quant import dequantize, is_ternary_int8, num_groups, pack, pack_ternary, packed_numel, \
     quantize_grid, unpack, unpack_ternary
 
@@ -30,9 +31,6 @@ SCALES_SUFFIX = "#scales"  # file key of an int8/int4 tensor's scales ('#' never
 ZEROS_SUFFIX = "#zeros"  # file key of an int8/int4 tensor's zero codes (zero-point grid)
 DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
                "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
-EMBEDDING_MODES = ("none", "int8", "int4")
-REST_MODES = ("none", "int8")
-ROUNDINGS = ("nearest", "gptq")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -47,31 +45,25 @@ def parse_dtype(name: Any, field: str) -> torch.dtype:
     return dtype
 
 
-@dataclass(frozen=True)
-class StoragePolicy:
-    """How tensors that no structured layer owns are stored.
+@dataclass
+class StoragePolicy(TypedConfig):
+    """How tensors that no structured layer owns are stored (``mode.storage``; each field checked when built)."""
 
-    dtype: ``fp16`` / ``bf16`` / ``fp32`` for every floating tensor (structured layers' factors included, their
-        ``exact_tensors`` aside); ``None``
-        picks the model's own dtype when it is half precision, else fp16 (fp32 only when asked).
-    embeddings: ``none`` (stored like the rest), ``int8`` or ``int4``: every ``nn.Embedding`` and the output
-        embedding (LM head, tied or not) quantized with fp16 scales.
-    group_size: entries per scale along each embedding row for ``int8`` / ``int4``; ``None`` is one per row.
-    zero_point: quantize on the zero-point grid (all ``2^B`` levels over ``[min, 0, max]``, an int8 zero code
-        per group) instead of the symmetric one.
-    embeddings_rounding: ``nearest``, or ``gptq`` for the output embedding: rounded against the Gram matrix of
-        the LM head's inputs (``save_compressed(..., calibration=collect_output_embedding_gram(...))``).
-        Input-only embeddings are looked up row by row, so nearest rounding is already their best.
-    rest: ``none`` or ``int8``: every other floating tensor of two or more dimensions (depthwise convs,
-        linears no codec replaced) as int8 with one scale per output channel (row).
-    """
-
-    dtype: str | None = None
-    embeddings: str = "none"
-    group_size: int | None = None
-    zero_point: bool = False
-    embeddings_rounding: str = "nearest"
-    rest: str = "none"
+    dtype: Literal["fp16", "float16", "half", "bf16", "bfloat16", "fp32", "float32", "float"] | None = option(
+        None, "every floating tensor (structured layers' factors included, their exact_tensors aside); null = the "
+        "model's own dtype when it is half precision, else fp16")
+    embeddings: Literal["none", "int8", "int4"] = option(
+        "none", "every nn.Embedding and the output embedding (LM head, tied or not): stored like the rest, or "
+        "quantized with fp16 scales")
+    group_size: int | None = option(None, "entries per scale along each embedding row (null = one per row)", ge=1)
+    zero_point: bool = option(False, "quantize on the zero-point grid (all 2^B levels over [min, 0, max], an int8 "
+                              "zero code per group) instead of the symmetric one")
+    embeddings_rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "gptq: the output embedding rounded against the Gram matrix of the LM head's inputs (input-only "
+        "embeddings are looked up row by row, so nearest is already their best)")
+    rest: Literal["none", "int8"] = option(
+        "none", "every other floating tensor of two or more dimensions (depthwise convs, linears no codec "
+        "replaced): int8 with one scale per output channel")
 
     @classmethod
     def from_config(cls, config: "StoragePolicy | Mapping | None") -> "StoragePolicy":
@@ -79,26 +71,14 @@ class StoragePolicy:
         if config is None or isinstance(config, StoragePolicy):
             return config or cls()
         if not isinstance(config, Mapping):
-            raise ValueError(f"storage must be a dict with keys {sorted(asdict(cls()))}, got {config!r}")
-        unknown = sorted(set(config) - set(asdict(cls())))
-        if unknown:
-            raise ValueError(f"storage has no key(s) {unknown}; valid keys: {sorted(asdict(cls()))}")
-        policy = cls(**config)
-        if policy.dtype is not None and policy.dtype not in DTYPE_NAMES:
-            raise ValueError(f"storage.dtype must be one of {sorted(DTYPE_NAMES)} or null (fp16, or the model's "
-                             f"half-precision dtype), got {policy.dtype!r}")
-        if policy.embeddings not in EMBEDDING_MODES:
-            raise ValueError(f"storage.embeddings must be one of {EMBEDDING_MODES}, got {policy.embeddings!r}")
-        if policy.embeddings_rounding not in ROUNDINGS:
-            raise ValueError(f"storage.embeddings_rounding must be one of {ROUNDINGS}, got "
-                             f"{policy.embeddings_rounding!r}")
-        if policy.rest not in REST_MODES:
-            raise ValueError(f"storage.rest must be one of {REST_MODES} (int8: one scale per output channel), "
-                             f"got {policy.rest!r}")
-        if not isinstance(policy.zero_point, bool):
-            raise ValueError(f"storage.zero_point must be true or false, got {policy.zero_point!r}")
-        num_groups(1, policy.group_size)  # validates group_size
-        return policy
+            raise OptionError("storage", config, f"must be a mapping with keys {', '.join(cls.keys())}",
+                              "e.g. {dtype: fp16, embeddings: int8}")
+        cls.check_keys(config, cls.keys(), "storage")
+        return cls(**config)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
     def describe(self) -> dict[str, Any]:
         """The policy's fields as the manifest records them (``dtype`` aside: the manifest has the resolved one)."""

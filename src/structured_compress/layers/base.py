@@ -1,24 +1,33 @@
 """The one interface every structured layer implements, and the name -> class registry."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..typed_config import check_value
+from .config import LayerConfig, OptionError, register_config
 from .quant import stored_nbytes
 
 LAYERS: dict[str, type["StructuredLinear"]] = {}
 
 
-def register_layer(name: str) -> Callable[[type["StructuredLinear"]], type["StructuredLinear"]]:
-    """Class decorator: make a layer type available as ``layer=<name>`` in configs and surgery."""
+def register_layer(config: type[LayerConfig]) -> Callable[[type["StructuredLinear"]], type["StructuredLinear"]]:
+    """Class decorator: make a layer type, built from ``config`` (its typed config class), available as
+    ``layer=<config.layer_type>`` in configs and surgery."""
 
     def add(cls: type[StructuredLinear]) -> type[StructuredLinear]:
+        if isinstance(config, str):  # TRANSITION-REMOVE: types not yet converted to typed configs
+            cls.layer_type = config
+            LAYERS[config] = cls
+            return cls
+        name = config.layer_type
         if name in LAYERS and LAYERS[name] is not cls:
             raise ValueError(f"layer type {name!r} is registered twice ({LAYERS[name].__name__}, {cls.__name__})")
-        cls.layer_type = name
+        register_config(config)
+        cls.layer_type, cls.Config = name, config
         LAYERS[name] = cls
         return cls
 
@@ -41,14 +50,8 @@ def build_layer(name: str, in_features: int, out_features: int, **options) -> "S
 
 
 def check_budget(budget: float) -> float:
-    """Validate a dense-fraction budget: the fraction of the dense layer's parameters/MACs to keep."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
-        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
-    if not 0 < budget <= 1:
-        raise ValueError(
-            f"budget must be in (0, 1] -- the fraction of the dense layer's parameters to keep -- "
-            f"got {budget}; e.g. layer.budget=0.25 keeps a quarter"
-        )
+    """A dense-fraction budget, checked against ``LayerConfig.budget``'s own declaration (for constructors)."""
+    check_value("budget", budget, float, LayerConfig.__dataclass_fields__["budget"].metadata["bounds"])
     return float(budget)
 
 
@@ -61,6 +64,15 @@ def check_dense_weight(weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {weight.shape[0]}")
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Per-layer data for data-aware settings (see :meth:`StructuredLinear.from_dense`)."""
+
+    gram: Tensor | None = None
+    inputs: Tensor | None = None
+    kernel_positions: int = 1
+
+
 class StructuredLinear(nn.Module):
     """``y = W x + b`` where ``W`` (out x in) is stored in a structured, cheaper form.
 
@@ -70,6 +82,7 @@ class StructuredLinear(nn.Module):
     """
 
     layer_type: ClassVar[str] = ""
+    Config: ClassVar[type[LayerConfig]] = LayerConfig
     conv_column_order: ClassVar[str] = "channel"  # how a conv kernel is flattened for this type, see conv.py
     # floating tensors a save keeps in the layer's own dtype (structure parameters, scales whose rounding would
     # break a guarantee); every other floating tensor of the layer is written in the storage dtype (fp16)
@@ -84,7 +97,29 @@ class StructuredLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, **options):
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, config: LayerConfig | None = None, *,
+                   gram: Tensor | None = None, inputs: Tensor | None = None,
+                   kernel_positions: int = 1) -> "StructuredLinear":
+        """The layer that best stands in for the dense ``weight`` [out, in] (and ``bias``) under ``config``
+        (this type's ``Config``; None = its defaults). Data-aware settings use calibration data: ``gram``
+        (sum of x x^T over the layer's inputs, float64) and ``inputs`` (sample input rows); a conv layer passes
+        its ``kernel_positions``."""
+        check_dense_weight(weight, bias)
+        config = cls.Config() if config is None else config
+        if not isinstance(config, cls.Config):
+            raise TypeError(f"{cls.__name__}.from_dense takes a {cls.Config.__name__}, got {type(config).__name__}")
+        data = Calibration(gram, inputs, kernel_positions)
+        for needed in config.calibration_needed():
+            if getattr(data, needed) is None:
+                raise OptionError("calibration_batches", 0, f"layer type {cls.layer_type} with these options "
+                                  f"needs calibration {needed}", "set layer.calibration_batches > 0 (or pass "
+                                  f"{needed}= to from_dense / calibration= to compress_)")
+        return cls.initialize(weight.detach(), None if bias is None else bias.detach(), config, data)
+
+    @classmethod
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: LayerConfig,
+                   data: "Calibration") -> "StructuredLinear":
+        """The type's own decomposition behind :meth:`from_dense` (inputs already checked)."""
         raise NotImplementedError
 
     @classmethod

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, check_budget, register_layer
+from .config import LayerConfig, OptionError, option
 from .fastpath import fast_paths_enabled
 from .lowrank import spectral_factors
 
@@ -26,13 +28,52 @@ def blockdiag_cost(in_features: int, out_features: int, nblocks: int) -> int:
     return nblocks * math.ceil(out_features / nblocks) * math.ceil(in_features / nblocks)
 
 
+@dataclass
+class BlockDiagConfig(LayerConfig):
+    """Block-diagonal W (zero-padded for non-divisible sizes) plus an optional low-rank residual L R."""
+
+    layer_type = "blockdiag"
+    budget: float = option(0.5, "fraction of the dense layer's parameters (= its MACs) kept, in (0, 1]: the cost "
+                           "b s p + r (m + n) never exceeds it", gt=0, le=1)
+    residual_fraction: float = option(0.0, "share of the budget given to the low-rank residual (0 = pure "
+                                      "block-diagonal)", ge=0, lt=1)
+    refine_steps: int = option(10, "alternating block/residual refits after the SVD init (only used with a "
+                               "residual)", ge=0)
+    nblocks: int | None = option(None, "fixed block count for every layer (null = the count that fills the budget "
+                                 "left by the residual)", gt=0)
+    residual_rank: int | None = option(None, "fixed rank of the residual for every layer (null = from "
+                                       "residual_fraction)", ge=0)
+
+    def validate(self) -> None:
+        if self.residual_rank is not None and self.residual_fraction > 0:
+            raise OptionError("residual_rank", self.residual_rank, "fixes the residual that residual_fraction "
+                              "would size", "give one: residual_rank=null, or residual_fraction=0")
+
+
+def check_count(name: str, value, low: int, out_features: int, in_features: int) -> int:
+    """A block count or rank in ``[low, min(m, n)]`` for an ``m x n`` layer, as an int."""
+    high = min(out_features, in_features)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise OptionError(name, value, f"must be an integer in [{low}, {high}] for a {out_features}x{in_features} "
+                          "layer", f"lower layer.options.{name}, or set it to null to derive it from the budget")
+    return int(value)
+
+
+def least_budget(cost: float, dense: int) -> str:
+    """``cost / dense`` rounded up to 4 decimals: a budget to suggest that does fit ``cost``."""
+    return f"{math.ceil(cost / dense * 1e4) / 1e4:g}"
+
+
 def residual_rank_for_budget(budget: float, residual_fraction: float, out_features: int, in_features: int) -> int:
-    """Largest rank whose ``r (m + n)`` fits in ``residual_fraction * budget * m * n``."""
-    check_budget(budget)
-    if not 0 <= residual_fraction < 1:
-        raise ValueError(f"residual_fraction must be in [0, 1) -- the share of the budget spent on the "
-                         f"low-rank residual -- got {residual_fraction}")
+    """Largest rank whose ``r (m + n)`` fits in ``residual_fraction * budget * m * n``; a share that keeps
+    less than one rank-1 component is an error, not a silently missing residual."""
+    BlockDiagConfig(budget=budget, residual_fraction=residual_fraction)  # checks both against their ranges
     rank = math.floor(residual_fraction * budget * out_features * in_features / (out_features + in_features))
+    if residual_fraction > 0 and rank < 1:
+        smallest = least_budget(out_features + in_features, budget * out_features * in_features)
+        raise OptionError("residual_fraction", residual_fraction, f"of budget {budget} keeps less than one rank-1 "
+                          f"residual component of a {out_features}x{in_features} layer",
+                          f"raise it to at least {smallest} (or layer.budget), or set it to 0")
     return min(rank, min(out_features, in_features))
 
 
@@ -45,23 +86,15 @@ def nblocks_for_budget(budget: float, out_features: int, in_features: int, reser
     fitting = [(blockdiag_cost(in_features, out_features, b), -b) for b in counts
                if blockdiag_cost(in_features, out_features, b) <= available]
     if not fitting:
-        cheapest = min(blockdiag_cost(in_features, out_features, b) for b in counts)
-        raise ValueError(
-            f"budget {budget} is too small for a block-diagonal {out_features}x{in_features} layer: the cheapest "
-            f"block layout stores {cheapest} numbers{f' plus {reserved} for the residual' if reserved else ''}, "
-            f"i.e. budget >= {(cheapest + reserved) / (out_features * in_features):.4g}; raise layer.budget, "
-            f"lower residual_fraction, or use layer=lowrank"
-        )
+        cheapest = min(blockdiag_cost(in_features, out_features, b) for b in counts) + reserved
+        raise OptionError("budget", budget, f"is below the cheapest block layout of a {out_features}x{in_features} "
+                          f"layer ({cheapest} numbers{f' with {reserved} for the residual' if reserved else ''})",
+                          f"raise layer.budget to at least {least_budget(cheapest, out_features * in_features)}, "
+                          "lower residual_fraction, or exclude the layer with layer.exclude")
     return -max(fitting)[1]
 
 
-def _check_count(name: str, value, low: int, high: int, shape: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}] for a {shape} layer, got {value!r}")
-    return int(value)
-
-
-@register_layer("blockdiag")
+@register_layer(BlockDiagConfig)
 class BlockDiagLinear(StructuredLinear):
     """``y = D x + L (R x) + b`` with block-diagonal ``D`` (``blocks``: ``b x s x p``) and rank-``r`` ``L R``.
 
@@ -73,15 +106,14 @@ class BlockDiagLinear(StructuredLinear):
                  budget: float | None = None, residual_rank: int | None = None, residual_fraction: float = 0.0,
                  bias: bool = True):
         super().__init__(in_features, out_features, bias)
-        shape = f"{out_features}x{in_features}"
         if residual_rank is None:
             residual_rank = 0 if budget is None else residual_rank_for_budget(
                 budget, residual_fraction, out_features, in_features)
-        self.residual_rank = _check_count("residual_rank", residual_rank, 0, min(in_features, out_features), shape)
+        self.residual_rank = check_count("residual_rank", residual_rank, 0, out_features, in_features)
         if nblocks is None:
             nblocks = nblocks_for_budget(1.0 if budget is None else budget, out_features, in_features,
                                          reserved=self.residual_rank * (in_features + out_features))
-        self.nblocks = _check_count("nblocks", nblocks, 1, min(in_features, out_features), shape)
+        self.nblocks = check_count("nblocks", nblocks, 1, out_features, in_features)
         self.in_block = math.ceil(in_features / self.nblocks)
         self.out_block = math.ceil(out_features / self.nblocks)
         self.blocks = nn.Parameter(torch.empty(self.nblocks, self.out_block, self.in_block))
@@ -100,27 +132,25 @@ class BlockDiagLinear(StructuredLinear):
                 self.bias.uniform_(-1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, nblocks: int | None = None,
-                   residual_rank: int | None = None, residual_fraction: float = 0.0,
-                   refine_steps: int = 10) -> "BlockDiagLinear":
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: BlockDiagConfig,
+                   data: Calibration) -> "BlockDiagLinear":
         """Copy the diagonal blocks of ``weight``; with a residual, fit it by truncated SVD of the off-block
         remainder, then alternate (blocks = diag part of ``W - LR``, residual = SVD of ``W - D``).
 
         Without a residual this is the exact Frobenius projection. With one, each of the ``refine_steps``
         alternations can only lower the error (there is no closed form for the joint optimum).
         """
-        check_dense_weight(weight, bias)
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, nblocks=nblocks, budget=budget, residual_rank=residual_rank,
-                    residual_fraction=residual_fraction, bias=bias is not None).to(weight.device, weight.dtype)
-        target = weight.detach()
-        work = target.float() if target.dtype in (torch.float16, torch.bfloat16) else target
+        layer = cls(in_features, out_features, nblocks=config.nblocks, budget=config.budget,
+                    residual_rank=config.residual_rank, residual_fraction=config.residual_fraction,
+                    bias=bias is not None).to(weight.device, weight.dtype)
+        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
         blocks = layer._diagonal_blocks(work)
         with torch.no_grad():
             if layer.residual_rank:
-                for step in range(refine_steps + 1):
+                for step in range(config.refine_steps + 1):
                     left, right = spectral_factors(work - layer._assemble(blocks), layer.residual_rank)
-                    if step < refine_steps:
+                    if step < config.refine_steps:
                         blocks = layer._diagonal_blocks(work - left @ right)
                 layer.left.copy_(left)
                 layer.right.copy_(right)

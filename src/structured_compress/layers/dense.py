@@ -2,17 +2,29 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, register_layer
+from .config import LayerConfig, option
 
 
-@register_layer("dense")
+@dataclass
+class DenseConfig(LayerConfig):
+    """Baseline: every selected layer stays dense (replaced by DenseLinear, outputs identical)."""
+
+    layer_type = "dense"
+    budget: float = option(1.0, "unused: a dense layer keeps all of itself", gt=0, le=1)
+    budget_of: Literal["none"] = option("none", "what budget counts: none (the budget is unused)")
+
+
+@register_layer(DenseConfig)
 class DenseLinear(StructuredLinear):
-    """``nn.Linear`` behind the structured interface; ``budget`` is accepted and ignored (always 1)."""
+    """``nn.Linear`` behind the structured interface."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, budget: float | None = None):
         super().__init__(in_features, out_features, bias)
@@ -22,8 +34,7 @@ class DenseLinear(StructuredLinear):
             nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, **options) -> "DenseLinear":
-        check_dense_weight(weight, bias)
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: DenseConfig, data: Calibration) -> "DenseLinear":
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
         layer.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():

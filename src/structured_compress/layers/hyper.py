@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from .base import StructuredLinear, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, register_layer
+from .config import LayerConfig, option
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,29 @@ def _float_bits(values) -> Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.float32).view(np.int32).copy())
 
 
-@register_layer("hyper")
+@dataclass
+class HyperConfig(LayerConfig):
+    """Hyper-compression: each pair of weights -> index of the nearest point on a sampled irrational winding
+    (a codebook of u points in a square of side rect_l), outliers in up to max_classes distance classes;
+    ~log2((u+1)(K+1))/2 bits per weight (6.5 for u=1600, K=3). Decoded once on load; dense matmul."""
+
+    layer_type = "hyper"
+    budget: float = option(1.0, "unused: the size follows from the codebook", gt=0, le=1)
+    budget_of: Literal["none"] = option("none", "what budget counts: none (the codebook sets the size)")
+    rect_l: float | None = option(None, "side of the codebook's square in weight units (paper: 0.1; null = "
+                                  "rect_l_std x the layer's weight std)", gt=0)
+    # on MiniLM's linears (std 0.01-0.1) 4 std gave 3-5 % relative Frobenius error where a fixed 0.1 gave 3-9 %
+    rect_l_std: float = option(4.0, "square side in weight standard deviations when rect_l is null (matches the "
+                               "codebook spacing to the layer's scale)", gt=0)
+    codebook_sizes: list[int] = option([1600], "codebook sizes u tried in order: the first whose relative MAE "
+                                       "meets loss_max is kept", ge=1)
+    max_classes: int = option(3, "most distance classes K for the pairs outside the square (the best MAE wins)",
+                              ge=1)
+    loss_max: float = option(0.05, "bound on the relative MAE mean|W_hat - W| / mean|W|; a layer that misses it "
+                             "with every codebook size is stored raw", gt=0)
+
+
+@register_layer(HyperConfig)
 class HyperCompressedLinear(StructuredLinear):
     """``y = W_hat x + b`` with ``W_hat`` decoded from bit-packed pair indices (``codes``, ``index_bits`` per
     pair of weights) and ``side`` (centre, farthest distance, square side, as float32 bits); ``raw=True``
@@ -145,35 +169,21 @@ class HyperCompressedLinear(StructuredLinear):
         self.register_load_state_dict_post_hook(_decode_after_load)
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, rect_l: float | None = None,
-                   rect_l_std: float = 4.0, codebook_sizes: list[int] | tuple[int, ...] = (1600,),
-                   max_classes: int = 3, loss_max: float = 0.05) -> "HyperCompressedLinear":
-        """Encode ``weight``. ``budget`` is ignored: the size follows from the codebook (about
-        ``log2((u + 1)(K + 1)) / 2`` bits per weight).
-
-        rect_l: side of the central square in weight units (the paper uses 0.1); ``None`` uses
-            ``rect_l_std`` times the weight's standard deviation, which matches the codebook spacing to the
-            layer's scale (on MiniLM's linears, std 0.01-0.1, 4 std gave 3-5 % relative Frobenius error on
-            layers without outliers where a fixed 0.1 gave 3-9 %).
-        loss_max: bound on the relative MAE ``mean|W_hat - W| / mean|W|``; a layer that misses it with every
-            codebook size is stored raw.
-        """
-        check_dense_weight(weight, bias)
-        if not codebook_sizes or max_classes < 1:
-            raise ValueError(f"need non-empty codebook_sizes and max_classes >= 1, got {codebook_sizes}, {max_classes}")
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: HyperConfig,
+                   data: Calibration) -> "HyperCompressedLinear":
+        """Encode ``weight`` with the first of ``config.codebook_sizes`` that meets ``loss_max`` (else raw)."""
         out_features, in_features = weight.shape
-        values = weight.detach().cpu().double().numpy().reshape(-1)
+        values = weight.cpu().double().numpy().reshape(-1)
         scale = float(np.abs(values).mean())
-        side = rect_l if rect_l is not None else rect_l_std * float(values.std())
-        if side <= 0 or scale == 0:
-            encoding = None
-        else:
-            encoding = encode(values, side, [int(u) for u in codebook_sizes], int(max_classes), loss_max * scale)
-        if encoding is None or encoding.mae > loss_max * scale:
+        side = config.rect_l if config.rect_l is not None else config.rect_l_std * float(values.std())
+        bound = config.loss_max * scale
+        encoding = None if side <= 0 or scale == 0 else encode(values, side, config.codebook_sizes,
+                                                               config.max_classes, bound)
+        if encoding is None or encoding.mae > bound:
             log.info("hyper %dx%d: relative MAE above loss_max=%g with every codebook size; stored raw",
-                     out_features, in_features, loss_max)
+                     out_features, in_features, config.loss_max)
             layer = cls(in_features, out_features, bias=bias is not None, raw=True)
-            layer.raw_weight = weight.detach().clone()
+            layer.raw_weight = weight.clone()
         else:
             bits = max(1, int(encoding.indices.max()).bit_length())
             layer = cls(in_features, out_features, bias=bias is not None, codebook_size=encoding.size,

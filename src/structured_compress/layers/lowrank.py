@@ -2,20 +2,29 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, check_budget, register_layer
+from .config import LayerConfig, OptionError, option
 from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, grad_free
 
 
 def rank_for_budget(budget: float, out_features: int, in_features: int) -> int:
-    """Largest rank whose ``r (m + n)`` cost fits in ``budget * m * n``, clipped to ``[1, min(m, n)]``."""
+    """Largest rank whose ``r (m + n)`` cost fits in ``budget * m * n``, at most ``min(m, n)``; a budget below
+    one rank-1 component is an error, not a silent rank 1 at many times the budget."""
     check_budget(budget)
     rank = math.floor(budget * out_features * in_features / (out_features + in_features))
-    return max(1, min(rank, min(out_features, in_features)))
+    if rank < 1:
+        smallest = (out_features + in_features) / (out_features * in_features)
+        raise OptionError("budget", budget, f"keeps less than one rank-1 component of a {out_features}x"
+                          f"{in_features} layer", f"raise layer.budget to at least {smallest:.2g}, or exclude "
+                          "the layer with layer.exclude")
+    return min(rank, min(out_features, in_features))
 
 
 def spectral_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -48,7 +57,23 @@ def whitened_factors(weight: Tensor, gram: Tensor, rank: int) -> tuple[Tensor, T
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
-@register_layer("lowrank")
+@dataclass
+class LowRankConfig(LayerConfig):
+    """Low-rank W ~= A B with SVD spectral init (sqrt(S) split into both factors).
+    The rank is the largest whose r (m + n) parameters fit in budget x m n, unless rank is given."""
+
+    layer_type = "lowrank"
+    budget: float = option(0.5, "fraction of the dense layer's parameters (= its MACs) kept, in (0, 1]", gt=0, le=1)
+    rank: int | None = option(None, "fixed rank for every layer instead of one from the budget (null = from budget)",
+                              ge=1)
+    init: Literal["svd", "whiten"] = option("svd", "svd | whiten (data-aware SVD-LLM whitening of the inputs' "
+                                            "Gram matrix; needs calibration_batches > 0)")
+
+    def calibration_needed(self) -> tuple[str, ...]:
+        return ("gram",) if self.init == "whiten" else ()
+
+
+@register_layer(LowRankConfig)
 class LowRankLinear(StructuredLinear):
     """``y = A (B x) + b`` with ``A`` of shape (out, r) and ``B`` of shape (r, in).
 
@@ -80,22 +105,20 @@ class LowRankLinear(StructuredLinear):
                 self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, rank: int | None = None,
-                   init: str = "svd", gram: Tensor | None = None) -> "LowRankLinear":
-        """Truncated SVD of ``weight`` (``init='svd'``), or of the whitened weight (``init='whiten'``,
-        needs ``gram``: the sum of ``x x^T`` over calibration inputs)."""
-        check_dense_weight(weight, bias)
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: LowRankConfig,
+                   data: Calibration) -> "LowRankLinear":
+        """Truncated SVD of ``weight`` (``init='svd'``), or of the weight whitened by the inputs' Gram matrix
+        (``init='whiten'``)."""
         out_features, in_features = weight.shape
-        rank = rank if rank is not None else rank_for_budget(budget, out_features, in_features)
+        rank = config.rank if config.rank is not None else rank_for_budget(config.budget, out_features, in_features)
+        if rank > min(out_features, in_features):
+            raise OptionError("rank", rank, f"exceeds min(out, in) = {min(out_features, in_features)} of a "
+                              f"{out_features}x{in_features} layer", "lower layer.options.rank or set it to null")
         layer = cls.empty(in_features, out_features, weight.device, weight.dtype, rank=rank, bias=bias is not None)
-        if init == "svd":
-            left, right = spectral_factors(weight.detach(), layer.rank)
-        elif init == "whiten":
-            if gram is None:
-                raise ValueError("init='whiten' needs calibration data: pass gram= (or calibrate in compress_)")
-            left, right = whitened_factors(weight.detach(), gram.to(weight.device), layer.rank)
+        if config.init == "svd":
+            left, right = spectral_factors(weight, layer.rank)
         else:
-            raise ValueError(f"unknown lowrank init {init!r}; use 'svd' or 'whiten'")
+            left, right = whitened_factors(weight, data.gram.to(weight.device), layer.rank)
         with torch.no_grad():
             layer.left.copy_(left)
             layer.right.copy_(right)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, check_budget, register_layer
+from .blockdiag import check_count, least_budget
+from .config import LayerConfig, OptionError, option
 from .fastpath import contiguous_grad, fast_paths_enabled
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ def monarch_cost(in_features: int, out_features: int, nblocks: int) -> int:
 def nblocks_for_budget(budget: float, out_features: int, in_features: int) -> int:
     """Start from ``floor((m + n) min(m, n) / floor(beta m n))`` (the reference rule, which rounds down
     and so overspends), then raise the block count until the cost fits ``beta m n`` -- budget means the
-    same dense fraction for every layer type. Clipped to ``[1, min(m, n)]``.
+    same dense fraction for every layer type. Clipped to ``[1, min(m, n)]``; a budget that not even the
+    cheapest block count fits is an error, not a silent overspend.
     """
     check_budget(budget)
     dense = out_features * in_features
@@ -52,6 +55,11 @@ def nblocks_for_budget(budget: float, out_features: int, in_features: int) -> in
     nblocks = smaller if target < 1 else max(1, min(smaller, (out_features + in_features) * smaller // target))
     while nblocks < smaller and monarch_cost(in_features, out_features, nblocks) > max(target, 1):
         nblocks += 1
+    cost = monarch_cost(in_features, out_features, nblocks)
+    if cost > budget * dense:  # only at nblocks = min(m, n), the cheapest layout (any fewer blocks cost 2x)
+        raise OptionError("budget", budget, f"is below the cheapest Monarch layout of a {out_features}x"
+                          f"{in_features} layer ({cost} numbers)", f"raise layer.budget to at least "
+                          f"{least_budget(cost, dense)}, or exclude the layer with layer.exclude")
     return nblocks
 
 
@@ -93,7 +101,19 @@ def project_to_monarch(weight: Tensor, nblocks: int) -> tuple[Tensor, Tensor]:
     return blocks1.to(weight.dtype), blocks2.to(weight.dtype)
 
 
-@register_layer("monarch")
+@dataclass
+class MonarchConfig(LayerConfig):
+    """Monarch: two block-diagonal factors joined by the stride (butterfly) permutation, initialised by the
+    closed-form Frobenius projection (per-block SVDs). Odd / non-divisible sizes are zero-padded internally."""
+
+    layer_type = "monarch"
+    budget: float = option(0.5, "fraction of the dense layer's parameters (= its MACs) kept, in (0, 1]: the "
+                           "smallest block count whose b(qp + sq) fits", gt=0, le=1)
+    nblocks: int | None = option(None, "fixed block count for every layer instead of one from the budget (null = "
+                                 "from budget)", gt=0)
+
+
+@register_layer(MonarchConfig)
 class MonarchLinear(StructuredLinear):
     """``y = P_out B2 Perm B1 P_in x + b`` with block-diagonal ``B1``, ``B2`` (see module docstring).
 
@@ -105,14 +125,10 @@ class MonarchLinear(StructuredLinear):
         super().__init__(in_features, out_features, bias)
         if nblocks is None:
             nblocks = nblocks_for_budget(1.0 if budget is None else budget, out_features, in_features)
-        smaller = min(in_features, out_features)
-        if isinstance(nblocks, bool) or not isinstance(nblocks, numbers.Integral) or not 1 <= nblocks <= smaller:
-            raise ValueError(f"nblocks must be an integer in [1, {smaller}] for a {out_features}x{in_features} "
-                             f"layer, got {nblocks!r}; or leave it unset and give a budget")
-        self.nblocks = int(nblocks)
-        self.in_block, self.out_block, self.inner = monarch_shapes(in_features, out_features, nblocks)
-        self.blocks1 = nn.Parameter(torch.empty(nblocks, self.inner, self.in_block))
-        self.blocks2 = nn.Parameter(torch.empty(nblocks, self.out_block, self.inner))
+        self.nblocks = check_count("nblocks", nblocks, 1, out_features, in_features)
+        self.in_block, self.out_block, self.inner = monarch_shapes(in_features, out_features, self.nblocks)
+        self.blocks1 = nn.Parameter(torch.empty(self.nblocks, self.inner, self.in_block))
+        self.blocks2 = nn.Parameter(torch.empty(self.nblocks, self.out_block, self.inner))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,14 +142,13 @@ class MonarchLinear(StructuredLinear):
                 self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0,
-                   nblocks: int | None = None) -> "MonarchLinear":
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: MonarchConfig,
+                   data: Calibration) -> "MonarchLinear":
         """The Frobenius-nearest Monarch matrix to ``weight`` (closed form, per-block truncated SVDs)."""
-        check_dense_weight(weight, bias)
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, nblocks=nblocks, budget=budget,
+        layer = cls(in_features, out_features, nblocks=config.nblocks, budget=config.budget,
                     bias=bias is not None).to(weight.device, weight.dtype)
-        blocks1, blocks2 = project_to_monarch(weight.detach(), layer.nblocks)
+        blocks1, blocks2 = project_to_monarch(weight, layer.nblocks)
         with torch.no_grad():
             layer.blocks1.copy_(blocks1)
             layer.blocks2.copy_(blocks2)

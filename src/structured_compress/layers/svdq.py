@@ -23,13 +23,15 @@ fp16 scales are kept as their int16 bit patterns so ``model.half()``/``.to(dtype
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import StructuredLinear, check_dense_weight, register_layer
+from .base import Calibration, StructuredLinear, register_layer
+from .config import LayerConfig, OptionError, option
 from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
                        int8_matmul)
 from .lowrank import rank_for_budget
@@ -39,7 +41,6 @@ from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quant
 log = logging.getLogger(__name__)
 
 MODES = ("factored", "qdense", "dense")
-ROUNDINGS = ("nearest", "gptq")
 Quantized = tuple[Tensor, Tensor, "Tensor | None"]  # (codes, fp16 scales, int8 zero codes or None)
 
 
@@ -98,7 +99,51 @@ def _dequantized(q: Quantized, group_size: int | None) -> Tensor:
     return dequantize(q[0], q[1], group_size, q[2])
 
 
-@register_layer("svdq")
+@dataclass
+class SVDQuantConfig(LayerConfig):
+    """SVD + int8/int4 quantization of both factors (packed codes, fp16 per-row or per-group scales).
+    Rank: options.rank, else with max_error and calibration inputs the smallest rank whose relative output
+    error ||W_hat x - W x|| / ||W x + b|| <= max_error (binary search), else from budget. Falls back to the
+    quantized dense weight when no rank meets the bound or the factors would not be smaller, then to
+    fallback_bits, then to the float weight."""
+
+    layer_type = "svdq"
+    promoted = ("max_error",)
+    budget: float = option(0.5, "dense fraction that sets the factors' rank k = budget m n / (m + n), in (0, 1] "
+                           "(unused with rank, max_error or svd: false)", gt=0, le=1)
+    bits: Literal[4, 8] = option(8, "bits per stored code of the factors (or of the whole weight)")
+    group_size: int | None = option(None, "consecutive entries of a row that share one scale (null = one per row)",
+                                    gt=0)
+    max_error: float | None = option(None, "bound on the relative output error on the calibration inputs; picks "
+                                     "the rank per layer (needs calibration_batches > 0; null = rank from budget)",
+                                     gt=0)
+    fallback_bits: Literal[8] | None = option(None, "bits of a second try for a layer that misses max_error at "
+                                              "bits (8 with bits=4: mixed int4/int8), before it is kept in float")
+    symmetric: bool = option(True, "true: symmetric grids; false: zero-point grids (int8 zero code per group)")
+    rounding: Literal["nearest", "gptq"] = option("nearest", "nearest | gptq (Hessian-aware error-compensating "
+                                                  "rounding from the inputs' Gram matrix; needs calibration)")
+    svd: bool = option(True, "false: no SVD, the whole weight quantized (plain weight-only int4/int8)")
+    rank: int | None = option(None, "fixed rank of the factors for every layer (null = from max_error or budget)",
+                              gt=0)
+
+    def validate(self) -> None:
+        if self.fallback_bits is not None and self.max_error is None:
+            raise OptionError("fallback_bits", self.fallback_bits, "only acts on layers that miss max_error",
+                              "set layer.max_error too, or fallback_bits=null")
+        if self.fallback_bits is not None and self.fallback_bits <= self.bits:
+            raise OptionError("fallback_bits", self.fallback_bits, f"must be more bits than bits={self.bits}",
+                              "use bits=4 with fallback_bits=8, or fallback_bits=null")
+        if self.rank is not None and not self.svd:
+            raise OptionError("rank", self.rank, "svd=false stores no factors", "set rank=null or svd=true")
+        if self.rank is not None and self.max_error is not None:
+            raise OptionError("rank", self.rank, "max_error picks the rank itself",
+                              "give one: rank=null, or max_error=null")
+
+    def calibration_needed(self) -> tuple[str, ...]:
+        return (("inputs",) if self.max_error is not None else ()) + (("gram",) if self.rounding == "gptq" else ())
+
+
+@register_layer(SVDQuantConfig)
 class SVDQuantLinear(StructuredLinear):
     """``y = U (s * (V x)) + b`` with quantized, packed ``U``/``V`` (or a quantized/float dense weight).
 
@@ -151,37 +196,19 @@ class SVDQuantLinear(StructuredLinear):
         return dequantize(codes, getattr(self, f"{name}_scales").view(torch.float16), self.group_size, zeros)
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, bits: int = 8,
-                   group_size: int | None = None, max_error: float | None = None, inputs: Tensor | None = None,
-                   rank: int | None = None, fallback_bits: int | None = None, symmetric: bool = True,
-                   rounding: str = "nearest", gram: Tensor | None = None, svd: bool = True) -> "SVDQuantLinear":
-        """Quantized truncated SVD of ``weight``.
-
-        rank: ``rank``, else the smallest rank meeting ``max_error`` on ``inputs`` (N x in_features, the
-        layer's calibration inputs; relative error ``||W_hat x - W x|| / ||W x + b||`` over all of them), else
-        ``rank_for_budget(budget)``. ``symmetric=False`` uses zero-point grids; ``rounding="gptq"`` needs
-        ``gram`` (in_features x in_features, ``sum x x^T``). ``svd=False`` skips the factored form: the whole
-        weight is quantized (plain int4/int8 weight quantization). The result falls back to ``qdense``, then
-        ``fallback_bits``, then ``dense`` as the module doc says.
-        """
-        check_dense_weight(weight, bias)
-        check_bits(bits)
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"svdq rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if rounding == "gptq" and gram is None:
-            raise ValueError("svdq rounding=gptq needs the layer's input Gram matrix: pass gram= or calibrate the "
-                             "layer in compress_ (command line: layer.calibration_batches=8)")
-        gram = gram if rounding == "gptq" else None
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: SVDQuantConfig,
+                   data: Calibration) -> "SVDQuantLinear":
+        """Quantized truncated SVD of ``weight`` at the rank the module doc describes, falling back to
+        ``qdense``, then ``fallback_bits``, then ``dense``."""
+        bits, group_size, symmetric = config.bits, config.group_size, config.symmetric
+        gram = data.gram if config.rounding == "gptq" else None
         out_features, in_features = weight.shape
-        dense = weight.detach().float()
+        dense = weight.float()
         kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None, "symmetric": symmetric}
         error_of = None
-        if max_error is not None:
-            if inputs is None:
-                raise ValueError("svdq max_error needs calibration inputs (N x in_features): pass inputs= "
-                                 "or calibrate the layer in compress_ (command line: layer.calibration_batches=8)")
-            error_of = _output_error_fn(dense, bias, inputs.to(dense.device).reshape(-1, in_features).float())
-        u, sv, vh = torch.linalg.svd(dense, full_matrices=False) if svd else (None, None, None)
+        if config.max_error is not None:
+            error_of = _output_error_fn(dense, bias, data.inputs.to(dense.device).reshape(-1, in_features).float())
+        u, sv, vh = torch.linalg.svd(dense, full_matrices=False) if config.svd else (None, None, None)
 
         def factors(k: int) -> tuple[Quantized, Quantized]:
             return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram)
@@ -190,14 +217,10 @@ class SVDQuantLinear(StructuredLinear):
             u_q, v_q = factors(k)
             return (_dequantized(u_q, group_size) * sv[:k]) @ _dequantized(v_q, group_size)
 
-        if not svd:
-            rank = None
-        elif rank is None and error_of is not None:
-            rank = search_rank(lambda k: error_of(reconstruction(k)), max_useful_rank(out_features, in_features),
-                               max_error)
-        elif rank is None:
-            rank = rank_for_budget(budget, out_features, in_features)
-
+        rank = None
+        if config.svd:
+            rank = _factored_rank(config, out_features, in_features,
+                                  None if error_of is None else lambda k: error_of(reconstruction(k)))
         qdense = cls(in_features, out_features, mode="qdense", **kwargs).to(weight.device)
         qdense._store("w", quantize_matrix(dense, bits, group_size, symmetric, gram))
         if rank is not None:
@@ -209,16 +232,14 @@ class SVDQuantLinear(StructuredLinear):
             if layer.storage_bytes() < qdense.storage_bytes():
                 return _finish(layer, bias, weight.dtype)
             log.debug("svdq %dx%d: rank %d is not smaller than quantized dense", out_features, in_features, rank)
-        if error_of is None or error_of(qdense.to_dense_weight()) <= max_error:
+        if error_of is None or error_of(qdense.to_dense_weight()) <= config.max_error:
             return _finish(qdense, bias, weight.dtype)
-        if fallback_bits is not None and fallback_bits != bits:
+        if config.fallback_bits is not None:
             log.info("svdq %dx%d: int%d misses max_error=%g; trying int%d", out_features, in_features, bits,
-                     max_error, fallback_bits)
-            return cls.from_dense(weight, bias, budget, bits=fallback_bits, group_size=group_size,
-                                  max_error=max_error, inputs=inputs, symmetric=symmetric, rounding=rounding,
-                                  gram=gram, svd=svd)
+                     config.max_error, config.fallback_bits)
+            return cls.initialize(weight, bias, replace(config, bits=config.fallback_bits, fallback_bits=None), data)
         log.info("svdq %dx%d: even the int%d dense weight misses max_error=%g; keeping it in float",
-                 out_features, in_features, bits, max_error)
+                 out_features, in_features, bits, config.max_error)
         layer = cls(in_features, out_features, mode="dense", **kwargs).to(weight.device)
         layer.weight.copy_(dense)
         return _finish(layer, bias, weight.dtype)
@@ -296,6 +317,20 @@ def _output_error_fn(weight: Tensor, bias: Tensor | None, inputs: Tensor) -> Cal
     """``approx -> ||inputs (approx - W)^T||_F / ||inputs W^T + b||_F`` (the bias cancels in the numerator)."""
     reference = F.linear(inputs, weight, None if bias is None else bias.detach().float()).norm().clamp(min=1e-30)
     return lambda approx: (F.linear(inputs, approx - weight).norm() / reference).item()
+
+
+def _factored_rank(config: SVDQuantConfig, out_features: int, in_features: int,
+                   error_of_rank: Callable[[int], float] | None) -> int | None:
+    """The factors' rank: ``config.rank``; else the smallest meeting ``max_error`` (``error_of_rank`` measures
+    it; None when no rank meets it); else the budget's."""
+    if config.rank is not None:
+        if config.rank > min(out_features, in_features):
+            raise OptionError("rank", config.rank, f"exceeds min(out, in) = {min(out_features, in_features)} of a "
+                              f"{out_features}x{in_features} layer", "lower layer.options.rank or set it to null")
+        return config.rank
+    if error_of_rank is not None:
+        return search_rank(error_of_rank, max_useful_rank(out_features, in_features), config.max_error)
+    return rank_for_budget(config.budget, out_features, in_features)
 
 
 def _finish(layer: SVDQuantLinear, bias: Tensor | None, dtype: torch.dtype) -> SVDQuantLinear:

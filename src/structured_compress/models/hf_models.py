@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from .hf_sources import resolve_source
+from ..sources import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ KINDS = ("sequence_classification", "causal_lm", "encoder")
 def create_hf_model(source: str, kind: str = "sequence_classification", num_labels: int | None = None,
                     dtype: str = "float32", **config_overrides) -> nn.Module:
     """``AutoModelFor{SequenceClassification,CausalLM}.from_pretrained``, or ``AutoModel`` for ``kind="encoder"``,
-    for a source string (see hf_sources).
+    for a source string (see structured_compress.sources).
 
     ``num_labels=1`` makes a regression head (STS-B). ``config_overrides`` set config fields such as
     ``hidden_dropout_prob``. The classification head of a backbone-only checkpoint is freshly initialised.

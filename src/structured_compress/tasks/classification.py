@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .example_input import ExampleInputFromData
+from .metric_names import CLASSIFICATION_TOP_K
 from .optim import build_optimizer
 
 
@@ -23,10 +24,9 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
         self.optimizer_factory = optimizer
-        top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict({
-            f"{stage}_{name}": MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro")
-            for stage in ("val", "test") for name, k in (("acc", 1), ("acc_top5", top5))
+            f"{stage}_{name}": MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")
+            for stage in ("val", "test") for name, k in CLASSIFICATION_TOP_K.items()
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", sync_dist=True)
-        for name in ("acc", "acc_top5"):
+        for name in CLASSIFICATION_TOP_K:
             metric = self.metrics[f"{stage}_{name}"]
             metric(logits, labels)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "acc")

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .glue import MODEL_KEYS
+from .metric_names import EMBEDDING_AGREEMENT_METRICS
 
 
 class PooledEmbeddingAgreementTask(pl.LightningModule):
@@ -27,7 +28,7 @@ class PooledEmbeddingAgreementTask(pl.LightningModule):
         self.model = model
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.metrics = nn.ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("val", "test")
-                                      for name in ("cosine", "embedding_rel_error")})
+                                      for name in EMBEDDING_AGREEMENT_METRICS})
 
     def pooled(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The encoder's pooled output (BERT: tanh of a linear map of the [CLS] state) in float32."""
@@ -43,9 +44,9 @@ class PooledEmbeddingAgreementTask(pl.LightningModule):
             reference = self.pooled(self.reference, batch)
         values = {"cosine": F.cosine_similarity(pooled, reference, dim=-1),
                   "embedding_rel_error": (pooled - reference).norm(dim=-1) / reference.norm(dim=-1)}
-        for name, value in values.items():
+        for name in EMBEDDING_AGREEMENT_METRICS:
             metric = self.metrics[f"{stage}_{name}"]
-            metric.update(value)
+            metric.update(values[name])
             self.log(f"{stage}/{name}", metric, add_dataloader_idx=False, prog_bar=name == "cosine")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -17,6 +17,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from ..glue_tasks import GLUE_TASKS
 from .example_input import ExampleInputFromData
+from .metric_names import sequence_classification_metrics
 from .optim import build_optimizer
 
 GLUE_METRICS = {name: task.metrics for name, task in GLUE_TASKS.items()}
@@ -54,12 +55,9 @@ class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
                  structure_lr_scale: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
-        if metrics is None and glue_task not in GLUE_METRICS:
-            raise ValueError(f"give metrics or a GLUE task name (one of {sorted(GLUE_METRICS)}), not {glue_task!r}")
         self.model = model
         self.optimizer_factory = optimizer
-        self.metric_names = tuple(metrics or GLUE_METRICS[glue_task])
-        self.suffixes = GLUE_TASKS[glue_task].eval_suffixes if glue_task in GLUE_TASKS else ("",)
+        self.metric_names, self.suffixes = sequence_classification_metrics(glue_task, metrics)
         self.metrics = nn.ModuleDict({
             f"{stage}{i}_{name}": build_metric(name, num_labels)
             for stage in ("val", "test") for i in range(len(self.suffixes)) for name in self.metric_names

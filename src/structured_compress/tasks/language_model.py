@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from .example_input import ExampleInputFromData
+from .metric_names import LANGUAGE_MODEL_METRICS
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         mean_nll = self.nll[stage].compute().item()
         self.nll[stage].reset()
-        self.log(f"{stage}/loss", mean_nll, prog_bar=stage == "val")
-        self.log(f"{stage}/perplexity", math.exp(min(mean_nll, 700.0)), prog_bar=stage == "val")
+        values = {"loss": mean_nll, "perplexity": math.exp(min(mean_nll, 700.0))}
+        for name in LANGUAGE_MODEL_METRICS:
+            self.log(f"{stage}/{name}", values[name], prog_bar=stage == "val")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")

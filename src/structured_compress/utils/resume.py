@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from ..errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def resume_checkpoint(ckpt_path: str | None, resume: str | bool | None, output_d
         others = [p for p in checkpoints_newest_first(path.parent) if p != path]
         found = newest_readable([path, *others])
         if found is None:
-            raise ValueError(f"ckpt_path={ckpt_path} is truncated or corrupt and no other checkpoint in "
+            raise UserInputError(f"ckpt_path={ckpt_path} is truncated or corrupt and no other checkpoint in "
                              f"{path.parent} is readable; start again without ckpt_path")
         return found
     if str(resume).lower() == "auto":
@@ -77,5 +78,5 @@ def resume_checkpoint(ckpt_path: str | None, resume: str | bool | None, output_d
                                                                                "starting fresh")
         return found
     if resume not in (None, False, "", "none", "null"):
-        raise ValueError(f"resume={resume!r} is not understood; use resume=auto or ckpt_path=<checkpoint>")
+        raise UserInputError(f"resume={resume!r} is not understood; use resume=auto or ckpt_path=<checkpoint>")
     return None

@@ -6,7 +6,8 @@ A *source* string is one of
   ``package:<module>/<subdir>``             ``Path(<module>.__file__).parent / <subdir>``;
   ``gguf-package:<module>``                 a package exposing ``MODEL_NAME`` and ``assemble(path)`` (chunked GGUF);
   ``<org>/<name>`` or ``<name>``            a hub name: used when it is in the local HF cache or the network is up.
-Models and datamodules resolve the same string, so a tokenizer always matches its model.
+Models and datamodules resolve the same string, so a tokenizer always matches its model; both import this module,
+which imports nothing of the project's (and no torch until a GGUF is converted).
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import importlib
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
-
-from ..datamodules.common import network_available
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,15 @@ GGUF_PREFIX = "gguf-package:"
 
 class ModelSourceNotFoundError(FileNotFoundError):
     """The weights named by a source string are not on this machine and cannot be downloaded."""
+
+
+def network_available(host: str = "pypi.org", port: int = 443, timeout: float = 2.0) -> bool:
+    """True when a TCP connection opens quickly; used to refuse downloads that would hang offline."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def cache_root() -> Path:

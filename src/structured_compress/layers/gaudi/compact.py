@@ -10,14 +10,12 @@ the masks are exact 0/1 intervals: no Gaussian factor, widths on the grid (eval 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .gaudi import GaudiGBLRLinear
+from ..base import StructuredLinear
 
 MAX_GROUPS = 64  # beyond this many distinct intervals the per-group overhead outweighs the saved MACs
 MAX_COMPACT_FRACTION = 0.6  # compact MACs must be below this fraction of dense to be chosen automatically
@@ -59,7 +57,7 @@ def _groups(starts: Tensor, lengths: Tensor, size: int, live: Tensor, segment: T
 
 
 @torch.no_grad()
-def build_plan(layer: GaudiGBLRLinear) -> CompactPlan:
+def build_plan(layer: StructuredLinear) -> CompactPlan:
     """The grouping of ``layer``'s components by interval, from the widths/locations its forward uses now."""
     intervals = []
     for axis, size in enumerate(layer.axis_sizes):
@@ -99,7 +97,7 @@ def _bias_rows(flat: Tensor, size: int, bias: Tensor | None) -> Tensor:
     return bias.expand(len(flat), size).clone()
 
 
-def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Tensor:
+def compact_forward(layer: StructuredLinear, plan: CompactPlan, x: Tensor) -> Tensor:
     """``y = W x + b`` through the plan's interval slices (differentiable in the factors and ``x``). Under
     autocast it runs in the autocast dtype itself: the in-place adds need one dtype throughout."""
     if torch.is_autocast_enabled(x.device.type):
@@ -109,7 +107,7 @@ def compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor) -> Ten
     return _compact_forward(layer, plan, x, x.dtype)
 
 
-def _compact_forward(layer: GaudiGBLRLinear, plan: CompactPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
+def _compact_forward(layer: StructuredLinear, plan: CompactPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
     flat = x.reshape(-1, layer.in_features)
     hidden = [F.linear(_take(flat, g, g.offset), _take(layer.in_factors[g.components], g).flatten(0, 1).to(dtype))
               for g in plan.inputs]

@@ -1,128 +1,43 @@
 """Gaudi-GBLR: a sum of rank-t blocks whose row and column intervals are learned (arXiv 2310.18882).
 
 Component ``i`` is ``diag(g_out_i) U_i V_i diag(g_in_i)``: ``U_i`` (m x t) and ``V_i`` (t x n) are plain
-factors, and ``g_in_i``, ``g_out_i`` are soft 0/1 interval masks, each given by a width and a location in
-units of the axis length. The masks are written in the frequency domain -- the Dirichlet kernel (the DFT of
-a box) times a Gaussian -- so the interval's size and position get gradients. Widths and locations are
-``2 x K`` tensors with rows ``[input; output]``.
+factors, and ``g_in_i``, ``g_out_i`` are soft 0/1 interval masks (:mod:`.mask`), each given by a width and a
+location in units of the axis length. Widths and locations are ``2 x K`` tensors with rows ``[input; output]``.
 """
 from __future__ import annotations
 
 import logging
 import math
 import numbers
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, check_budget, check_dense_weight, register_layer
-from .gaudi_compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
-from .gaudi_search import SearchReport, find_structure, svd_error_at
-from .lowrank import rank_for_budget
+from ..base import Calibration, StructuredLinear, check_budget, register_layer
+from ..config import OptionError
+from ..lowrank import rank_for_budget
+from .config import COMPUTE_MODES, GaudiConfig
+from .compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
+from .mask import MASK_THRESHOLD, gaudi_mask, snap_to_grid
+from .search import find_structure, kept_components, whole_layer_report
 
 log = logging.getLogger(__name__)
 
-MASK_THRESHOLD = 1e-3  # eval-time mask entries below this are zeroed; FLOPs count entries above it
-COMPUTE_MODES = ("auto", "dense", "lr", "compact")
+SMALLEST_COMPONENT_MACS = 4  # a live component is more than one element wide on both axes: 2 rows + 2 columns
 
 
-def _complex(amplitude: Tensor, phase: Tensor) -> Tensor:
-    """``amplitude * exp(i phase)`` for a real (possibly negative) amplitude, autograd-friendly."""
-    return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
+def check_fits_one_component(budget: float, out_features: int, in_features: int) -> None:
+    """Raise :class:`OptionError` when ``budget`` of an ``out x in`` block cannot hold one live component."""
+    if min(out_features, in_features) < 2 or budget * out_features * in_features < SMALLEST_COMPONENT_MACS:
+        smallest = SMALLEST_COMPONENT_MACS / (out_features * in_features)
+        fix = ("exclude the layer with layer.exclude" if min(out_features, in_features) < 2 or smallest > 1 else
+               f"raise layer.budget to at least {smallest:.2g}, or exclude the layer with layer.exclude")
+        raise OptionError("budget", budget, f"keeps less than one 2x2 component ({SMALLEST_COMPONENT_MACS} MACs) "
+                          f"of a {out_features}x{in_features} block", fix)
 
 
-def _spectrum_terms(width: Tensor, location: Tensor, n: int, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(k, w, l, envelope)`` pieces shared by the mask and its closed-form derivatives:
-    ``envelope_k = exp(-k^2 / (2 sigma^2)) / sinc(k / n)`` (no Gaussian when ``sigma`` is None)."""
-    freqs = torch.arange(n // 2 + 1, device=width.device, dtype=width.dtype)
-    envelope = 1.0 / torch.sinc(freqs / n)
-    if sigma is not None:
-        sigma = torch.as_tensor(sigma, device=width.device, dtype=width.dtype)
-        envelope = envelope * torch.exp(-freqs.square() / (2 * sigma.square()))
-    return freqs, width[:, None], location[:, None], envelope
-
-
-def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma=None) -> Tensor:
-    """Half spectrum ``[K, n//2 + 1]`` of the mask:
-    ``w sinc(k w) / sinc(k/n) exp(-k^2 / (2 sigma^2)) exp(i [pi k (1/n - w) - 2 pi k l])``."""
-    freqs, w, loc, envelope = _spectrum_terms(width, location, n, sigma)
-    phase = math.pi * freqs * (1.0 / n - w) - 2 * math.pi * freqs * loc
-    return _complex(w * torch.sinc(freqs * w) * envelope, phase)
-
-
-class _GaudiMaskFunction(torch.autograd.Function):
-    """The Gaudi mask with the closed-form backward: ``dg/dw = irfft(exp(-2 pi i k w) C_k)`` with
-    ``C_k = exp(i pi (k/n - 2 k l)) envelope_k``, and ``dg/dl = irfft(-2 pi i k G_k)``. Saves autograd
-    going through the complex exponentials; the result equals the autograd gradient."""
-
-    @staticmethod
-    def forward(ctx, width: Tensor, location: Tensor, n: int, sigma) -> Tensor:
-        ctx.n, ctx.sigma = n, sigma
-        ctx.save_for_backward(width, location)
-        return torch.fft.irfft(gaudi_spectrum(width, location, n, sigma), n=n, norm="forward")
-
-    @staticmethod
-    def backward(ctx, grad_mask: Tensor):
-        width, location = ctx.saved_tensors
-        n = ctx.n
-        freqs, w, loc, envelope = _spectrum_terms(width, location, n, ctx.sigma)
-        grad_width = grad_location = None
-        if ctx.needs_input_grad[0]:
-            phase = math.pi * freqs / n - 2 * math.pi * freqs * loc - 2 * math.pi * freqs * w
-            d_width = torch.fft.irfft(_complex(envelope.expand_as(phase), phase), n=n, norm="forward")
-            grad_width = (grad_mask * d_width).sum(-1)
-        if ctx.needs_input_grad[1]:
-            spectrum = gaudi_spectrum(width, location, n, ctx.sigma)
-            d_location = torch.fft.irfft(spectrum * (-2j * math.pi * freqs), n=n, norm="forward")
-            grad_location = (grad_mask * d_location).sum(-1)
-        return grad_width, grad_location, None, None
-
-
-def gaudi_mask(width: Tensor, location: Tensor, n: int, sigma=None, custom_grad: bool = False) -> Tensor:
-    """Soft interval masks ``[K, n]`` for ``K`` widths/locations (fractions of ``n``), as in training:
-    no rounding, no shrink. ``irfft`` with forward normalisation of :func:`gaudi_spectrum`. With ``sigma``
-    None and integer ``w n``, ``l n`` it is exactly the circular indicator of ``[l n, l n + w n)``."""
-    if custom_grad:
-        return _GaudiMaskFunction.apply(width, location, n, sigma)
-    return torch.fft.irfft(gaudi_spectrum(width, location, n, sigma), n=n, norm="forward")
-
-
-def snap_to_grid(value: Tensor, n: int) -> Tensor:
-    """``round(value n) / n`` in the forward pass, identity gradient (straight-through estimator)."""
-    return torch.round(value.detach() * n) / n + (value - value.detach())
-
-
-@torch.no_grad()
-def _kept_components(search: "GaudiGBLRLinear", drop_empty: bool) -> Tensor:
-    """Which of a fitted search layer's components to keep; zeroes the widths of those eval mode drops (one
-    element or less on an axis), so train and eval outputs agree."""
-    sizes = torch.tensor(search.axis_sizes, device=search.widths.device, dtype=search.widths.dtype)[:, None]
-    live = (torch.round(search.widths * sizes) > 1).all(0)  # as `active` in macs_per_token
-    search.widths[:, ~live] = 0.0
-    keep = live.clone() if drop_empty else torch.ones_like(live)
-    keep[0] |= ~keep.any()  # a layer needs one component; a dead one stays zero
-    return keep
-
-
-@torch.no_grad()
-def _whole_layer_report(layer: "GaudiGBLRLinear", weight: Tensor, parts: list[SearchReport]) -> SearchReport:
-    """One report for a layer fitted segment by segment: its errors and the whole matrix's SVD baseline."""
-    layer.eval()
-    target = weight.detach().to(layer.in_factors.dtype)
-    residual = target - layer.to_dense_weight()
-    macs = layer.macs_per_token()
-    layer.train()
-    return SearchReport(
-        rel_error=float(residual.norm() / target.norm()),
-        op_error=float(torch.linalg.matrix_norm(residual, ord=2) / torch.linalg.matrix_norm(target, ord=2)),
-        svd_error=svd_error_at(torch.linalg.svdvals(target.double()), macs, tuple(target.shape)),
-        macs_fraction=macs / target.numel(), start="/".join(sorted({p.start for p in parts})),
-        row_threshold=None, col_threshold=None, seconds=sum(p.seconds for p in parts))
-
-
-@register_layer("gaudi")
+@register_layer(GaudiConfig)
 class GaudiGBLRLinear(StructuredLinear):
     """``y = W x + b`` with ``W = sum_i diag(g_out_i) U_i V_i diag(g_in_i)`` (see module docstring).
 
@@ -137,7 +52,7 @@ class GaudiGBLRLinear(StructuredLinear):
     blocks, each with its own ``K`` components confined to it (``[W_1 | ... | W_S]``, one Gaudi-GBLR matrix
     per block); ``n`` above is then the block width, and ``num_components`` counts per block.
     ``compute_mode``: ``'dense'`` builds ``W`` from the masks (the reference path), ``'lr'`` applies the
-    masked factors in turn, ``'compact'`` runs only each component's intervals (:mod:`.gaudi_compact`) when
+    masked factors in turn, ``'compact'`` runs only each component's intervals (:mod:`.compact`) when
     the masks are exact intervals -- no Gaussian, and eval mode or frozen widths/locations -- and the dense
     path otherwise; ``'auto'`` (default) is ``'compact'`` when its plan is cheap, else ``'dense'``.
     """
@@ -304,7 +219,7 @@ class GaudiGBLRLinear(StructuredLinear):
         return out_weight @ in_weight
 
     def compact_plan(self) -> CompactPlan | None:
-        """The interval grouping of :mod:`.gaudi_compact` when the masks are exact intervals -- no Gaussian, and
+        """The interval grouping of :mod:`.compact` when the masks are exact intervals -- no Gaussian, and
         eval mode or widths/locations frozen on the grid in training -- else None. Cached per structure."""
         if not self.no_gaussian or (self.training and (self.no_ste or self.widths.requires_grad
                                                         or self.locations.requires_grad)):
@@ -374,62 +289,40 @@ class GaudiGBLRLinear(StructuredLinear):
         return self
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, budget: float = 1.0, *,
-                   num_components: int | None = None, starts: Sequence[str] | None = None,
-                   find_mask: bool = False, lowrank_start: bool = False, sweeps: int = 8, niter: int = 200,
-                   row_thresholds=(0.98,), col_thresholds=(0.98,), filter_std: float = 10.0,
-                   weight_lr: float = 2e-2, structure_lr_base: float = 10.0, drop_empty: bool = True,
-                   sigma: float | None = None, compute_mode: str = "auto", custom_grad: bool = False,
-                   no_ste: bool = False, location_init: str | float = "unif", segments: int | str = 1,
-                   kernel_positions: int | None = None) -> "GaudiGBLRLinear":
-        """Fit rank-1 components to ``weight`` within ``budget`` of its dense MACs with the structure search
-        of :mod:`.gaudi_search`, on ``weight``'s device; with ``segments``, each block of columns on its own
-        (the per-kernel-position conv variant). ``segments="kernel"`` takes the conv's ``kernel_positions``
-        (``k_h k_w``, which surgery passes for conv layers; 1 for linear layers). With ``sigma`` None (the default, as fine-tuning
-        recipes use) the layer's ``macs_per_token`` is at most ``budget m n``; a finite ``sigma`` blurs the
-        eval masks, which the FLOP count then includes.
-
-        starts: start kinds to try (see :data:`.gaudi_search.STARTS`); default ``["blocks"]``, plus
-        ``"greedy"`` with ``find_mask`` (the reference's interval search) and ``"lowrank"`` with
-        ``lowrank_start``. ``find_mask=False`` with ``starts=["given"]`` is the reference's fine-tune path.
-        sweeps: alternating least-squares sweeps on the factors of the ``blocks`` start; niter: gradient steps
-        for ``greedy``/``given`` starts. num_components caps the components (default ``min(m, n)``).
+    def initialize(cls, weight: Tensor, bias: Tensor | None, config: GaudiConfig,
+                   data: Calibration) -> "GaudiGBLRLinear":
+        """Fit rank-1 components to ``weight`` within ``config.budget`` of its dense MACs with the structure search
+        of :mod:`.search`, on ``weight``'s device; with ``segments``, each block of columns on its own (the
+        per-kernel-position conv variant; ``"kernel"`` takes ``data.kernel_positions``, ``k_h k_w`` for a conv,
+        1 for a linear layer). With ``sigma`` null the layer's ``macs_per_token`` is at most ``budget m n``.
 
         Components at most one element wide on an axis get zero width (eval mode zeroes them), so train and
-        eval outputs agree; ``drop_empty`` removes them, else the layer keeps ``num_components`` slots, the
-        unused ones at zero width, as the reference does (its mean-width statistics count them).
-
+        eval outputs agree; ``drop_empty`` removes them, else the layer keeps ``num_components`` slots.
         The start, errors (and the SVD's at the same MACs) and time are logged and kept in
-        ``layer.init_report`` (a :class:`.gaudi_search.SearchReport`).
+        ``layer.init_report`` (a :class:`.search.SearchReport`).
         """
-        check_dense_weight(weight, bias)
-        budget = check_budget(budget)
         out_features, in_features = weight.shape
-        if segments == "kernel":
-            segments = kernel_positions or 1
-        if not isinstance(segments, int) or segments < 1 or in_features % segments:
-            raise ValueError(f"segments must be 'kernel' or a number that divides the {in_features} input features, "
-                             f"got {segments!r}")
+        segments = data.kernel_positions if config.segments == "kernel" else config.segments
+        if in_features % segments:
+            raise OptionError("segments", config.segments, f"{segments} blocks do not divide the {in_features} "
+                              f"input features of a {out_features}x{in_features} layer",
+                              "give a divisor of every replaced layer's in_features, or kernel for conv layers")
         block = in_features // segments
-        starts = list(starts) if starts is not None else ["blocks"]
-        starts += ["greedy"] * bool(find_mask) + ["lowrank"] * bool(lowrank_start)
+        check_fits_one_component(config.budget, out_features, block)
         work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
 
         def search_layer(components: int) -> GaudiGBLRLinear:
             return cls(block, out_features, num_components=components, bias=False, sigma=None,
-                       width_init=1.0, location_init=location_init)
+                       width_init=1.0, location_init=config.location_init)
 
-        fits = [find_structure(search_layer, part, budget * out_features * block, starts=starts,
-                               max_components=num_components, sweeps=sweeps, niter=niter,
-                               row_thresholds=row_thresholds, col_thresholds=col_thresholds, filter_std=filter_std,
-                               weight_lr=weight_lr, structure_lr_base=structure_lr_base)
-                for part in weight.detach().to(work_dtype).chunk(segments, dim=1)]
-        kept = [_kept_components(search, drop_empty) for search, _ in fits]
+        fits = [find_structure(search_layer, part, config.budget * out_features * block, config)
+                for part in weight.to(work_dtype).chunk(segments, dim=1)]
+        kept = [kept_components(search, config.drop_empty) for search, _ in fits]
         used = max(int(keep.sum()) for keep in kept)
-        slots = used if drop_empty else max(used, min(num_components or block, block, out_features))
-        layer = cls(in_features, out_features, num_components=slots, bias=bias is not None, sigma=sigma,
-                    compute_mode=compute_mode, custom_grad=custom_grad, no_ste=no_ste, width_init=0.0,
-                    location_init=0.0, segments=segments).to(weight.device, work_dtype)
+        slots = used if config.drop_empty else max(used, min(config.num_components or block, block, out_features))
+        layer = cls(in_features, out_features, num_components=slots, bias=bias is not None, sigma=config.sigma,
+                    compute_mode=config.compute_mode, custom_grad=config.custom_grad, no_ste=config.no_ste,
+                    width_init=0.0, location_init=0.0, segments=segments).to(weight.device, work_dtype)
         with torch.no_grad():
             for name in ("in_factors", "out_factors"):
                 getattr(layer, name).zero_()
@@ -441,10 +334,10 @@ class GaudiGBLRLinear(StructuredLinear):
                     getattr(layer, name)[:, chosen] = getattr(search, name)[:, keep]
         layer.to(dtype=weight.dtype)
         layer._copy_bias(bias)
-        report = fits[0][1] if segments == 1 else _whole_layer_report(layer, weight, [r for _, r in fits])
+        report = fits[0][1] if segments == 1 else whole_layer_report(layer, weight, [r for _, r in fits])
         layer.init_report = report
         log.info("gaudi %dx%d budget %.3f: %s start, %d components, MACs %.4f of dense, rel. error %.4f "
-                 "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, budget,
+                 "(SVD at the same MACs %.4f), op-norm error %.4f, %.1fs", out_features, in_features, config.budget,
                  report.start, layer.num_components, report.macs_fraction, report.rel_error, report.svd_error,
                  report.op_error, report.seconds)
         return layer

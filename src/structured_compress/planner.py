@@ -1,4 +1,4 @@
-"""``layer=auto``: a per-layer codec plan that meets a byte target (or a quality floor) from calibration data.
+"""``layer=auto`` (:class:`AutoConfig`): a per-layer codec plan that meets a byte target (or a quality floor) from calibration data.
 
 Every selected layer is tried with each codec choice (e.g. int8, int4 per 128, int4 per 64, all GPTQ-rounded);
 each try gives ``(bytes, error)`` with ``error = ||(W_hat - W) X^T||^2 / ||W X^T + b||^2`` on the layer's
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import StructuredLinear, get_layer_class
+from .layers import StructuredLinear, get_layer_class
+from .layers.config import LayerConfig, OptionError, config_class, option, register_config
+from .modeltree import FilterFn, dense_view, replace_child, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,63 @@ class Option:
     choice: str
     bytes: int
     error: float
+
+
+@register_config
+@dataclass
+class AutoConfig(LayerConfig):
+    """Per-layer codec plan: every layer is tried with each choice below on the calibration inputs, then a
+    greedy plan picks per layer the choice with the least output error per byte saved until the replaced
+    layers fit the target. Give exactly one of target_ratio, target_bytes or max_error.
+      python run.py mode=compress experiment=tweets/minilm-dense layer=auto layer.target_ratio=3.5"""
+
+    layer_type = "auto"
+    promoted = ("target_ratio", "target_bytes", "max_error")
+    calibration_batches = 8  # the plan and GPTQ need every layer's calibration inputs and Gram matrix
+    budget_of: Literal["none"] = option("none", "what budget counts: none (the plan's target sets the size)")
+    target_ratio: float | None = option(3.0, "fp16 bytes of the selected layers / planned bytes", gt=0)
+    target_bytes: int | None = option(None, "planned bytes of the selected layers", ge=1)
+    max_error: float | None = option(None, "quality floor: summed squared relative output error over the layers",
+                                     gt=0)
+    choices: dict = option({
+        "int8": {"layer": "svdq", "options": {"bits": 8, "svd": False, "rounding": "gptq"}},
+        "int4-g128": {"layer": "svdq", "options": {"bits": 4, "group_size": 128, "symmetric": False, "svd": False,
+                                                   "rounding": "gptq"}},
+        "int4-g64": {"layer": "svdq", "options": {"bits": 4, "group_size": 64, "symmetric": False, "svd": False,
+                                                  "rounding": "gptq"}},
+        "int4-g32": {"layer": "svdq", "options": {"bits": 4, "group_size": 32, "symmetric": False, "svd": False,
+                                                  "rounding": "gptq"}},
+    }, "label -> {layer: <type>, options: {...}}: the codecs a layer may get")
+    weights: dict | None = option(None, "per layer name, a factor on its errors (e.g. from output_weights); "
+                                  "layers not named keep 1")
+
+    def validate(self) -> None:
+        bounds = [k for k in ("target_ratio", "target_bytes", "max_error") if getattr(self, k) is not None]
+        if len(bounds) != 1:
+            raise OptionError("target_ratio", self.target_ratio, f"layer=auto needs exactly one of target_ratio, "
+                              f"target_bytes, max_error (got {', '.join(bounds) or 'none'})",
+                              "set the others to null, e.g. layer.target_ratio=null layer.max_error=0.05")
+        if not self.choices:
+            raise OptionError("choices", self.choices, "layer=auto needs at least one codec to choose from",
+                              "e.g. choices={int8: {layer: svdq, options: {bits: 8}}}")
+        self.choice_configs()
+
+    def choice_configs(self) -> dict[str, LayerConfig]:
+        """Each choice as its layer type's typed config (checked like any layer option)."""
+        configs = {}
+        for label, spec in self.choices.items():
+            if not isinstance(spec, Mapping) or spec.get("layer") in (None, "auto"):
+                raise OptionError(f"choices.{label}", spec, "must be {layer: <type>, options: {...}} with a "
+                                  "layer type other than auto", "e.g. {layer: svdq, options: {bits: 8}}")
+            try:
+                configs[label] = config_class(spec["layer"]).from_options(spec.get("options"), spec.get("budget"))
+            except OptionError as err:
+                key = f"choices.{label}.{'layer' if err.option == 'layer' else 'options.' + err.option}"
+                raise OptionError(key, err.value, err.problem, err.fix) from None
+        return configs
+
+    def calibration_needed(self) -> tuple[str, ...]:
+        return ("gram", "inputs")
 
 
 def lower_hull(options: Sequence[Option]) -> list[Option]:
@@ -84,39 +143,37 @@ def greedy_plan(table: Mapping[str, Sequence[Option]], target_bytes: float | Non
     return {name: hulls[name][position[name]] for name in hulls}
 
 
+def build_layer(config: LayerConfig, weight: Tensor, bias: Tensor | None,
+                calibration: Mapping[str, Tensor] | None = None, kernel_positions: int = 1) -> StructuredLinear:
+    """The structured layer ``config`` makes from a dense ``weight`` [out, in], with the layer's calibration
+    data (``gram``, ``inputs``) where it has any."""
+    data = calibration or {}
+    return get_layer_class(config.layer_type).from_dense(weight, bias, config, gram=data.get("gram"),
+                                                         inputs=data.get("inputs"), kernel_positions=kernel_positions)
+
+
 def layer_options(weight: Tensor, bias: Tensor | None, calibration: Mapping[str, Tensor],
-                  choices: Mapping[str, Mapping]) -> list[Option]:
+                  choices: Mapping[str, LayerConfig]) -> list[Option]:
     """``(bytes, error)`` of every choice for one layer (``weight`` out x in), plus keeping it at fp16."""
     inputs = calibration["inputs"].reshape(-1, weight.shape[1]).float()
     dense = weight.detach().float()
     reference = torch.nn.functional.linear(inputs, dense, None if bias is None else bias.float()).square().sum()
     kept_bytes = 2 * (weight.numel() + (0 if bias is None else bias.numel()))
     options = [Option(KEEP, kept_bytes, 0.0)]
-    for choice, spec in choices.items():
-        layer = _build(spec, weight, bias, calibration)
+    for choice, config in choices.items():
+        layer = build_layer(config, weight, bias, calibration)
         error = (inputs @ (layer.to_dense_weight().float() - dense).T).square().sum() / reference.clamp(min=1e-30)
         options.append(Option(choice, layer.storage_bytes(), error.item()))
     return options
 
 
-def _build(spec: Mapping, weight: Tensor, bias: Tensor | None, calibration: Mapping[str, Tensor]) -> StructuredLinear:
-    from ..surgery import _call_from_dense
-
-    if "layer" not in spec:
-        raise ValueError(f"layer=auto choice {dict(spec)} needs a 'layer' key (a layer type such as svdq)")
-    cls = get_layer_class(spec["layer"])
-    return _call_from_dense(cls, weight, bias, spec.get("budget", 1.0), dict(spec.get("options") or {}), calibration)
-
-
 def _calibrated_layers(model: nn.Module, calibration, include, exclude, filter_fn) -> dict[str, nn.Module]:
     """The selected layers, or a ValueError when one has no calibration inputs."""
-    from ..modeltree import select_layers
-
     selected = select_layers(model, include, exclude, filter_fn)
     missing = [name for name in selected if name not in (calibration or {})]
     if missing:
-        raise ValueError(f"layer=auto needs calibration inputs for every layer (missing {missing[:3]}...): "
-                         "set layer.calibration_batches > 0")
+        raise OptionError("calibration_batches", 0, f"layer=auto needs calibration inputs for every layer "
+                          f"(missing {missing[:3]}...)", "set layer.calibration_batches > 0")
     return selected
 
 
@@ -124,22 +181,20 @@ def _calibrated_layers(model: nn.Module, calibration, include, exclude, filter_f
 def output_weights(model: nn.Module, calibration: Mapping[str, Mapping[str, Tensor]], probe: Mapping,
                    batches: Iterable, forward: Callable[[nn.Module, object], object],
                    output: Callable[[object], Tensor] = lambda out: out, include=None, exclude=None,
-                   filter_fn=None) -> dict[str, float]:
+                   filter_fn: FilterFn | None = None) -> dict[str, float]:
     """Per selected layer, its end-to-end gain: the squared relative error of ``output(forward(model, batch))``
     over ``batches`` with only that layer compressed by ``probe`` (a choice spec such as
     ``{"layer": "svdq", "options": {"bits": 4, ...}}``), divided by the layer's own squared relative output
     error under ``probe`` (as :func:`layer_options` measures it). Pass the result as ``weights``."""
-    from ..surgery import compress_, dense_view, replace_child
-
+    probe_config = AutoConfig(choices={"probe": dict(probe)}).choice_configs()
     batches = list(batches)
     reference = [output(forward(model, batch)).float() for batch in batches]
     scale = sum(ref.square().sum() for ref in reference).clamp(min=1e-30)
     weights = {}
     for name, module in _calibrated_layers(model, calibration, include, exclude, filter_fn).items():
         _, weight, bias = dense_view(module)
-        layer_error = layer_options(weight, bias, calibration[name], {"probe": probe})[1].error
-        compress_(model, probe["layer"], probe.get("budget", 1.0), include=[name], options=probe.get("options"),
-                  calibration={name: calibration[name]})
+        layer_error = layer_options(weight, bias, calibration[name], probe_config)[1].error
+        replace_child(model, name, build_layer(probe_config["probe"], weight.detach(), bias, calibration[name]))
         error = sum((output(forward(model, batch)).float() - ref).square().sum()
                     for batch, ref in zip(batches, reference)) / scale
         replace_child(model, name, module)
@@ -148,40 +203,23 @@ def output_weights(model: nn.Module, calibration: Mapping[str, Mapping[str, Tens
     return weights
 
 
-def compress_auto_(model: nn.Module, calibration: Mapping[str, Mapping[str, Tensor]] | None,
-                   choices: Mapping[str, Mapping] | None = None, include=None, exclude=None, filter_fn=None,
-                   target_bytes: int | None = None, target_ratio: float | None = None,
-                   max_error: float | None = None, weights: Mapping[str, float] | None = None):
-    """Plan (see the module doc) and apply: each layer gets its chosen codec through ``compress_``; layers
-    whose plan is ``keep`` stay as they are. ``weights`` (per layer name, e.g. from :func:`output_weights`)
-    multiply each layer's errors; layers it does not name keep weight 1. Returns the merged
-    ``CompressionReport`` with each row's ``options`` holding the plan entry (choice, bytes, error)."""
-    from ..surgery import CompressionReport, compress_, dense_view
-
-    if not choices:
-        raise ValueError("layer=auto needs options.choices: name -> {layer: <type>, options: {...}}")
+def plan_layers(model: nn.Module, config: AutoConfig, calibration: Mapping[str, Mapping[str, Tensor]] | None,
+                include=None, exclude=None, filter_fn: FilterFn | None = None) -> dict[str, tuple[LayerConfig, dict]]:
+    """Plan (see the module doc): per layer that gets a codec, its config and the plan entry (choice, bytes,
+    error) for the report; layers whose plan is ``keep`` are left out. ``config.weights`` multiply each
+    layer's errors."""
+    choices = config.choice_configs()
     selected = _calibrated_layers(model, calibration, include, exclude, filter_fn)
     table = {}
     for name, module in selected.items():
         _, weight, bias = dense_view(module)
-        gain = (weights or {}).get(name, 1.0)
+        gain = (config.weights or {}).get(name, 1.0)
         table[name] = [Option(o.choice, o.bytes, o.error * gain)
                        for o in layer_options(weight, bias, calibration[name], choices)]
-    if target_ratio is not None:
-        if target_bytes is not None:
-            raise ValueError("layer=auto takes target_bytes or target_ratio, not both")
-        target_bytes = sum(options[0].bytes for options in table.values()) / target_ratio
-    plan = greedy_plan(table, target_bytes, max_error)
-    report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
-    for choice, spec in choices.items():
-        names = [name for name, option in plan.items() if option.choice == choice]
-        if names:
-            part = compress_(model, spec["layer"], spec.get("budget", 1.0), include=names,
-                             options=spec.get("options"), calibration={n: calibration[n] for n in names})
-            for row in part.layers:
-                row.options = {**row.options, "auto_choice": choice, "auto_bytes": plan[row.name].bytes,
-                               "auto_error": plan[row.name].error}
-            report.layers.extend(part.layers)
-    report.model_params_after = report.model_params_before - report.params_before + report.params_after
+    target_bytes = config.target_bytes
+    if config.target_ratio is not None:
+        target_bytes = sum(options[0].bytes for options in table.values()) / config.target_ratio
+    plan = greedy_plan(table, target_bytes, config.max_error)
     log.info("layer=auto plan: %s", {c: sum(o.choice == c for o in plan.values()) for c in [KEEP, *choices]})
-    return report
+    return {name: (choices[o.choice], {"auto_choice": o.choice, "auto_bytes": o.bytes, "auto_error": o.error})
+            for name, o in plan.items() if o.choice != KEEP}
