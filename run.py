@@ -41,12 +41,10 @@ def main(cfg: DictConfig) -> float | None:
 
 def dispatch(cfg: DictConfig) -> float | None:
     """Run ``mode`` (train | eval | compress) and return ``optimized_metric`` for sweepers."""
-    from structured_compress.compress import compress  # nested imports: Hydra's --help and tab completion stay fast
-    from structured_compress.eval import evaluate
+    from structured_compress.modes import run_mode  # nested imports: Hydra's --help and tab completion stay fast
     from structured_compress.runner import optimized_value
-    from structured_compress.train import train
 
-    metrics, _ = {"train": train, "eval": evaluate, "compress": compress}[cfg.mode.name](cfg)
+    metrics, _ = run_mode(cfg)
     return optimized_value(cfg, metrics)
 
 

@@ -166,8 +166,10 @@ def stand_in_overrides(cfg, stand_ins: dict) -> list[str]:
         out += next((small for prefix, small in SMALL_TIMM.items() if name.startswith(prefix)), [])
         out += SMALL_MIXER if cfg.model._target_.endswith("MlpMixer") else []
         out += SMALL_VGG if cfg.model._target_.endswith(".create_vgg") else []
-    if cfg.layer.name == "gaudi":
-        out.append("layer.options.niter=5")  # a few refinement steps of the structure search: wiring, not results
+    if cfg.layer.name == "gaudi":  # a short structure search: wiring, not results
+        starts = set(cfg.layer.options.get("starts") or [])
+        out += ["layer.options.sweeps=1"] if "blocks" in starts else []
+        out += ["layer.options.niter=5"] if starts & {"greedy", "given"} and cfg.layer.options.get("niter") else []
     return out
 
 
@@ -188,8 +190,7 @@ def dense_weights_overrides(cfg, tmp_path: Path) -> list[str]:
 def run_with_stand_ins(overrides: list[str], stand_ins: dict, tmp_path: Path) -> tuple[dict, object]:
     """Compose ``overrides`` + ``debug=fast_dev_run``, point the run at stand-ins, run it (train or compress);
     returns ``(metrics, cfg)``."""
-    from structured_compress.compress import compress
-    from structured_compress.train import train
+    from structured_compress.modes import run_mode
 
     from .conftest import compose_config
 
@@ -198,5 +199,5 @@ def run_with_stand_ins(overrides: list[str], stand_ins: dict, tmp_path: Path) ->
     small = stand_in_overrides(cfg, stand_ins)
     cfg = compose_config([*base, *small], tmp_path)
     cfg = compose_config([*base, *small, *dense_weights_overrides(cfg, tmp_path)], tmp_path)
-    metrics, _ = {"train": train, "compress": compress}[cfg.mode.name](cfg)
+    metrics, _ = run_mode(cfg)
     return metrics, cfg

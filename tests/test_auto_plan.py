@@ -116,3 +116,24 @@ def test_output_weights_move_the_bits_to_the_layer_the_output_needs():
     compress_(model, "auto", options={"choices": CHOICES, "target_ratio": 1.5, "weights": weights},
               calibration=calibration)
     assert isinstance(model.loud, nn.Linear) and model.quiet.bits == 4
+
+
+def planned_bytes(options: dict) -> tuple[dict, int]:
+    """The plan ``layer=auto`` with ``options`` makes on the tiny model: layer -> choice, and its bytes."""
+    model = tiny_model()
+    inputs = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    report = compress_(model, "auto", options=options, calibration=collect_input_gram(model, [inputs],
+                                                                                          select_layers(model)))
+    return ({row.name: row.options["auto_choice"] for row in report.layers},
+            sum(row.options["auto_bytes"] for row in report.layers))
+
+
+@pytest.mark.parametrize("option,value", [("target_ratio", 3.5), ("target_bytes", 9000), ("max_error", 1e-2),
+                                          ("choices", {"int8": CHOICES["int8"]}),
+                                          ("weights", {"0": 1e6, "2": 1e6, "4": 1e-6})])
+def test_every_auto_option_acts(option, value):
+    base = {"choices": CHOICES, "target_ratio": 2.0, "target_bytes": None, "max_error": None}  # int8, int4, int8
+    changed = {**base, option: value}
+    if option in ("target_bytes", "max_error"):
+        changed["target_ratio"] = None
+    assert planned_bytes(base) != planned_bytes(changed)

@@ -13,7 +13,7 @@ from structured_compress import pipeline
 from .conftest import ROOT, compose_config, needs_fashion_mnist
 
 TINY = ["experiment=fashion_mnist/vit-gaudi-finetune", "model.depth=1", "model.embed_dim=24", "model.num_heads=2",
-        "model.embed_layer.stem_channels=8", "layer.options.niter=5", "datamodule.batch_size=16",
+        "model.embed_layer.stem_channels=8", "layer.options.sweeps=1", "datamodule.batch_size=16",
         "datamodule.eval_batch_size=50", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=3", "trainer.log_every_n_steps=1",
         "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.gaudi_shrink.target_width=0.9"]

@@ -14,7 +14,7 @@ from torch import nn
 from structured_compress.layer_checks import check_layer
 from structured_compress.layers.config import OptionError
 from structured_compress.layers.gaudi import GaudiConfig, GaudiGBLRLinear
-from structured_compress.layers.gaudi.config import USED_BY_STARTS
+from structured_compress.layers.gaudi.config import STARTS, USED_BY_STARTS
 from structured_compress.layers.tsvd import TernarySVDConfig, TernarySVDLinear, requantize_
 from structured_compress.surgery import compress_
 
@@ -23,16 +23,17 @@ from .conftest import CONFIG_DIR, compose_config, experiment_names
 GAUDI_FAST = {"sweeps": 1}  # keeps the default blocks start cheap
 GIVEN = {"starts": ["given"], "niter": 2}
 GREEDY = {"starts": ["greedy"], "niter": 0}
+SHARP_GREEDY = {**GREEDY, "filter_std": 0.5}  # profiles smoothed less than the 16 columns, so thresholds cut
 # option -> (the settings it needs to act, a valid non-default value)
 GAUDI_CASES = {
     "budget": (GAUDI_FAST, 0.5),
-    "starts": (GIVEN, ["given", "lowrank"]),
+    "starts": ({}, ["lowrank"]),
     "sweeps": ({}, 1),
     "niter": ({"starts": ["given"]}, 2),
     "weight_lr": (GIVEN, 0.2),
     "structure_lr_base": (GIVEN, 100.0),
-    "row_thresholds": (GREEDY, [0.5]),
-    "col_thresholds": (GREEDY, [0.5]),
+    "row_thresholds": (SHARP_GREEDY, [0.5]),
+    "col_thresholds": (SHARP_GREEDY, [0.5]),
     "filter_std": (GREEDY, 0.5),
     "location_init": ({**GIVEN, "niter": 0}, 0.5),
     "num_components": (GAUDI_FAST, 2),
@@ -41,12 +42,12 @@ GAUDI_CASES = {
     "compute_mode": (GAUDI_FAST, "lr"),
     "custom_grad": (GAUDI_FAST, True),
     "no_ste": (GAUDI_FAST, True),
-    "segments": (GAUDI_FAST, "kernel"),
+    "segments": ({**GAUDI_FAST, "budget": 0.5}, "kernel"),  # 12x4 blocks: 0.25 would hold no full component
 }
 TSVD_CASES = {
     "budget": ({"budget_cap": True}, 0.05),
     "tolerance": ({}, 0.2),
-    "cos_thresh": ({}, 0.5),
+    "cos_thresh": ({}, 0.95),
     "steps": ({}, 5),
     "refit_every": ({}, 3),
     "max_rank": ({}, 3),
@@ -57,7 +58,13 @@ SINGLE_CHOICE = {"budget_of"}  # a Literal with one value: nothing to change it 
 
 
 def weight(seed: int = 0) -> torch.Tensor:
-    return torch.randn(12, 16, generator=torch.Generator().manual_seed(seed))
+    """12x16: a rank-1 term, one rank-1 term per 6x8 tile (the structure the blocks start looks for), noise."""
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.outer(torch.randn(12, generator=gen), torch.randn(16, generator=gen))
+    for rows in (slice(0, 6), slice(6, 12)):
+        for cols in (slice(0, 8), slice(8, 16)):
+            matrix[rows, cols] += torch.outer(torch.randn(6, generator=gen), torch.randn(8, generator=gen))
+    return matrix + 0.1 * torch.randn(12, 16, generator=gen)
 
 
 def gaudi_signature(config: GaudiConfig) -> list:
@@ -108,11 +115,11 @@ def test_every_tsvd_option_acts(name):
 
 @pytest.mark.parametrize("name", sorted(USED_BY_STARTS))
 def test_a_gaudi_option_without_the_start_that_reads_it_is_an_error(name):
-    value = GAUDI_CASES[name][1]
-    with pytest.raises(OptionError, match=rf"^{name}=.*: it acts on the .* only and starts=\[blocks\] has none; "
+    value, users = GAUDI_CASES[name][1], USED_BY_STARTS[name]
+    other = next(kind for kind in STARTS if kind not in users)
+    with pytest.raises(OptionError, match=rf"^{name}=.*: it acts on the .* only and starts=\[{other}\] has none; "
                                           rf"add \w+ to starts, or remove {name}"):
-        GaudiConfig(**{name: value})
-    users = USED_BY_STARTS[name]
+        GaudiConfig(starts=[other], **{name: value})
     GaudiConfig(starts=list(users), **{name: value})  # with them it is fine
 
 

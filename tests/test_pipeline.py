@@ -24,7 +24,7 @@ TINY = ["model.depth=1", "model.embed_dim=24", "model.num_heads=2", "model.embed
 
 LAYERS = {
     "dense": [], "lowrank": ["layer.budget=0.5"], "monarch": ["layer.budget=0.5"], "blockdiag": ["layer.budget=0.5"],
-    "gaudi": ["layer.budget=0.5", "layer.options.niter=5"], "tsvd": ["layer.options.tolerance=0.3"],
+    "gaudi": ["layer.budget=0.5", "layer.options.sweeps=1"], "tsvd": ["layer.options.tolerance=0.3"],
     "svdq": ["layer.budget=0.5"], "hyper": [],
 }
 

@@ -21,13 +21,18 @@ class ConfigError(UserInputError):
 
 def fail(key: str, value: Any, problem: str, fix: str) -> None:
     """Raise the one-line :class:`ConfigError`: ``key=value: problem; fix``."""
-    raise ConfigError(f"{key}={_show(value)}: {problem}; {fix}")
+    raise ConfigError(f"{key}={show(value)}: {problem}; {fix}")
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as a user would type it on the command line."""
     if isinstance(value, str):
         return value
-    return "null" if value is None else str(value).replace("'", "")
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{show(v)}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value)
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:

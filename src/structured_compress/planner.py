@@ -105,10 +105,10 @@ def lower_hull(options: Sequence[Option]) -> list[Option]:
     (some mix of hull neighbours saves as many bytes for less error)."""
     pareto = [o for o in options if not any(p.bytes <= o.bytes and p.error <= o.error and p != o for p in options)]
     hull: list[Option] = []
-    for option in sorted(pareto, key=lambda o: -o.bytes):
-        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], option):
+    for candidate in sorted(pareto, key=lambda o: -o.bytes):
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], candidate):
             hull.pop()
-        hull.append(option)
+        hull.append(candidate)
     return hull
 
 

@@ -8,31 +8,17 @@ from __future__ import annotations
 import math
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .errors import did_you_mean, fail
+from .tasks.schedule import Schedule
+from .typed_config import OptionError
 
 MODES = ("train", "eval", "compress")
 EVAL_ONLY_TASKS = ("PooledEmbeddingAgreementTask",)  # no training_step
 PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
               "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
-# Numbers of the task, its optimizer and its structural parameters' optimizer: field -> (rule, allowed, example)
-OPTIM_NUMBERS: dict[str, tuple[Callable[[float], bool], str, str]] = {
-    "lr": (lambda v: v > 0, "a number > 0", "2e-3"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0", "0.05"),
-    "eps": (lambda v: v > 0, "a number > 0", "1e-8"),
-    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)", "0.9"),
-    "warmup_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] of the training steps", "0.05"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] of the peak lr", "0.01"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)", "0.1"),
-    "structure_lr_scale": (lambda v: v > 0, "a number > 0 or null", "0.5"),
-}
-NULLABLE_OPTIM_NUMBERS = ("structure_lr_scale",)
-STORAGE_SOURCE = Path(__file__).resolve().parent / "io" / "storage.py"
-# StoragePolicy field -> the io/storage.py constant its values come from (read with ast: that module needs torch)
-STORAGE_CHOICES = {"dtype": "DTYPE_NAMES", "embeddings": "EMBEDDING_MODES", "embeddings_rounding": "ROUNDINGS",
-                   "rest": "REST_MODES"}
 
 
 def is_int(value: Any) -> bool:
@@ -95,20 +81,12 @@ def check_mode_steps(mode: str, cfg: Mapping) -> None:
 
 
 def check_task_optim(task: Mapping) -> None:
-    """Learning rates, decays, betas and schedule fractions of ``task``, ``task.optimizer`` and
-    ``task.structure_optim`` (tasks/optim.py builds the optimizer and the warmup + cosine schedule from them)."""
-    groups = {"task": task, "task.optimizer": task.get("optimizer"),
-              "task.structure_optim": task.get("structure_optim")}
-    for prefix, values in groups.items():
-        for name, value in (values.items() if isinstance(values, Mapping) else ()):
-            key = f"{prefix}.{name}"
-            if name == "betas" and not (isinstance(value, (list, tuple)) and len(value) == 2
-                                        and all(is_number(b) and 0 <= b < 1 for b in value)):
-                fail(key, value, "must be two numbers in [0, 1)", f"e.g. {key}=[0.9,0.999]")
-            if name in OPTIM_NUMBERS and not (value is None and name in NULLABLE_OPTIM_NUMBERS):
-                rule, allowed, example = OPTIM_NUMBERS[name]
-                if not (is_number(value) and rule(value)):
-                    fail(key, value, f"must be {allowed}", f"e.g. {key}={example}")
+    """``task.optimizer``'s numbers, ``task.structure_optim`` and the schedule keys (``task.weight_decay`` ...),
+    through the typed configs the tasks build themselves (tasks/schedule.py)."""
+    try:
+        Schedule.from_task(task)
+    except OptionError as err:
+        fail(f"task.{err.option}", err.value, err.problem, err.fix)
 
 
 def check_storage(storage: Any) -> None:
@@ -116,7 +94,6 @@ def check_storage(storage: Any) -> None:
     if storage is None:
         return
     from .io.storage import StoragePolicy  # torch: only runs that set a storage policy pay for it
-    from .typed_config import OptionError
 
     try:
         StoragePolicy.from_config(storage)

@@ -38,7 +38,7 @@ class LayerReport:
     macs_after: int
     rel_error: float
     options: dict = field(default_factory=dict)
-    budget_of: str = "params"  # what budget counted: params, macs or none (see LayerConfig.budget_of)
+    budget_of: str = "params"  # what budget counted: params, macs, bytes or none (see LayerConfig.budget_of)
 
 
 @dataclass

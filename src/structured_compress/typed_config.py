@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, Mapping
 
-from .errors import UserInputError
+from .errors import UserInputError, show
 
 BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
@@ -29,15 +29,6 @@ class OptionError(UserInputError):
     def with_prefix(self, prefix: str) -> str:
         """The message with the option's full key, e.g. ``layer.options.sweeps=-3: ...``."""
         return f"{prefix}{self.option}={show(self.value)}: {self.problem}; {self.fix}"
-
-
-def show(value: Any) -> str:
-    """A value as a user would type it on the command line."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(show(v) for v in value) + "]"
-    return "null" if value is None else str(value)
 
 
 def option(default: Any, doc: str, **bounds: float) -> Any:
@@ -89,7 +80,8 @@ def check_value(name: str, value: Any, annotation: Any, bounds: Mapping[str, flo
         described = _describe(annotation)
         choices = [show(a) for a in _literals(annotation)]
         close = difflib.get_close_matches(show(value), choices, n=1) if choices else []
-        fix = f"did you mean {close[0]}?" if close else f"give {name} {'one of those' if choices else 'that type'}"
+        wanted = "one of those" if choices else "a value of that type"
+        fix = f"did you mean {close[0]}?" if close else f"give {name} {wanted}"
         raise OptionError(name, value, f"expected {described}", fix)
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, float) and math.isnan(item):
@@ -99,16 +91,16 @@ def check_value(name: str, value: Any, annotation: Any, bounds: Mapping[str, flo
                 symbol, holds = BOUNDS[kind]
                 if not holds(item, bound):
                     what = "every item " if isinstance(value, list) else ""
-                    raise OptionError(name, value, f"{what}must be {symbol} {bound}",
-                                      f"give e.g. {_example(bounds)}")
+                    raise OptionError(name, value, f"{what}must be {symbol} {bound}", _fix_for(bounds, kind))
 
 
-def _example(bounds: Mapping[str, float]) -> str:
-    low = bounds.get("ge", bounds.get("gt"))
-    high = bounds.get("le", bounds.get("lt"))
+def _fix_for(bounds: Mapping[str, float], broken: str) -> str:
+    """A value inside two-sided ``bounds`` (their middle, or the closed end), else the broken bound restated."""
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
     if low is not None and high is not None:
-        return show((low + high) / 2 if "gt" in bounds or "lt" in bounds else high)
-    return show(low + 1 if low is not None else high - 1 if high is not None else 0)
+        return f"give e.g. {show((low + high) / 2 if 'gt' in bounds or 'lt' in bounds else high)}"
+    symbol = BOUNDS[broken][0]
+    return f"give a value {symbol} {show(bounds[broken])}"
 
 
 def _has_type(value: Any, annotation: Any) -> bool:

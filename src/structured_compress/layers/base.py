@@ -19,10 +19,6 @@ def register_layer(config: type[LayerConfig]) -> Callable[[type["StructuredLinea
     ``layer=<config.layer_type>`` in configs and surgery."""
 
     def add(cls: type[StructuredLinear]) -> type[StructuredLinear]:
-        if isinstance(config, str):  # TRANSITION-REMOVE: types not yet converted to typed configs
-            cls.layer_type = config
-            LAYERS[config] = cls
-            return cls
         name = config.layer_type
         if name in LAYERS and LAYERS[name] is not cls:
             raise ValueError(f"layer type {name!r} is registered twice ({LAYERS[name].__name__}, {cls.__name__})")

@@ -15,7 +15,8 @@ import inspect
 import math
 from typing import Any, ClassVar, Literal, Mapping
 
-from ..typed_config import OptionError, TypedConfig, option, show
+from ..errors import show
+from ..typed_config import OptionError, TypedConfig, option
 
 CONFIGS: dict[str, type["LayerConfig"]] = {}
 
@@ -53,7 +54,7 @@ class LayerConfig(TypedConfig):
     calibration_batches: ClassVar[int] = 0  # the YAML default of layer.calibration_batches for this type
 
     budget: float = option(1.0, "fraction of the dense layer's budget_of kept, in (0, 1]", gt=0, le=1)
-    # a type whose budget counts something else redeclares this as Literal["macs"] or Literal["none"]
+    # a type whose budget counts something else redeclares this as Literal["macs"], ["bytes"] or ["none"]
     budget_of: Literal["params"] = option("params", "what budget counts: params (the numbers stored)")
 
     def calibration_needed(self) -> tuple[str, ...]:

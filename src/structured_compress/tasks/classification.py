@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .example_input import ExampleInputFromData
 from .metric_names import CLASSIFICATION_TOP_K
 from .optim import build_optimizer
+from .schedule import Schedule
 
 
 class ClassificationTask(ExampleInputFromData, pl.LightningModule):
@@ -22,6 +23,7 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
                  structure_optim: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.schedule = Schedule.from_task({**self.hparams, "optimizer": optimizer})
         self.model = model
         self.optimizer_factory = optimizer
         self.metrics = nn.ModuleDict({
@@ -38,7 +40,7 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(self(images), labels, label_smoothing=self.schedule.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -58,6 +60,4 @@ class ClassificationTask(ExampleInputFromData, pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self):
-        return build_optimizer(self.model, self.optimizer_factory, self.hparams.weight_decay,
-                               self.hparams.structure_optim, int(self.trainer.estimated_stepping_batches),
-                               self.hparams.warmup_fraction, self.hparams.min_lr_ratio)
+        return build_optimizer(self.model, self.optimizer_factory, self.schedule, self.trainer)

@@ -19,6 +19,7 @@ from ..glue_tasks import GLUE_TASKS
 from .example_input import ExampleInputFromData
 from .metric_names import sequence_classification_metrics
 from .optim import build_optimizer
+from .schedule import Schedule
 
 GLUE_METRICS = {name: task.metrics for name, task in GLUE_TASKS.items()}
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,8 +46,8 @@ class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
     """Cross-entropy (or MSE when ``num_labels == 1``) on a HF sequence classifier; per-task metrics.
 
     ``glue_task`` picks the metrics and evaluation sets; ``metrics`` overrides the metric list (e.g. tweets).
-    ``structure_lr_scale``: caps the structural learning rate at ``scale / batches per epoch`` (GLUE recipe,
-    algorithms.md §3.12: ``min(2e-3, 0.5 / #train batches)``).
+    ``structure_lr_scale`` caps the structural learning rate (GLUE recipe, algorithms.md §3.12; see
+    :class:`.schedule.Schedule`).
     """
 
     def __init__(self, model: nn.Module, num_labels: int, optimizer: Any, glue_task: str | None = None,
@@ -55,6 +56,7 @@ class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
                  structure_lr_scale: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.schedule = Schedule.from_task({**self.hparams, "optimizer": optimizer})
         self.model = model
         self.optimizer_factory = optimizer
         self.metric_names, self.suffixes = sequence_classification_metrics(glue_task, metrics)
@@ -103,10 +105,4 @@ class SequenceClassificationTask(ExampleInputFromData, pl.LightningModule):
         self._evaluate(batch, "test", dataloader_idx)
 
     def configure_optimizers(self):
-        structure = dict(self.hparams.structure_optim or {})
-        if self.hparams.structure_lr_scale and structure.get("lr"):
-            batches = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs))
-            structure["lr"] = min(structure["lr"], self.hparams.structure_lr_scale / batches)
-        return build_optimizer(self.model, self.optimizer_factory, self.hparams.weight_decay, structure or None,
-                               int(self.trainer.estimated_stepping_batches), self.hparams.warmup_fraction,
-                               self.hparams.min_lr_ratio)
+        return build_optimizer(self.model, self.optimizer_factory, self.schedule, self.trainer)

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from .example_input import ExampleInputFromData
 from .metric_names import LANGUAGE_MODEL_METRICS
 from .optim import build_optimizer
+from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
                  min_lr_ratio: float = 0.0, structure_optim: dict | None = None, freeze: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.schedule = Schedule.from_task({**self.hparams, "optimizer": optimizer})
         self.model = model
         self.optimizer_factory = optimizer
         self.nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
@@ -103,6 +105,4 @@ class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self):
-        return build_optimizer(self.model, self.optimizer_factory, self.hparams.weight_decay,
-                               self.hparams.structure_optim, int(self.trainer.estimated_stepping_batches),
-                               self.hparams.warmup_fraction, self.hparams.min_lr_ratio)
+        return build_optimizer(self.model, self.optimizer_factory, self.schedule, self.trainer)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import StructuredLinear
+from .schedule import Schedule
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, structure: dict | None = None) -> list[dict]:
@@ -44,10 +45,15 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
     return factor
 
 
-def build_optimizer(model: nn.Module, optimizer_factory, weight_decay: float, structure: dict | None,
-                    total_steps: int, warmup_fraction: float, min_lr_ratio: float):
-    """Optimizer over :func:`parameter_groups` plus a per-step LambdaLR for Lightning."""
-    optimizer = optimizer_factory(parameter_groups(model, weight_decay, structure))
-    warmup = int(round(warmup_fraction * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, min_lr_ratio))
+def build_optimizer(model: nn.Module, optimizer_factory, schedule: Schedule, trainer):
+    """Optimizer over :func:`parameter_groups` plus a per-step LambdaLR for Lightning; ``trainer`` gives the step
+    count (and the batches per epoch that ``schedule.structure_lr_scale`` divides)."""
+    total_steps = int(trainer.estimated_stepping_batches)
+    structure = dict(schedule.structure_optim or {})
+    if schedule.structure_lr_scale and structure.get("lr"):
+        batches = max(1, total_steps // max(1, trainer.max_epochs))
+        structure["lr"] = min(structure["lr"], schedule.structure_lr_scale / batches)
+    optimizer = optimizer_factory(parameter_groups(model, schedule.weight_decay, structure))
+    warmup = int(round(schedule.warmup_fraction * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, schedule.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
