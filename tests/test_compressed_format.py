@@ -271,7 +271,8 @@ def set_in(path_keys, value):
 
 def retype_tensor(key, dtype):
     def edit(tensors, metadata):
-        tensors[key] = tensors[key].view(dtype) if tensors[key].element_size() == dtype.itemsize else tensors[key].to(dtype)
+        tensors[key] = (tensors[key].view(dtype) if tensors[key].element_size() == dtype.itemsize
+                        else tensors[key].to(dtype))
     return edit
 
 
@@ -287,7 +288,8 @@ CORRUPTIONS = [
     ("layer-type", set_in(["layers", "a", "type"], "lowrank"), None, r"layers\[a\]\.type: 'lowrank'"),
     ("storage-dtype-edited", set_in(["tensors", "norm.weight", "stored_dtype"], "bfloat16"), None,
      r"tensors\.norm\.weight\.stored_dtype"),
-    ("weights-file-escapes", set_in(["weights", "file"], "../x.safetensors"), None, r"weights\.file must be a file name"),
+    ("weights-file-escapes", set_in(["weights", "file"], "../x.safetensors"), None,
+     r"weights\.file must be a file name"),
     ("weights-sha-missing", lambda m: m["weights"].pop("sha256"), None, r"weights\.sha256 is missing"),
     ("packed-dtype-rehashed", None, (None, retype_tensor("a.u_packed", torch.int8), False),
      r"'a\.u_packed' \(layer 'a'\) is stored as int8 .*implies uint8"),

@@ -36,8 +36,9 @@ def assert_same_outputs(model, loaded, inputs):
 
 @pytest.mark.parametrize("source", [
     timm_source("vit_tiny_patch16_224", **VIT),
-    {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "pretrained": False,
-     "pretrained_path": "/nowhere/weights.safetensors", **VIT},  # a Hydra model config: recorded as a timm spec
+    # a Hydra model config: recorded as a timm spec
+    {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224",
+     "pretrained": False, "pretrained_path": "/nowhere/weights.safetensors", **VIT},
     {"kind": "hydra", "config": {"_target_": "structured_compress.models.timm_models.create_timm_model",
                                  "name": "vit_tiny_patch16_224", **VIT}},
 ])
@@ -82,7 +83,8 @@ def tiny_bert():
     return BertForSequenceClassification(config).eval()
 
 
-TOKENS = {"input_ids": torch.tensor([[1, 5, 9, 2], [3, 3, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+TOKENS = {"input_ids": torch.tensor([[1, 5, 9, 2], [3, 3, 7, 0]]),
+          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
 
 
 def test_hf_model_records_its_config_and_transformers_recognises_the_folder(tmp_path):

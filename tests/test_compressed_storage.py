@@ -224,7 +224,8 @@ def test_folder_sizes_match_the_dense_model_and_the_files(tmp_path, storage, emb
     assert sizes["bytes_on_disk"] == sizes["metadata_bytes"] + sum(sizes[f"{p}_bytes"] for p in
                                                                     ("replaced", "embeddings", "rest"))
     float_bytes = 4 if storage == {"dtype": "fp32"} else 2
-    assert sizes["replaced_bytes"] == sum(layer.storage_bytes(float_bytes) for layer in structured_layers(model).values())
+    assert sizes["replaced_bytes"] == sum(layer.storage_bytes(float_bytes)
+                                          for layer in structured_layers(model).values())
     assert sizes["replaced_fp32_bytes"] == (24 * 24 + 24) * 4
     assert sizes["embeddings_bytes"] == embedding_bytes
     assert sizes["ratio_vs_fp16"] == round(sizes["dense_fp16_bytes"] / sizes["bytes_on_disk"], 3)

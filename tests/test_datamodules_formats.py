@@ -40,7 +40,8 @@ def test_imagenet_folder_layout_with_mixup(tmp_path):
     torch.manual_seed(0)
     # RandAugment off: timm 1.0.31's posterize can draw an invalid bit depth under magnitude noise (flaky)
     dm = ImageNetDataModule(data_dir=str(tmp_path), num_classes=2, img_size=32, batch_size=4, eval_batch_size=3,
-                            num_workers=0, rand_augment=None, mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1})
+                            num_workers=0, rand_augment=None,
+                            mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1})
     dm.prepare_data()
     dm.setup()
     images, targets = next(iter(dm.train_dataloader()))
@@ -144,7 +145,8 @@ def test_glue_missing_names_command(tmp_path):
 
 @needs_minilm
 def test_wikitext_save_to_disk_windows(tmp_path):
-    texts = {s: [f" = {s} article = \n", f" {s} text " * (20 + n), ""] for n, s in enumerate(("train", "validation", "test"))}
+    texts = {s: [f" = {s} article = \n", f" {s} text " * (20 + n), ""]
+             for n, s in enumerate(("train", "validation", "test"))}
     datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in texts.items()}).save_to_disk(
         str(tmp_path / "wikitext" / "wikitext-2-raw-v1"))
     dm = WikiTextDataModule(name="wikitext2", tokenizer=MINILM, data_dir=str(tmp_path), allow_download=False,

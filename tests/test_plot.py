@@ -99,8 +99,8 @@ def tiny_gaudi_vit():
     from structured_compress.models.timm_models import create_timm_model
     from structured_compress.modeltree import replace_child
 
-    cfg = {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224", "img_size": 8,
-           "patch_size": 4, "in_chans": 1, "num_classes": 2, "embed_dim": 6, "depth": 1, "num_heads": 1,
+    cfg = {"_target_": "structured_compress.models.timm_models.create_timm_model", "name": "vit_tiny_patch16_224",
+           "img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 2, "embed_dim": 6, "depth": 1, "num_heads": 1,
            "mlp_ratio": 2.0}
     torch.manual_seed(0)
     model = create_timm_model(**{k: v for k, v in cfg.items() if k != "_target_"})

@@ -114,7 +114,8 @@ def test_tolerance_is_met_and_the_reported_error_is_the_true_spectral_error(shap
 def test_growing_the_scale_system_matches_solving_it_at_once():
     gen = torch.Generator().manual_seed(3)
     target = torch.randn(30, 20, generator=gen)
-    t_u, t_v = torch.randint(-1, 2, (30, 12), generator=gen).float(), torch.randint(-1, 2, (12, 20), generator=gen).float()
+    t_u, t_v = (torch.randint(-1, 2, (30, 12), generator=gen).float(),
+                torch.randint(-1, 2, (12, 20), generator=gen).float())
     grown = ternary.ScaleFit(target, t_u[:, :5], t_v[:5])
     grown.extend(t_u[:, 5:9], t_v[5:9])
     grown.extend(t_u[:, 9:], t_v[9:])

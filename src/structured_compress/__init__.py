@@ -1,6 +1,7 @@
-"""structured-compress (import name ``structured_compress``). ``from structured_compress import load_compressed, save_compressed`` resolves lazily (PEP 562), so
-torch-free modules such as :mod:`structured_compress.config_checks` import without pulling in torch; the config resolvers are
-registered on import (run.py, the tests and notebooks all import structured_compress first)."""
+"""structured-compress (import name ``structured_compress``).
+``from structured_compress import load_compressed, save_compressed`` resolves lazily (PEP 562), so
+torch-free modules such as :mod:`structured_compress.config_checks` import without pulling in torch;
+the config resolvers are registered on import (run.py, the tests and notebooks all import structured_compress first)."""
 from .utils.resolvers import register_resolvers
 
 __all__ = ["load_compressed", "save_compressed"]

@@ -69,7 +69,8 @@ def _configs_of(layer: Mapping, layer_type: str, cls: type, several: bool) -> li
         if unknown:
             types = sorted(set((layer.get("name") or {}).values()))
             fail(f"layer.options.{unknown[0]}", options[unknown[0]], f"with several layer types, options are keyed "
-                 f"by type ({', '.join(types)})", f"{did_you_mean(unknown[0], types)}e.g. layer.options.<type>.<option>")
+                 f"by type ({', '.join(types)})",
+                 f"{did_you_mean(unknown[0], types)}e.g. layer.options.<type>.<option>")
         options, prefix = options.get(layer_type) or {}, f"layer.options.{layer_type}."
     if not isinstance(options, Mapping):
         fail(prefix.rstrip("."), options, "must be a mapping of option -> value", f"e.g. {prefix}<option>=<value>")

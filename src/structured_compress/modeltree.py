@@ -56,7 +56,8 @@ def _as_patterns(patterns: str | Sequence[str] | None, default: Sequence[str]) -
 
 
 def select_layers(model: nn.Module, include: str | Sequence[str] | None = None,
-                  exclude: str | Sequence[str] | None = None, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+                  exclude: str | Sequence[str] | None = None,
+                  filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
     """The candidate layers matching ``include`` and no ``exclude`` pattern; every include pattern must match."""
     include, exclude = _as_patterns(include, ["*"]), _as_patterns(exclude, [])
     candidates = candidate_layers(model)

@@ -99,8 +99,9 @@ def load_dense_weights(model: nn.Module, path: str | Path) -> None:
         hint = (" It holds a compressed model's weights: evaluate or resume it with ckpt_path=<that file> instead."
                 if structured else " Point model.pretrained_path to weights of this exact architecture.")
         raise UserInputError(f"model.pretrained_path={path} does not fit {type(model).__name__}: "
-                         f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}, "
-                         f"{len(wrong_shape)} of another shape {wrong_shape[:3]}.{hint}")
+                             f"{len(missing)} missing keys {missing[:4]}, "
+                             f"{len(unexpected)} unexpected {unexpected[:4]}, "
+                             f"{len(wrong_shape)} of another shape {wrong_shape[:3]}.{hint}")
     model.load_state_dict(state, strict=True)
     log.info("loaded pretrained weights from %s (%d tensors)", path, len(state))
 
@@ -109,7 +110,7 @@ def _calibrate(task: pl.LightningModule, datamodule: pl.LightningDataModule | No
     """``collect(model, batches, forward)`` over the first ``n_batches`` train batches, the model in eval mode."""
     if datamodule is None:
         raise UserInputError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
-                         "a datamodule to draw calibration batches from")
+                             "a datamodule to draw calibration batches from")
     datamodule.prepare_data()
     datamodule.setup("fit")
     batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
@@ -196,7 +197,7 @@ def read_checkpoint(path: str | Path) -> dict:
     checkpoint = load_checkpoint_file(path)
     if "state_dict" not in checkpoint:
         raise UserInputError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
-                         f"from, use model.pretrained_path={path}")
+                             f"from, use model.pretrained_path={path}")
     return checkpoint
 
 
@@ -205,7 +206,7 @@ def _check_same_model(recorded: dict, current: dict, path: Path) -> None:
     if differing:
         shown = ", ".join(f"model.{k}={recorded.get(k)!r} (this run: {current.get(k)!r})" for k in differing[:4])
         raise UserInputError(f"checkpoint {path} was trained with a different model: {shown}; run with the "
-                         f"experiment and overrides that produced it")
+                             f"experiment and overrides that produced it")
 
 
 def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
@@ -216,7 +217,7 @@ def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
     record = checkpoint.get(STRUCTURE_KEY)
     if record is None:
         raise UserInputError(f"checkpoint {path} has no structure record (it was not written by this project's "
-                         f"train mode); start from its weights with model.pretrained_path={path}")
+                             f"train mode); start from its weights with model.pretrained_path={path}")
     _check_same_model(record["model"], dense_model_factory_config(cfg), path)
     model = build_dense_model(cfg)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

@@ -1,4 +1,5 @@
-"""``layer=auto`` (:class:`AutoConfig`): a per-layer codec plan that meets a byte target (or a quality floor) from calibration data.
+"""``layer=auto`` (:class:`AutoConfig`): a per-layer codec plan that meets a byte target (or a quality floor)
+from calibration data.
 
 Every selected layer is tried with each codec choice (e.g. int8, int4 per 128, int4 per 64, all GPTQ-rounded);
 each try gives ``(bytes, error)`` with ``error = ||(W_hat - W) X^T||^2 / ||W X^T + b||^2`` on the layer's

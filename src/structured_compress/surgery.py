@@ -224,7 +224,8 @@ def collect_input_gram(model: nn.Module, batches: Iterable, names: Iterable[str]
         def hook(mod, args, _name=name, _kind=kind):
             x = args[0]
             if _kind == "conv2d":
-                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
+                x = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding,
+                                               mod.stride).transpose(1, 2)
             x = x.reshape(-1, x.shape[-1])
             grams[_name] = grams.get(_name, 0) + x.double().T @ x.double()
             samples.setdefault(_name, []).append(evenly_spaced_rows(x.detach(), max_inputs).clone())

@@ -70,7 +70,8 @@ class TypedConfig:
         for key in options:
             if key not in valid:
                 close = difflib.get_close_matches(str(key), valid, n=1)
-                raise OptionError(key, options[key], f"{owner} has no such option (valid: {', '.join(valid) or 'none'})",
+                raise OptionError(key, options[key],
+                                  f"{owner} has no such option (valid: {', '.join(valid) or 'none'})",
                                   f"{f'did you mean {close[0]}? ' if close else ''}remove or rename it")
 
 

@@ -121,7 +121,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         def images(key: str) -> torch.Tensor:
             return ((torch.from_numpy(arrays[key].copy()).float() / 255 - MEAN) / STD).unsqueeze(1)
 
-        full_train = ImageTensorDataset(images("train_images"), torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        full_train = ImageTensorDataset(images("train_images"),
+                                        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
                                         augment=self.hparams.augment)
         generator = torch.Generator().manual_seed(self.hparams.seed)
         n_val = self.hparams.val_size
@@ -130,8 +131,10 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.train_set = torch.utils.data.Subset(full_train, list(train_idx))
         plain = ImageTensorDataset(full_train.images, full_train.labels, augment=False)
         self.val_set = torch.utils.data.Subset(plain, list(val_idx))
-        self.test_set = ImageTensorDataset(images("test_images"), torch.from_numpy(arrays["test_labels"].astype(np.int64)))
-        log.info("Fashion-MNIST from %s: %d train / %d val / %d test", root, len(self.train_set), len(self.val_set), len(self.test_set))
+        self.test_set = ImageTensorDataset(images("test_images"),
+                                           torch.from_numpy(arrays["test_labels"].astype(np.int64)))
+        log.info("Fashion-MNIST from %s: %d train / %d val / %d test", root, len(self.train_set), len(self.val_set),
+                 len(self.test_set))
 
     def _loader(self, dataset, shuffle: bool, batch_size: int) -> ResumableDataLoader:
         return make_loader(dataset, batch_size, train=shuffle, num_workers=self.hparams.num_workers)

@@ -85,7 +85,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             log.info("%s: %d train / %d val / %d test images, %d classes", type(self).__name__,
                      len(self.train_set), len(self.val_set), len(self.test_set), self.num_classes)
 
-    def _loader(self, dataset, shuffle: bool, batch_size: int, collate=None, drop_last: bool = False) -> ResumableDataLoader:
+    def _loader(self, dataset, shuffle: bool, batch_size: int, collate=None,
+                drop_last: bool = False) -> ResumableDataLoader:
         return make_loader(dataset, batch_size, train=shuffle, num_workers=self.hparams.num_workers,
                            collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available())
 

@@ -200,7 +200,7 @@ def _verify_weights(file: Path, expected: dict[str, Any]) -> None:
             digest.update(chunk)
     if digest.hexdigest() != expected["sha256"]:
         raise UserInputError(f"{file} failed its sha256 check (tampered or corrupted): "
-                         f"{digest.hexdigest()} != {expected['sha256']}")
+                             f"{digest.hexdigest()} != {expected['sha256']}")
 
 
 def _read_weights(file: Path) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
@@ -258,15 +258,16 @@ def check_saved(manifest: Mapping[str, Any], stored: Mapping[str, torch.Tensor])
                                           if t in manifest["tensors"]}}
     problems += [line for entry in manifest["layers"] for line in _layer_problems(entry, described)]
     if problems:
-        raise UserInputError(f"the saved model is inconsistent ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        raise UserInputError(f"the saved model is inconsistent ({len(problems)} problem(s)):\n  "
+                             + "\n  ".join(problems))
 
 
 def _skeleton(manifest: Mapping[str, Any], directory: Path) -> nn.Module:
     """The dense model the manifest's source spec builds, in the saved model's dtype."""
     if manifest["source"] is None:
         raise UserInputError(f"{directory} records no source to rebuild the model from (saved from a model that is not "
-                         f"a transformers model, without source=...): pass the dense model as "
-                         f"load_compressed(path, model_skeleton)")
+                             f"a transformers model, without source=...): pass the dense model as "
+                             f"load_compressed(path, model_skeleton)")
     dtype = parse_dtype(manifest["storage"].get("model_dtype", "float32") if manifest["storage"] else "float32",
                         "manifest field storage.model_dtype")
     try:
@@ -275,7 +276,7 @@ def _skeleton(manifest: Mapping[str, Any], directory: Path) -> nn.Module:
         raise
     except Exception as err:  # timm / transformers / Hydra raise their own types for a spec they cannot build
         raise UserInputError(f"{directory}: the recorded source {manifest['source']} does not build a model: {err!r}; "
-                         f"pass the dense model as load_compressed(path, model_skeleton)") from err
+                             f"pass the dense model as load_compressed(path, model_skeleton)") from err
 
 
 def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,

@@ -45,7 +45,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise UserInputError(f"{file} is not a {FORMAT_NAME!r} manifest")
     if manifest.get("version") not in READABLE_VERSIONS:
         raise UserInputError(f"{file} has format version {manifest.get('version')!r}; this reader supports "
-                         f"versions {READABLE_VERSIONS} (a newer save needs a newer structured-compress)")
+                             f"versions {READABLE_VERSIONS} (a newer save needs a newer structured-compress)")
     return manifest
 
 

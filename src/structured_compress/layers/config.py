@@ -63,7 +63,8 @@ class LayerConfig(TypedConfig):
 
     def options(self) -> dict[str, Any]:
         """The type's own options (every field but ``budget`` and ``budget_of``), as the report records them."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("budget", "budget_of")}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("budget", "budget_of")}
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -110,7 +111,8 @@ def layer_yaml(cls: type[LayerConfig]) -> str:
               "# fnmatch patterns of the qualified layer names to replace, and of those to leave dense",
               'include: ["*"]', "exclude: []"]
     for name in cls.promoted:
-        lines += [f"# {fields[name].metadata['doc']} (options.{name} follows it)", f"{name}: {value(_default(fields[name]))}"]
+        lines += [f"# {fields[name].metadata['doc']} (options.{name} follows it)",
+                  f"{name}: {value(_default(fields[name]))}"]
     lines.append("options:" if cls.option_names() else "options: {}")
     for name in cls.option_names():
         field = fields[name]

@@ -85,9 +85,11 @@ class LowRankLinear(StructuredLinear):
                  budget: float | None = None, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         if rank is None:
-            rank = rank_for_budget(budget, out_features, in_features) if budget is not None else min(in_features, out_features)
+            rank = (rank_for_budget(budget, out_features, in_features) if budget is not None
+                    else min(in_features, out_features))
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}")
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] "
+                             f"for a {out_features}x{in_features} layer, got {rank}")
         self.rank = int(rank)
         self.left = nn.Parameter(torch.empty(out_features, self.rank))
         self.right = nn.Parameter(torch.empty(self.rank, in_features))

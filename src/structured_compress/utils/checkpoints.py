@@ -33,15 +33,15 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
         raise FileNotFoundError(f"checkpoint {path} {kind}; give the path of a .ckpt file written by a training run")
     if path.stat().st_size == 0:
         raise UserInputError(f"checkpoint {path} is empty (0 bytes, e.g. a run killed while writing it); "
-                         f"{_what_to_do(path)}")
+                             f"{_what_to_do(path)}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only,
                                 mmap=mmap and zipfile.is_zipfile(path))  # mmap reads zip saves only
     except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError) as err:
         reason = " ".join(str(err).split())[:200]
         raise UserInputError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}): it is truncated, "
-                         f"corrupt or not a torch.save file; {_what_to_do(path)}") from err
+                             f"corrupt or not a torch.save file; {_what_to_do(path)}") from err
     if not isinstance(checkpoint, dict):
         raise UserInputError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
-                         "give a .ckpt written by a training run")
+                             "give a .ckpt written by a training run")
     return checkpoint

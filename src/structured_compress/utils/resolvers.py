@@ -1,7 +1,8 @@
 """OmegaConf resolvers through which configs read facts kept in the code, instead of copying them per file.
 
 ``${glue_num_labels:cola}`` -> 2 (1 for STS-B regression) and ``${glue_metric:mrpc}`` -> ``f1`` (the metric
-GLUE ranks a task by), so one GLUE experiment per method serves all nine tasks. Torch-free (structured_compress.glue_tasks).
+GLUE ranks a task by), so one GLUE experiment per method serves all nine tasks.
+Torch-free (structured_compress.glue_tasks).
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def resume_checkpoint(ckpt_path: str | None, resume: str | bool | None, output_d
         found = newest_readable([path, *others])
         if found is None:
             raise UserInputError(f"ckpt_path={ckpt_path} is truncated or corrupt and no other checkpoint in "
-                             f"{path.parent} is readable; start again without ckpt_path")
+                                 f"{path.parent} is readable; start again without ckpt_path")
         return found
     if str(resume).lower() == "auto":
         directory = Path(output_dir) / CHECKPOINT_DIR

@@ -68,8 +68,10 @@ def collect_run_metrics(logged: dict, report: CompressionReport | None, layer_cf
     out = {
         "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith(("train/", "lr-"))},
         "train_loss": metrics.get("train/loss"),
-        "layer_type": OmegaConf.to_container(layer_cfg.name) if isinstance(layer_cfg.name, DictConfig) else layer_cfg.name,
-        "budget": OmegaConf.to_container(layer_cfg.budget) if isinstance(layer_cfg.budget, DictConfig) else layer_cfg.budget,
+        "layer_type": (OmegaConf.to_container(layer_cfg.name) if isinstance(layer_cfg.name, DictConfig)
+                       else layer_cfg.name),
+        "budget": (OmegaConf.to_container(layer_cfg.budget) if isinstance(layer_cfg.budget, DictConfig)
+                   else layer_cfg.budget),
         **extra,
     }
     if report is not None:
