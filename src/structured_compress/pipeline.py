@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import UserInputError
+from .typed_config import OptionError
 from .callbacks.resume_state import ResumeState
 from .io.compressed_format import guard_save_pretrained
 from .io.structure import install_structured_layers, layer_entry, structured_layers
@@ -147,8 +148,12 @@ def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
     transformers model's ``save_pretrained`` then writes the compressed format."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
     calibration = calibration_inputs(task, cfg, datamodule)
-    report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
-                       exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
+    try:
+        report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
+                           exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
+    except OptionError as err:  # found only now that the layers' shapes are known: name the config key
+        group_level = err.option in ("budget", "budget_of", "calibration_batches")
+        raise UserInputError(err.with_prefix("layer." if group_level else "layer.options.")) from None
     guard_save_pretrained(task.model)
     log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
     return report

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .layers import StructuredConv2d, get_layer_class
 from .layers.config import LayerConfig, config_class
+from .typed_config import OptionError
 from .layers.conv import kernel_as_matrix
 from .modeltree import FilterFn, dense_view, replace_child, select_layers
 from .planner import AutoConfig, build_layer, plan_layers
@@ -151,7 +152,10 @@ def replace_layer(model: nn.Module, name: str, config: LayerConfig,
     weight = (kernel_as_matrix(module.weight, cls.conv_column_order) if kind == "conv2d" else weight).detach()
     # a conv's kernel positions matter to types that treat them apart (Gaudi's segments="kernel")
     positions = module.kernel_size[0] * module.kernel_size[1] if kind == "conv2d" else 1
-    new_linear = build_layer(config, weight, None if bias is None else bias.detach(), calibration, positions)
+    try:
+        new_linear = build_layer(config, weight, None if bias is None else bias.detach(), calibration, positions)
+    except OptionError as err:  # a setting that cannot fit this layer's shape: say which layer
+        raise OptionError(err.option, err.value, f"{err.problem} (layer {name})", err.fix) from None
     new_linear.train(module.training)
     error = (new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
     replace_child(model, name, StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear)
