@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # the checkout
 def main(cfg: DictConfig) -> float | None:
     """Check the config, then run it. Bad input -- a config error, or data or weights that are not on this
     machine -- ends the process with status 2 and one line ``error: <message>`` on stderr
-    (``HYDRA_FULL_ERROR=1`` shows the traceback instead); any other error keeps its traceback, on the terminal
-    and in the run's log, and a non-zero status (docs/errors.md)."""
+    (``HYDRA_FULL_ERROR=1`` shows the traceback instead); a run stopped by SIGTERM / SIGUSR1 after writing its
+    checkpoint ends with status 143 / 138 and one line ``preempted: <message>``; any other error keeps its
+    traceback, on the terminal and in the run's log, and a non-zero status (docs/errors.md)."""
     from structured_compress.config_checks import check_config  # torch-free: answers in about a second
     from structured_compress.datamodules.common import DatasetNotFoundError
     from structured_compress.errors import UserInputError
@@ -34,7 +35,13 @@ def main(cfg: DictConfig) -> float | None:
             raise
         sys.stderr.write(message + "\n")
         sys.exit(2)
-    except Exception:
+    except Exception as err:
+        exit_status = getattr(err, "exit_status", None)  # Preempted (callbacks/preemption.py): checkpoint written
+        if exit_status is not None:
+            message = f"preempted: {err}"
+            record_failure(message)
+            sys.stderr.write(message + "\n")
+            sys.exit(exit_status)  # 143 on SIGTERM, 138 on SIGUSR1 (README "Scaling out")
         record_failure("run failed", with_traceback=True)  # Hydra prints it on the terminal
         raise
 

@@ -59,7 +59,7 @@ def test_callbacks_compose_one_file_each(tmp_path):
     cfg = compose_config(["callbacks=[default,gaudi,tsvd_qat,export_weights]"], tmp_path)
     assert set(cfg.callbacks) == {"model_checkpoint", "step_checkpoint", "finite_guard", "progress_bar",
                                   "model_summary", "flop_count", "lr_monitor", "gaudi_shrink", "sigma_annealing",
-                                  "width_monitor", "tsvd_qat", "export_weights"}
+                                  "width_monitor", "tsvd_qat", "export_weights", "preemption"}
     assert len(instantiate_list(cfg.callbacks)) == len(cfg.callbacks)
 
 

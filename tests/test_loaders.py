@@ -52,3 +52,40 @@ def test_resume_mid_epoch_yields_the_remaining_batches():
     resumed.sampler.set_epoch(2)
     assert [batch[0].tolist() for batch in resumed] == full[2:]
     assert [batch[0].tolist() for batch in resumed] == full  # the skip applies once
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_position_is_cumulative_across_resumes(num_workers):
+    """Consume k batches, resume, consume j more: the state says k + j, and each resume continues where the last
+    stopped (a second preemption in the same epoch replays nothing and skips nothing)."""
+    loader = make_loader(DATA, 2, train=True, seed=5, num_workers=num_workers)
+    loader.sampler.set_epoch(1)
+    full = [batch[0].tolist() for batch in loader]
+    seen, state = [], None
+    for take in (2, 3, 4):
+        resumed = make_loader(DATA, 2, train=True, seed=5, num_workers=num_workers)
+        if state:
+            resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(1)
+        iterator = iter(resumed)
+        seen += [next(iterator)[0].tolist() for _ in range(take)]
+        state = resumed.state_dict()
+        del iterator
+    assert state == {"epoch": 1, "batches": 9}
+    assert seen == full[:9]
+
+
+def test_position_restarts_with_a_new_epoch_and_ignores_a_state_of_another_epoch():
+    loader = make_loader(DATA, 2, train=True, seed=5)
+    loader.load_state_dict({"epoch": 1, "batches": 3})
+    assert loader.state_dict() == {"epoch": 1, "batches": 3}  # restored, not yet iterated
+    loader.sampler.set_epoch(1)
+    assert len(list(loader)) == 12 - 3 and loader.state_dict() == {"epoch": 1, "batches": 12}
+    loader.sampler.set_epoch(2)
+    iterator = iter(loader)
+    next(iterator)
+    assert loader.state_dict() == {"epoch": 2, "batches": 1}
+    stale = make_loader(DATA, 2, train=True, seed=5)
+    stale.load_state_dict({"epoch": 1, "batches": 12})  # saved at the end of epoch 1: epoch 2 starts whole
+    stale.sampler.set_epoch(2)
+    assert len(list(stale)) == 12

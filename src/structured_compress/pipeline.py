@@ -61,9 +61,10 @@ def build_dense_model(cfg: DictConfig) -> nn.Module:
     return instantiate(dense_model_factory_config(cfg))
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """A flat state dict from a Lightning ``.ckpt``, a ``.safetensors`` / ``.pth`` / ``.bin`` file or a
-    Hugging Face folder; raises ``ValueError`` naming the file when it is not readable."""
+    Hugging Face folder (pickled files load safely unless ``trust``); raises ``ValueError`` naming the file when
+    it is not readable."""
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / name for name in HF_WEIGHT_FILES if (path / name).exists()]
@@ -78,16 +79,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a malformed header
             raise UserInputError(f"{path} is not a readable safetensors file ({err}); re-export it") from err
-    state = load_checkpoint_file(path)
+    state = load_checkpoint_file(path, trust=trust)
     state = state.get("state_dict", state)
     if state and all(k.startswith("model.") for k in state):  # a Lightning checkpoint of this project's tasks
         state = {k.removeprefix("model."): v for k, v in state.items()}
     return state
 
 
-def load_dense_weights(model: nn.Module, path: str | Path) -> None:
+def load_dense_weights(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Copy a dense pretrained state dict into ``model``; every key must fit (no layer silently stays random)."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, trust)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -163,7 +164,7 @@ def build_pretrained_task(cfg: DictConfig) -> pl.LightningModule:
     """The task around the dense model with its pretrained weights, before surgery."""
     model = build_dense_model(cfg)
     if cfg.model.get("pretrained_path"):
-        load_dense_weights(model, cfg.model.pretrained_path)
+        load_dense_weights(model, cfg.model.pretrained_path, trust=bool(cfg.get("trust_checkpoint")))
     return instantiate(cfg.task, model=model)
 
 
@@ -197,9 +198,10 @@ class StructureRecord(pl.Callback):
         }
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint (memory-mapped), with a ``ValueError`` naming the file when it is unusable."""
-    checkpoint = load_checkpoint_file(path)
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """A Lightning checkpoint (memory-mapped, loaded safely unless ``trust``), with a ``ValueError`` naming the file
+    when it is unusable."""
+    checkpoint = load_checkpoint_file(path, trust=trust)
     if "state_dict" not in checkpoint:
         raise UserInputError(f"{path} is not a Lightning checkpoint (no state_dict); for dense weights to start "
                              f"from, use model.pretrained_path={path}")
@@ -218,7 +220,7 @@ def restore_structure(cfg: DictConfig, checkpoint_path: str | Path) -> Built:
     """Rebuild the checkpoint's model: dense skeleton + the recorded structured layers (each checked against
     the dense layer it replaces), no decomposition; Lightning loads the weights afterwards."""
     path = Path(checkpoint_path).expanduser()
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, trust=bool(cfg.get("trust_checkpoint")))
     record = checkpoint.get(STRUCTURE_KEY)
     if record is None:
         raise UserInputError(f"checkpoint {path} has no structure record (it was not written by this project's "

@@ -57,6 +57,8 @@ def check_run(cfg: Mapping) -> None:
     check_task_optim(cfg.get("task") or {})
     if mode == "compress":
         check_storage((cfg.get("mode") or {}).get("storage"))
+    if not isinstance(cfg.get("trust_checkpoint", False), bool):
+        fail("trust_checkpoint", cfg.get("trust_checkpoint"), "must be true or false", "e.g. trust_checkpoint=false")
     ckpt = cfg.get("ckpt_path")
     if mode == "eval" and not ckpt:
         fail("ckpt_path", ckpt, "mode=eval tests a checkpoint but none was given",

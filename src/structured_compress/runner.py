@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError
 from .pipeline import Built
+from .utils.checkpoints import lightning_weights_only
+from .utils.loggers import resumable_loggers
 from .utils.run_helpers import collect_run_metrics, instantiate_list, make_trainer, seed_run, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,15 @@ def run(cfg: DictConfig, steps: Steps) -> tuple[dict, dict]:
     datamodule = instantiate(cfg.datamodule)
     built = steps.build(cfg, datamodule)
     trainer = make_trainer(cfg, instantiate_list(cfg.get("callbacks")) + steps.callbacks(cfg, built),
-                           instantiate_list(cfg.get("logger")), built.resumed_step)
+                           instantiate_list(resumable_loggers(cfg.get("logger"), cfg.paths.output_dir,
+                                                             built.resumed_step)), built.resumed_step)
     state = RunState(cfg, datamodule, built, trainer, started)
     steps.work(state)
     test_metrics = {}
     if cfg.get("test", True):
         tested = steps.tested(state)
-        trainer.test(built.task, datamodule=datamodule, ckpt_path=tested["tested_checkpoint"], weights_only=False)
+        trainer.test(built.task, datamodule=datamodule, ckpt_path=tested["tested_checkpoint"],
+                     weights_only=lightning_weights_only(bool(cfg.get("trust_checkpoint"))))
         state.facts.update(tested)
         test_metrics = trainer.callback_metrics
     metrics = collect_run_metrics({**state.fit_metrics, **test_metrics}, built.report, cfg.layer, {

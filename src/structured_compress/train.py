@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from . import pipeline
 from .runner import RunState, Steps, run
+from .utils.checkpoints import lightning_weights_only
 from .utils.report_logging import log_report
 from .utils.resume import resume_checkpoint
 from .utils.run_helpers import tested_checkpoint
@@ -22,7 +23,8 @@ class TrainSteps(Steps):
         self.resume_from: Path | None = None
 
     def build(self, cfg: DictConfig, datamodule: pl.LightningDataModule) -> pipeline.Built:
-        self.resume_from = resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
+        self.resume_from = resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir,
+                                             trust=bool(cfg.get("trust_checkpoint")))
         return pipeline.build(cfg, datamodule, checkpoint=self.resume_from)
 
     def callbacks(self, cfg: DictConfig, built: pipeline.Built) -> list[pl.Callback]:
@@ -33,7 +35,7 @@ class TrainSteps(Steps):
             log_report(state.trainer.loggers, state.built.report)
         if state.cfg.train:
             state.trainer.fit(state.built.task, datamodule=state.datamodule, ckpt_path=self.resume_from,
-                              weights_only=False)
+                              weights_only=lightning_weights_only(bool(state.cfg.get("trust_checkpoint"))))
             state.fit_metrics = dict(state.trainer.callback_metrics)
         state.facts.update(train_time_s=round(time.perf_counter() - state.started, 2),
                            resumed_from=str(self.resume_from) if self.resume_from else None)

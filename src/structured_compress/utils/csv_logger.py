@@ -23,14 +23,14 @@ class _AppendingWriter(ExperimentWriter):
         super().log_metrics(metrics_dict, step)
         self.save()
 
-    def drop_steps_after(self, step: int) -> int:
-        """Remove rows logged after global step ``step`` (they are replayed by the resumed run); returns how
-        many were removed."""
+    def drop_steps_from(self, step: int) -> int:
+        """Remove rows logged at global step ``step`` or later: a run resumed from a checkpoint of global step
+        ``step`` logs them again (see ``loggers.py``). Returns how many were removed."""
         if not self._fs.isfile(self.metrics_file_path):
             return 0
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             rows = list(csv.DictReader(file))
-        kept = [row for row in rows if row.get("step", "") == "" or int(float(row["step"])) <= step]
+        kept = [row for row in rows if row.get("step", "") == "" or int(float(row["step"])) < step]
         tmp = f"{self.metrics_file_path}.tmp"
         with self._fs.open(tmp, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
@@ -54,4 +54,4 @@ class ResumableCSVLogger(CSVLogger):
     @rank_zero_only
     def resume_at(self, step: int) -> int:
         """Called when training resumes from a checkpoint taken at global step ``step``."""
-        return self.experiment.drop_steps_after(step)
+        return self.experiment.drop_steps_from(step)
