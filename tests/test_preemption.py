@@ -50,6 +50,16 @@ def test_sigterm_mid_epoch_checkpoints_that_step_exits_143_and_resumes_exactly(t
 
 
 @needs_fashion_mnist
+def test_sigusr1_before_the_time_limit_checkpoints_that_step_and_exits_138(tmp_path):
+    job = tmp_path / "job"
+    stopped = run([*RUN, "resume=auto", f"hydra.run.dir={job}", *SIGNAL_AT_14, "+callbacks.signal.name=SIGUSR1"],
+                  tmp_path)
+    assert stopped.returncode == 138, stopped.stderr[-3000:]
+    assert "preempted: SIGUSR1 at step 15 (epoch 1)" in stopped.stderr
+    assert saved_step(job / "checkpoints" / "last.ckpt") == 15
+
+
+@needs_fashion_mnist
 def test_without_the_callback_sigterm_loses_the_steps_since_the_last_step_checkpoint(tmp_path):
     """The behaviour before (Lightning's own SIGTERM handling): status 0 and no checkpoint of the stopping step."""
     job = tmp_path / "job"
