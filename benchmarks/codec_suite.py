@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from structured_compress.compress import size_metrics
+from structured_compress.io import folder_sizes
 from structured_compress.io import load_compressed, save_compressed
 from structured_compress.modeltree import select_layers
 from structured_compress.surgery import collect_input_gram, compress_
@@ -55,7 +55,7 @@ def save_reload(model: nn.Module, skeleton: Callable[[], nn.Module], storage=Non
     ``save_compressed``), load it into ``skeleton()``, return ``(restored model, size figures)``."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, pathlib.Path(tmp) / "model", storage=storage, calibration=calibration)
-        sizes = size_metrics(folder)
+        sizes = folder_sizes(folder)
         restored = load_compressed(folder, skeleton()).eval()
     return restored, sizes
 

@@ -31,12 +31,6 @@ def dense_bytes(model: torch.nn.Module, bytes_per_value: int) -> int:
     return total
 
 
-def size_metrics(saved_dir: str | Path) -> dict:
-    """The size figures metrics.json reports for a ``save_compressed`` folder: bytes on disk, ratios to the
-    dense fp32/fp16 checkpoint, and the per-part breakdown (replaced layers, embeddings, rest)."""
-    return folder_sizes(saved_dir)
-
-
 class CompressSteps(Steps):
     """mode=compress: the pretrained model, tested (``mode.eval_baseline``), compressed and saved; the
     skeleton's test then scores exactly the saved model."""
@@ -66,7 +60,7 @@ class CompressSteps(Steps):
         return {"tested_checkpoint": None, "tested_because": "the compressed model as saved"}
 
     def finish(self, state: RunState, metrics: dict) -> None:
-        sizes = size_metrics(self.saved_dir(state.cfg))
+        sizes = folder_sizes(self.saved_dir(state.cfg))
         metrics.update(sizes)
         log_report(state.trainer.loggers, state.built.report, sizes)
 

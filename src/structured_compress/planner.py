@@ -144,7 +144,7 @@ def greedy_plan(table: Mapping[str, Sequence[Option]], target_bytes: float | Non
     return {name: hulls[name][position[name]] for name in hulls}
 
 
-def build_layer(config: LayerConfig, weight: Tensor, bias: Tensor | None,
+def layer_from_dense(config: LayerConfig, weight: Tensor, bias: Tensor | None,
                 calibration: Mapping[str, Tensor] | None = None, kernel_positions: int = 1) -> StructuredLinear:
     """The structured layer ``config`` makes from a dense ``weight`` [out, in], with the layer's calibration
     data (``gram``, ``inputs``) where it has any."""
@@ -162,7 +162,7 @@ def layer_options(weight: Tensor, bias: Tensor | None, calibration: Mapping[str,
     kept_bytes = 2 * (weight.numel() + (0 if bias is None else bias.numel()))
     options = [Option(KEEP, kept_bytes, 0.0)]
     for choice, config in choices.items():
-        layer = build_layer(config, weight, bias, calibration)
+        layer = layer_from_dense(config, weight, bias, calibration)
         error = (inputs @ (layer.to_dense_weight().float() - dense).T).square().sum() / reference.clamp(min=1e-30)
         options.append(Option(choice, layer.storage_bytes(), error.item()))
     return options
@@ -195,7 +195,8 @@ def output_weights(model: nn.Module, calibration: Mapping[str, Mapping[str, Tens
     for name, module in _calibrated_layers(model, calibration, include, exclude, filter_fn).items():
         _, weight, bias = dense_view(module)
         layer_error = layer_options(weight, bias, calibration[name], probe_config)[1].error
-        replace_child(model, name, build_layer(probe_config["probe"], weight.detach(), bias, calibration[name]))
+        probed = layer_from_dense(probe_config["probe"], weight.detach(), bias, calibration[name])
+        replace_child(model, name, probed)
         error = sum((output(forward(model, batch)).float() - ref).square().sum()
                     for batch, ref in zip(batches, reference)) / scale
         replace_child(model, name, module)

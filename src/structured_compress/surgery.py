@@ -18,7 +18,7 @@ from .layers.config import LayerConfig, config_class
 from .typed_config import OptionError
 from .layers.conv import kernel_as_matrix
 from .modeltree import FilterFn, dense_view, replace_child, select_layers
-from .planner import AutoConfig, build_layer, plan_layers
+from .planner import AutoConfig, layer_from_dense, plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ def replace_layer(model: nn.Module, name: str, config: LayerConfig,
     # a conv's kernel positions matter to types that treat them apart (Gaudi's segments="kernel")
     positions = module.kernel_size[0] * module.kernel_size[1] if kind == "conv2d" else 1
     try:
-        new_linear = build_layer(config, weight, None if bias is None else bias.detach(), calibration, positions)
+        new_linear = layer_from_dense(config, weight, None if bias is None else bias.detach(), calibration,
+                                      positions)
     except OptionError as err:  # a setting that cannot fit this layer's shape: say which layer
         raise OptionError(err.option, err.value, f"{err.problem} (layer {name})", err.fix) from None
     new_linear.train(module.training)
@@ -188,8 +189,8 @@ def compress_(model: nn.Module, layer: str | LayerConfig | Mapping[str, str | La
     planned = {name: config_for(name) for name in selected}
     report = CompressionReport(model_params_before=sum(p.numel() for p in model.parameters()))
     notes: dict[str, dict] = {}
-    autos = [c for c in planned.values() if isinstance(c, AutoConfig)]
-    for config in [c for i, c in enumerate(autos) if all(c is not other for other in autos[:i])]:
+    autos = {id(c): c for c in planned.values() if isinstance(c, AutoConfig)}  # configs are not hashable
+    for config in autos.values():
         names = [name for name, c in planned.items() if c is config]
         auto_plan = plan_layers(model, config, calibration, include=names)
         planned.update({name: auto_plan.get(name, (None, None))[0] for name in names})
@@ -201,7 +202,7 @@ def compress_(model: nn.Module, layer: str | LayerConfig | Mapping[str, str | La
         row.options.update(notes.get(name, {}))
         report.layers.append(row)
         log.debug("replaced %s (%s %dx%d) by %s", name, row.kind, row.out_features, row.in_features, row.layer_type)
-    if not report.layers and not notes and not any(isinstance(c, AutoConfig) for c in planned.values()):
+    if not report.layers and not autos:  # an auto plan may keep every layer
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers
     report.model_params_after = report.model_params_before - report.params_before + report.params_after

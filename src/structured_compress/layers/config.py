@@ -2,7 +2,7 @@
 typed-config base of ``typed_config.py``.
 
 Each field is declared with :func:`option`: its type (the annotation), default, one-line doc and range in one
-place. ``LayerConfig.__post_init__`` checks every field against them, so an option cannot exist without its
+place. ``TypedConfig.__post_init__`` checks every field against them, so an option cannot exist without its
 check, and a bad value fails when the config is built -- at compose time for ``run.py``, at the call for
 ``compress_``. ``configs/layer/<name>.yaml`` is generated from these classes (:func:`layer_yaml`), so defaults
 are written once. Torch-free.
@@ -63,8 +63,7 @@ class LayerConfig(TypedConfig):
 
     def options(self) -> dict[str, Any]:
         """The type's own options (every field but ``budget`` and ``budget_of``), as the report records them."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("budget", "budget_of")}
+        return {name: getattr(self, name) for name in self.option_names()}
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -86,10 +86,10 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", trust: boo
             raise _unreadable(path, err) from err
         raise UserInputError(f"checkpoint {path} needs {name}, which safe loading refuses (unpickling it could "
                              "run any code); add trust_checkpoint=true only if you trust the file") from None
-    except (EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError) as err:
+    # besides UnpicklingError, the weights-only unpickler fails on malformed bytes with Index/Key/TypeError
+    except (EOFError, OSError, RuntimeError, ValueError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError) as err:
         raise _unreadable(path, err) from err
-    except (IndexError, KeyError, TypeError) as err:  # how the weights-only unpickler fails on malformed bytes
-        raise _unreadable(path, pickle.UnpicklingError(err)) from err
     if not isinstance(checkpoint, dict):
         raise UserInputError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
                              "give a .ckpt written by a training run")
