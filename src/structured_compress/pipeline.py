@@ -14,11 +14,12 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -26,8 +27,11 @@ from .errors import UserInputError
 from .typed_config import OptionError
 from .callbacks.resume_state import ResumeState
 from .io.compressed_format import guard_save_pretrained
+from .io.dense_weights import DenseWeights
+from .io.save import CompressedWriter
 from .io.structure import install_structured_layers, layer_entry, structured_layers
 from .modeltree import select_layers
+from .sequential import compress_sequential, find_block_stack
 from .surgery import CompressionReport, collect_input_gram, collect_output_embedding_gram, compress_
 from .utils.checkpoints import load_checkpoint_file
 
@@ -47,6 +51,7 @@ class Built:
     task: pl.LightningModule
     report: CompressionReport | None
     resumed_step: int | None = None  # global step of the checkpoint the structure came from
+    weights: DenseWeights | None = None  # where a meta-device skeleton's blocks are read from (mode=compress)
 
 
 def dense_model_factory_config(cfg: DictConfig) -> dict[str, Any]:
@@ -110,16 +115,11 @@ def load_dense_weights(model: nn.Module, path: str | Path, trust: bool = False) 
 
 def _calibrate(task: pl.LightningModule, datamodule: pl.LightningDataModule | None, n_batches: int, collect):
     """``collect(model, batches, forward)`` over the first ``n_batches`` train batches, the model in eval mode."""
-    if datamodule is None:
-        raise UserInputError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
-                             "a datamodule to draw calibration batches from")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batches = itertools.islice(iter(datamodule.train_dataloader()), n_batches)
-    was_training = task.model.training
+    batches = calibration_batches(task, n_batches, datamodule)
+    was_training, device = task.model.training, next(task.model.parameters()).device
     task.model.eval()
     try:
-        return collect(task.model, batches, lambda m, b: m(task.model_inputs(b)))
+        return collect(task.model, batches, lambda m, b: m(task.model_inputs(move_data_to_device(b, device))))
     finally:
         task.model.train(was_training)
 
@@ -143,21 +143,90 @@ def output_embedding_calibration(task: pl.LightningModule, storage: dict | None,
                       lambda model, batches, forward: collect_output_embedding_gram(model, batches, forward))
 
 
+def calibration_batches(task: pl.LightningModule, n_batches: int, datamodule: pl.LightningDataModule | None):
+    """The first ``n_batches`` train batches, drawn only when iterated (data-free settings never draw them)."""
+    if n_batches <= 0:
+        return None
+    if datamodule is None:
+        raise UserInputError("calibration (layer.calibration_batches > 0, or storage.embeddings_rounding=gptq) needs "
+                             "a datamodule to draw calibration batches from")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return itertools.islice(iter(datamodule.train_dataloader()), n_batches)
+
+
 def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
-                        datamodule: pl.LightningDataModule | None = None) -> CompressionReport:
-    """Run :func:`compress_` on ``task.model`` as the ``layer`` config says (calibrating first if asked); a
-    transformers model's ``save_pretrained`` then writes the compressed format."""
+                        datamodule: pl.LightningDataModule | None = None, device: torch.device | None = None,
+                        weights: DenseWeights | None = None,
+                        writer: Callable[[int], CompressedWriter] | None = None) -> CompressionReport:
+    """Run the ``layer`` config's surgery on ``task.model`` on ``device``: block by block
+    (``sequential.compress_sequential``) where one stack of blocks holds every selected layer and
+    ``layer.sequential`` is on, else every layer at once (calibrating first if asked). ``weights``: the dense
+    checkpoint a meta-device skeleton reads block by block; ``writer(parts)``: makes the writer each finished
+    block's shard goes to. A transformers model's ``save_pretrained`` then writes the compressed format."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
-    calibration = calibration_inputs(task, cfg, datamodule)
+    model, device = task.model, torch.device(device or "cpu")
+    names = select_layers(model, cfg.get("include"), cfg.get("exclude"))
+    stack = find_block_stack(model, names) if cfg.get("sequential", True) else None
+    was_training = model.training
     try:
-        report = compress_(task.model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
-                           exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
+        if stack is not None:
+            model.eval()
+            blocks = len(model.get_submodule(stack))
+            log.info("compressing %d layers block by block over %s (%d blocks) on %s", len(names), stack, blocks,
+                     device)
+            report = compress_sequential(
+                model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"), exclude=cfg.get("exclude"),
+                options=cfg.get("options"), batches=calibration_batches(task, int(cfg.get("calibration_batches") or 0),
+                                                                        datamodule),
+                forward=lambda m, batch: m(task.model_inputs(batch)), weights=weights, device=device,
+                writer=writer(blocks + 1) if writer is not None else None)
+        else:
+            if weights is not None:
+                weights.load(model)
+            model.to(device)
+            calibration = calibration_inputs(task, cfg, datamodule)
+            report = compress_(model, cfg["name"], cfg.get("budget", 1.0), include=cfg.get("include"),
+                               exclude=cfg.get("exclude"), options=cfg.get("options"), calibration=calibration)
     except OptionError as err:  # found only now that the layers' shapes are known: name the config key
         group_level = err.option in ("budget", "budget_of", "calibration_batches")
         raise UserInputError(err.with_prefix("layer." if group_level else "layer.options.")) from None
-    guard_save_pretrained(task.model)
+    finally:
+        model.train(was_training)
+    guard_save_pretrained(model)
     log.info("layer surgery (%s):\n%s", cfg["name"], report.format_table())
     return report
+
+
+def lazy_weights_source(cfg: DictConfig) -> Path | None:
+    """The safetensors folder a causal LM's skeleton can read block by block in ``mode=compress`` (None where
+    the model must load whole: other kinds, a pickled ``pretrained_path``, a baseline test, or
+    ``layer.sequential=false``)."""
+    model = cfg.model
+    if (not cfg.layer.get("sequential", True) or cfg.mode.get("eval_baseline", True)
+            or not str(model.get("_target_", "")).endswith("create_hf_model") or model.get("kind") != "causal_lm"):
+        return None
+    if model.get("pretrained_path"):
+        path = Path(model.pretrained_path).expanduser()
+        return path if path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors"))) \
+            else None
+    from .sources import resolve_source
+
+    return Path(resolve_source(model.source))
+
+
+def build_lazy_task(cfg: DictConfig) -> tuple[pl.LightningModule, DenseWeights] | None:
+    """The task around a meta-device skeleton and the checkpoint its blocks will be read from, when the run can
+    compress block by block from disk (see :func:`lazy_weights_source`); else None."""
+    folder = lazy_weights_source(cfg)
+    if folder is None:
+        return None
+    model = instantiate(dense_model_factory_config(cfg), empty_weights=True)
+    names = select_layers(model, cfg.layer.get("include"), cfg.layer.get("exclude"))
+    if find_block_stack(model, names) is None:
+        return None
+    log.info("model skeleton on the meta device; weights are read block by block from %s", folder)
+    return instantiate(cfg.task, model=model), DenseWeights(folder)
 
 
 def build_pretrained_task(cfg: DictConfig) -> pl.LightningModule:

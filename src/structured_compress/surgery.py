@@ -21,6 +21,7 @@ from .modeltree import FilterFn, dense_view, replace_child, select_layers
 from .planner import AutoConfig, layer_from_dense, plan_layers
 
 log = logging.getLogger(__name__)
+OUTPUT_ERROR_ROWS = 512  # calibration rows the report's output error is measured on
 
 
 @dataclass
@@ -40,6 +41,8 @@ class LayerReport:
     rel_error: float
     options: dict = field(default_factory=dict)
     budget_of: str = "params"  # what budget counted: params, macs, bytes or none (see LayerConfig.budget_of)
+    output_error: float | None = None  # ||X (W_hat - W)^T|| / ||X W^T + b|| on calibration inputs, where given
+    conv_form: str | None = None  # a conv's form: native, dense (cached kernel at inference) or unfold
 
 
 @dataclass
@@ -158,15 +161,25 @@ def replace_layer(model: nn.Module, name: str, config: LayerConfig,
     except OptionError as err:  # a setting that cannot fit this layer's shape: say which layer
         raise OptionError(err.option, err.value, f"{err.problem} (layer {name})", err.fix) from None
     new_linear.train(module.training)
-    error = (new_linear.to_dense_weight().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
-    replace_child(model, name, StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear)
+    approximation = new_linear.to_dense_weight().float()
+    error = (approximation - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+    output_error = None
+    if calibration and calibration.get("inputs") is not None and (kind != "conv2d" or cls.conv_column_order
+                                                                   == "channel"):
+        sample = evenly_spaced_rows(calibration["inputs"], OUTPUT_ERROR_ROWS).float()
+        reference = torch.nn.functional.linear(sample, weight.float(), None if bias is None else bias.float())
+        output_error = ((sample @ (approximation - weight.float()).T).norm()
+                        / reference.norm().clamp(min=1e-30)).item()
+    new_module = StructuredConv2d.from_conv(module, new_linear) if kind == "conv2d" else new_linear
+    replace_child(model, name, new_module)
     out_features, in_features = weight.shape
     return LayerReport(
         name=name, kind=kind, layer_type=config.layer_type, out_features=out_features, in_features=in_features,
         budget=config.budget, budget_of=config.budget_of,
         params_before=weight.numel() + (0 if bias is None else bias.numel()), params_after=new_linear.num_params(),
         macs_before=weight.numel(), macs_after=new_linear.macs_per_token(), rel_error=error.item(),
-        options=config.options())
+        options=config.options(), output_error=output_error,
+        conv_form=new_module.running_form() if kind == "conv2d" else None)
 
 
 @torch.no_grad()
@@ -201,7 +214,9 @@ def compress_(model: nn.Module, layer: str | LayerConfig | Mapping[str, str | La
         row = replace_layer(model, name, config, (calibration or {}).get(name))
         row.options.update(notes.get(name, {}))
         report.layers.append(row)
-        log.debug("replaced %s (%s %dx%d) by %s", name, row.kind, row.out_features, row.in_features, row.layer_type)
+        log.info("replaced %s (%s %dx%d) by %s: params %d -> %d, weight error %.4f%s", name, row.kind,
+                 row.out_features, row.in_features, row.layer_type, row.params_before, row.params_after,
+                 row.rel_error, "" if row.output_error is None else f", output error {row.output_error:.4f}")
     if not report.layers and not autos:  # an auto plan may keep every layer
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     # numbers stored, not nn.Parameters: quantized / encoded types keep theirs in buffers

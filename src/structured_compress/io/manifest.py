@@ -1,7 +1,8 @@
 """The manifest of a saved model: reading it, sealing it into the weights file, and checking its fields.
 
 The manifest minus its ``weights`` entry (size and sha256 of the weights file) is *sealed*: written, as
-canonical JSON, into the weights file's safetensors metadata, which the sha256 covers. An edit of
+canonical JSON, into the weights file's safetensors metadata, which the sha256 covers. A sharded folder's
+``shards`` list (size and sha256 of every other file) is part of what is sealed. An edit of
 ``manifest.json`` therefore either breaks the hash or no longer matches the sealed copy; the error names
 every field that differs.
 """
@@ -15,9 +16,10 @@ from ..errors import UserInputError
 from .storage import CODECS, parse_dtype
 
 FORMAT_NAME = "structured-compress"
-FORMAT_VERSION = 3
-# 2 added 2-bit packing of ternary tensors; 3 the sealed manifest, the tensor table and the storage policy
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# 2 added 2-bit packing of ternary tensors; 3 the sealed manifest, the tensor table and the storage policy;
+# 4 shards (written part by part, each earlier shard's size and sha256 sealed in the last one)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 SEAL_KEY = "structured-compress-manifest"  # the only metadata key: one key keeps the header byte-identical
 

@@ -49,7 +49,10 @@ def folder_sizes(path: str | Path) -> dict[str, Any]:
     if manifest["version"] < 3:
         raise ValueError(f"{directory} has format version {manifest['version']}: size figures need version 3 "
                          f"(re-save it with save_compressed)")
-    header_bytes, stored = _tensor_bytes(directory / check_weights_entry(manifest)["file"])
+    header_bytes, stored = 0, {}
+    for file in [*(e["file"] for e in manifest.get("shards", [])), check_weights_entry(manifest)["file"]]:
+        header, tensors = _tensor_bytes(directory / file)
+        header_bytes, stored = header_bytes + header, {**stored, **tensors}
     layers = {entry["name"]: entry for entry in manifest["layers"]}
     embeddings = set(manifest["embeddings"])
     floats = dict.fromkeys(PARTS, 0)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layers import StructuredConv2d, StructuredLinear, get_layer_class
 from ..modeltree import dense_view, replace_child
+from .storage import dtype_name, parse_dtype
 
 
 def structured_layers(model: nn.Module) -> dict[str, StructuredLinear | StructuredConv2d]:
@@ -33,7 +34,8 @@ def layer_entry(name: str, module: StructuredLinear | StructuredConv2d) -> dict[
     conv = None
     if isinstance(module, StructuredConv2d):
         conv = {"in_channels": module.in_channels, "kernel_size": list(module.kernel_size),
-                "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation)}
+                "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation),
+                "form": module.form}
     return {"name": name, "type": linear.layer_type, "out_features": linear.out_features,
             "in_features": linear.in_features, "config": linear.config(), "conv": conv}
 
@@ -45,7 +47,7 @@ def build_layer_from_entry(entry: Mapping[str, Any]) -> nn.Module:
     if conv is None:
         return linear
     return StructuredConv2d(linear, conv["in_channels"], tuple(conv["kernel_size"]), tuple(conv["stride"]),
-                            tuple(conv["padding"]), tuple(conv["dilation"]))
+                            tuple(conv["padding"]), tuple(conv["dilation"]), conv.get("form", "native"))
 
 
 def _check_fits(model: nn.Module, entry: Mapping[str, Any], origin: str) -> None:
@@ -96,3 +98,31 @@ def install_structured_layers(model: nn.Module, entries: Iterable[Mapping[str, A
             replace_child(model, entry["name"], build_layer_from_entry(entry))
     for entry in entries:
         _fill_optional_parameters(model.get_submodule(entry["name"]), state, entry["name"])
+
+
+def layer_problems(entry: Mapping[str, Any], described: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every way the tensors ``described`` (key -> table entry) under layer ``entry['name']`` differ from what
+    the layer's type and ``config()`` build: missing or extra tensors, shapes, dtypes (integer dtypes exactly,
+    floating ones as floating)."""
+    label = f"layer {entry['name']!r} ({entry['type']})"
+    try:
+        with torch.device("meta"):
+            expected = build_layer_from_entry(entry).state_dict()
+    except Exception as err:  # any constructor failure means the recorded config cannot rebuild the layer
+        return [f"{label}: its config {entry['config']} does not build the layer: {err}"]
+    prefix = entry["name"] + "."
+    actual = {key[len(prefix):]: value for key, value in described.items() if key.startswith(prefix)}
+    problems = [f"{label}: tensor {key!r} is missing" for key in expected if key not in actual]
+    problems += [f"{label}: tensor {key!r} is not part of the layer its config builds" for key in actual
+                 if key not in expected]
+    for key, tensor in expected.items():
+        if key not in actual:
+            continue
+        shape, dtype = actual[key]["shape"], parse_dtype(actual[key]["dtype"], f"tensors[{prefix}{key}]")
+        if shape != list(tensor.shape):
+            problems.append(f"{label}: tensor {key!r} has shape {shape}, its config implies {list(tensor.shape)}")
+        if tensor.is_floating_point() != dtype.is_floating_point or (
+                not dtype.is_floating_point and dtype != tensor.dtype):
+            implied = "a floating dtype" if tensor.is_floating_point() else dtype_name(tensor.dtype)
+            problems.append(f"{label}: tensor {key!r} has dtype {dtype_name(dtype)}, its config implies {implied}")
+    return problems

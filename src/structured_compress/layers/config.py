@@ -118,7 +118,10 @@ def layer_yaml(cls: type[LayerConfig]) -> str:
         lines.append(f"  # {field.metadata['doc']}")
         lines += [f"  {name}: ${{layer.{name}}}"] if name in cls.promoted else entry("  ", name, _default(field))
     lines += ["# train batches run through the model first to collect layer inputs (data-aware settings need them)",
-              f"calibration_batches: {cls.calibration_batches}"]
+              f"calibration_batches: {cls.calibration_batches}",
+              "# block by block where one stack of blocks holds every selected layer (HF decoder/encoder layers,",
+              "# timm ViT blocks): each block calibrated on the compressed blocks' outputs, one block's data in memory",
+              "sequential: true"]
     return "\n".join(lines) + "\n"
 
 

@@ -15,12 +15,14 @@ KINDS = ("sequence_classification", "causal_lm", "encoder")
 
 
 def create_hf_model(source: str, kind: str = "sequence_classification", num_labels: int | None = None,
-                    dtype: str = "float32", **config_overrides) -> nn.Module:
+                    dtype: str = "float32", empty_weights: bool = False, **config_overrides) -> nn.Module:
     """``AutoModelFor{SequenceClassification,CausalLM}.from_pretrained``, or ``AutoModel`` for ``kind="encoder"``,
     for a source string (see structured_compress.sources).
 
     ``num_labels=1`` makes a regression head (STS-B). ``config_overrides`` set config fields such as
     ``hidden_dropout_prob``. The classification head of a backbone-only checkpoint is freshly initialised.
+    ``empty_weights``: a causal LM's skeleton with its parameters on the meta device (nothing read or
+    allocated), for block-by-block compression that reads the weights later (``io.dense_weights``).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -28,6 +30,16 @@ def create_hf_model(source: str, kind: str = "sequence_classification", num_labe
         raise ValueError(f"model kind {kind!r} unknown; use one of {KINDS}")
     path = resolve_source(source)
     kwargs = dict(config_overrides, dtype=getattr(torch, dtype))
+    if empty_weights:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        if kind != "causal_lm":
+            raise ValueError(f"empty_weights builds causal LM skeletons only, not kind={kind!r}")
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **config_overrides),
+                                                     dtype=kwargs["dtype"])
+        return model.train()
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif kind == "encoder":

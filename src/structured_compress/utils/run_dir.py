@@ -2,7 +2,8 @@
 
 ``run.py`` rewrites its command line before Hydra creates an output folder: with ``ckpt_path=<run>/checkpoints/
 x.ckpt`` (train mode) the run folder is ``<run>``; with ``resume=auto`` it is the newest unfinished run (no
-metrics.json) whose recorded overrides equal this command's. An explicit ``hydra.run.dir=`` always wins.
+metrics.json, but checkpoints or the shards of a block-by-block compression) whose recorded overrides equal
+this command's. An explicit ``hydra.run.dir=`` always wins.
 No torch import: it runs before every command.
 """
 from __future__ import annotations
@@ -28,15 +29,20 @@ def _recorded_overrides(run_dir: Path) -> list[str] | None:
     return [str(o) for o in OmegaConf.load(file)] if file.is_file() else None
 
 
-def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
-    """The newest folder under ``runs_dir`` with checkpoints, no metrics.json and the same overrides."""
-    if not runs_dir.is_dir():
-        return None
+def _has_progress(run_dir: Path) -> bool:
+    """Checkpoints (training) or finished blocks' shards (compression) to continue from."""
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or any((run_dir / "compressed").glob("compressed-*-of-*"))
+
+
+def unfinished_run(log_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest run folder of any mode (``<log_dir>/<mode>/runs/<time>``) with progress, no metrics.json and
+    the same overrides."""
+    folders = [p for p in log_dir.glob("*/runs/*") if p.is_dir()]
     wanted = _comparable(overrides)
-    for run_dir in sorted((p for p in runs_dir.iterdir() if p.is_dir()), reverse=True):
+    for run_dir in sorted(folders, key=lambda p: p.name, reverse=True):
         recorded = _recorded_overrides(run_dir)
         if (recorded is not None and _comparable(recorded) == wanted and not (run_dir / "metrics.json").exists()
-                and any((run_dir / "checkpoints").glob("*.ckpt"))):
+                and _has_progress(run_dir)):
             return run_dir
     return None
 
@@ -45,7 +51,7 @@ def continue_in_run_dir(args: list[str], project_root: Path) -> list[str]:
     """``args`` plus ``hydra.run.dir=<folder>`` when this command continues an earlier run (see module doc)."""
     if "-m" in args or "--multirun" in args or any(a.startswith("-") for a in args):
         return args  # sweeps and Hydra's own flags (--help, -c, ...) keep Hydra's folders
-    if _override(args, "hydra.run.dir") is not None or _override(args, "mode") not in (None, "train"):
+    if _override(args, "hydra.run.dir") is not None or _override(args, "mode") not in (None, "train", "compress"):
         return args
     ckpt_path = _override(args, "ckpt_path")
     if ckpt_path not in (None, "", "null"):
@@ -55,7 +61,7 @@ def continue_in_run_dir(args: list[str], project_root: Path) -> list[str]:
         return args
     if _override(args, "resume") == "auto":
         log_dir = Path(_override(args, "paths.log_dir") or project_root / "logs")
-        previous = unfinished_run(log_dir / "train" / "runs", args)
+        previous = unfinished_run(log_dir, args)  # the mode may come from an experiment file
         if previous is not None:
             return [*args, f"hydra.run.dir={previous}"]
     return args

@@ -1,0 +1,75 @@
+"""A dense checkpoint read on demand, tensor by tensor: what lets a model larger than memory be compressed
+block by block (``sequential.compress_sequential``) from a skeleton on the meta device.
+
+Reads safetensors: one file, or a folder with ``model.safetensors`` or shards and their
+``model.safetensors.index.json`` (a Hugging Face folder). Each tensor is read in the checkpoint's own dtype
+and cast to the dtype of the skeleton's tensor it fills, so at most one block is ever held in full precision.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import safetensors
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class DenseWeights:
+    """The tensors of a safetensors checkpoint (file or folder), by state-dict key, read when asked for."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path).expanduser()
+        if path.is_file():
+            files = [path]
+        elif (path / INDEX_FILE).is_file():
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            files = sorted({path / name for name in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise UserInputError(f"{path} holds no safetensors weights (model.safetensors, or shards with "
+                                 f"{INDEX_FILE}); block-by-block loading reads safetensors only")
+        self.path = path
+        self.location: dict[str, Path] = {}
+        for file in files:
+            with safetensors.safe_open(file, "pt", device="cpu") as handle:
+                self.location.update(dict.fromkeys(handle.keys(), file))
+        self.bytes_read = 0
+
+    def load(self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> None:
+        """Fill ``module``'s parameters and buffers (checkpoint keys ``prefix + name``) in place, except those
+        under the ``skip`` prefixes; tensors the checkpoint leaves out must be tied to one it holds (an LM
+        head tied to the embeddings) or already hold values (buffers computed at construction)."""
+        skip = tuple(skip)
+        wanted = {name: tensor for name, tensor in module.state_dict(keep_vars=True).items()
+                  if not (prefix + name).startswith(skip)}
+        by_file: dict[Path, list[str]] = {}
+        for name in wanted:
+            if prefix + name in self.location:
+                by_file.setdefault(self.location[prefix + name], []).append(name)
+        loaded: dict[str, torch.Tensor] = {}
+        for file, names in by_file.items():
+            with safetensors.safe_open(file, "pt", device="cpu") as handle:
+                for name in names:
+                    loaded[name] = handle.get_tensor(prefix + name).to(wanted[name].dtype)
+                    self.bytes_read += loaded[name].nbytes
+        for name, tensor in wanted.items():
+            if name in loaded or tensor.device.type != "meta":
+                continue
+            tied = next((other for other, t in wanted.items() if t is tensor and other in loaded), None)
+            if tied is None:
+                raise UserInputError(f"{self.path} has no tensor {prefix + name!r} for the model's "
+                                     f"{type(module).__name__}: the checkpoint does not fit the model config")
+            loaded[name] = loaded[tied]
+        module.load_state_dict(loaded, strict=False, assign=True)
+        if not prefix and hasattr(module, "tie_weights"):
+            module.tie_weights()

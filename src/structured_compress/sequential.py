@@ -1,0 +1,306 @@
+"""Block-sequential post-training compression: one block of the model in memory and calibrated at a time.
+
+For models built from a stack of repeated blocks (HF decoder / encoder layers, timm ViT ``blocks``),
+:func:`compress_sequential` runs the calibration batches up to block 0 once, then for each block in turn:
+loads its dense weights (when they are read lazily, see ``io.dense_weights``), moves it to the compute device,
+collects the calibration data of its selected linears only, compresses them, writes the block's shard (when a
+``CompressedWriter`` is given), runs the compressed block to make the next block's inputs, and frees the rest.
+Later blocks therefore calibrate on what the compressed blocks before them produce, as GPTQ does, and memory
+holds one block's calibration data instead of the whole model's.
+
+A block whose shard an earlier (killed) run already wrote is rebuilt from that shard instead of compressed
+again; each block draws its random numbers from its own seed, so a resumed run writes the same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .io.save import CompressedWriter, Part, exact_keys
+from .io.shards import read_tensors
+from .io.storage import decode, stored_layout
+from .io.structure import install_structured_layers, layer_entry, structured_layers
+from .layers.config import LayerConfig
+from .modeltree import FilterFn, dense_view, select_layers
+from .planner import AutoConfig
+from .surgery import CompressionReport, LayerReport, compress_, config_table, evenly_spaced_rows
+from .utils.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the last block's recorder: nothing after the blocks (final norm, LM head) has to run."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block while the model runs once per batch: records the arguments the model passes to
+    the block (its masks and position embeddings may differ per block) and hands the hidden states on."""
+
+    def __init__(self, calls: list, last: bool):
+        super().__init__()
+        self.calls, self.last = calls, last
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, _without_cache(kwargs)))
+        if self.last:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """Block arguments with the KV cache off: calibration runs each block many times on the same batch."""
+    kwargs = dict(kwargs)
+    if "past_key_values" in kwargs:
+        kwargs["past_key_values"] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _with_hidden(call: tuple, hidden: Tensor) -> tuple:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_of(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def find_block_stack(model: nn.Module, names: Iterable[str]) -> str | None:
+    """The qualified name of the ``nn.ModuleList`` / ``nn.Sequential`` of same-type blocks that holds every one
+    of ``names`` (None when there is none: no block structure to go by)."""
+    names = list(names)
+    best, best_count = None, 0
+    for stack_name, module in model.named_modules():
+        if not stack_name or not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 1:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        count = sum(name.startswith(stack_name + ".") for name in names)
+        if count > best_count:
+            best, best_count = stack_name, count
+    return best if names and best_count == len(names) else None
+
+
+def record_block_calls(model: nn.Module, stack: nn.Module, batches: Iterable,
+                       forward: Callable[[nn.Module, Any], Any], device: torch.device) -> list[list[tuple]]:
+    """Per block, per batch, the ``(args, kwargs)`` the model passes to that block (block 0's hold the real
+    hidden states; the others' are replaced as the blocks run). No block runs here."""
+    calls: list[list] = [[] for _ in range(len(stack))]
+    blocks = list(stack)
+    for index in range(len(stack)):
+        stack[index] = _Recorder(calls[index], last=index == len(stack) - 1)
+    try:
+        for batch in batches:
+            try:
+                forward(model, _move(batch, device))
+            except _Stop:
+                pass
+    finally:
+        for index, block in enumerate(blocks):
+            stack[index] = block
+    return calls
+
+
+class BlockCalibration:
+    """Collects the calibration data of one block's selected layers while the block runs: per layer
+    ``{"gram": sum x x^T (float64), "inputs": up to max_inputs rows}``, one copy per distinct input (layers that
+    read the same tensor, such as q/k/v or gate/up, share it)."""
+
+    def __init__(self, block: nn.Module, prefix: str, names: Sequence[str], max_inputs: int):
+        self.grams: dict[str, Tensor] = {}
+        self.samples: dict[str, list[Tensor]] = {}
+        self.owner: dict[str, str] = {}  # layer -> the first layer that read its input
+        self._readers: dict[int, tuple[Tensor, str]] = {}  # per call: input id -> (input, kept alive; reader)
+        self.max_inputs = max_inputs
+        self.hooks = [block.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(self._hook(name))
+                      for name in names]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            owner = self._readers.setdefault(id(x), (x, name))[1]
+            self.owner.setdefault(name, owner)
+            if owner != name:
+                return
+            if dense_view(module)[0] == "conv2d":
+                x = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
+                                               module.stride).transpose(1, 2)
+            rows = x.reshape(-1, x.shape[-1])
+            wide = rows.double()
+            self.grams[name] = self.grams.get(name, 0) + wide.T @ wide
+            self.samples.setdefault(name, []).append(evenly_spaced_rows(rows.detach(), self.max_inputs).clone())
+
+        return hook
+
+    def run(self, block: nn.Module, calls: Sequence[tuple]) -> None:
+        """Run ``block`` on every recorded call (its outputs are dropped), collecting."""
+        for args, kwargs in calls:
+            self._readers = {}
+            block(*args, **kwargs)
+        self._readers = {}
+
+    def close(self) -> dict[str, dict[str, Tensor]]:
+        """The collected data per layer; the hooks are removed."""
+        for hook in self.hooks:
+            hook.remove()
+        data = {name: {"gram": gram, "inputs": evenly_spaced_rows(torch.cat(self.samples[name]), self.max_inputs)}
+                for name, gram in self.grams.items()}
+        self.grams, self.samples = {}, {}
+        return {name: data[owner] for name, owner in self.owner.items()}
+
+
+def per_block_configs(planned: Mapping[str, LayerConfig], sizes: Mapping[str, int],
+                      blocks: int) -> dict[str, LayerConfig]:
+    """``planned`` with each ``layer=auto`` target restated for one block: ``target_bytes`` as the ratio it
+    implies over all of that config's layers (``sizes``: numbers per layer; each block then meets that ratio),
+    ``max_error`` split evenly over the blocks."""
+    restated: dict[int, LayerConfig] = {}
+    for config in {id(c): c for c in planned.values() if isinstance(c, AutoConfig)}.values():
+        if config.target_bytes is not None:
+            fp16_bytes = sum(2 * sizes[name] for name, c in planned.items() if c is config)
+            restated[id(config)] = dataclasses.replace(config, target_bytes=None,
+                                                       target_ratio=fp16_bytes / config.target_bytes)
+        elif config.max_error is not None:
+            restated[id(config)] = dataclasses.replace(config, max_error=config.max_error / blocks)
+    return {name: restated.get(id(config), config) for name, config in planned.items()}
+
+
+def _move_outside(model: nn.Module, stack_name: str, device: torch.device) -> None:
+    """Move every parameter and buffer that is not in the block stack to ``device`` (ties re-made after)."""
+    for name, module in model.named_modules():
+        if name == stack_name or name.startswith(stack_name + "."):
+            continue
+        for key, param in module._parameters.items():
+            if param is not None and param.device != device:
+                module._parameters[key] = nn.Parameter(param.to(device), param.requires_grad)
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _restore_block(model: nn.Module, prefix: str, part: Part, file, device: torch.device) -> None:
+    """Rebuild a block an earlier run compressed, from its shard (no decomposition runs)."""
+    stored = read_tensors(file)
+    state = {key: decode(key, entry, stored) for key, entry in part.tensors.items()
+             if all(name in stored for name in stored_layout(key, entry))}
+    state.update({alias: state[target] for alias, target in part.aliases.items()})
+    install_structured_layers(model, part.layers, state, f"the shard {file.name}")
+    block = model.get_submodule(prefix)
+    block.load_state_dict({key[len(prefix) + 1:]: value.to(device) for key, value in state.items()}, strict=True,
+                          assign=True)
+
+
+@torch.no_grad()
+def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str, str | LayerConfig],
+                        budget: float | Mapping[str, float] | None = None,
+                        include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                        filter_fn: FilterFn | None = None, options: Mapping | None = None, *,
+                        batches: Iterable | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
+                        weights=None, device: str | torch.device | None = None,
+                        writer: CompressedWriter | None = None, release: bool = False, seed: int = 0,
+                        max_inputs: int = 4096) -> CompressionReport:
+    """:func:`~structured_compress.surgery.compress_`, one block at a time (see the module doc).
+
+    layer, budget, include, exclude, filter_fn, options: as for ``compress_``; every selected layer must lie in
+        one block stack (:func:`find_block_stack`).
+    batches, forward: calibration batches and ``forward(model, batch)`` (default ``model(batch)``), needed when
+        a selected setting is data-aware.
+    weights: a ``DenseWeights`` to read each block's dense tensors from when the block is reached (the model
+        then is a skeleton on the meta device; everything outside the blocks is read first).
+    device: where blocks are calibrated and compressed (default: where the model's parameters are); each block
+        goes back to the CPU afterwards, or to the meta device with ``release`` (its memory freed).
+    writer: writes each block's part as soon as the block is done; parts it already finds on disk are loaded
+        instead of compressed again (the caller finishes it with the tensors outside the blocks).
+    """
+    forward = forward or (lambda m, batch: m(batch))
+    config_for = config_table(layer, budget, options)
+    selected = select_layers(model, include, exclude, filter_fn)
+    planned = {name: config for name in selected if (config := config_for(name)) is not None}
+    if not planned:
+        raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
+    stack_name = find_block_stack(model, planned)
+    if stack_name is None:
+        raise ValueError("the selected layers do not all lie in one stack of blocks: use compress_ (all at once)")
+    stack = model.get_submodule(stack_name)
+    planned = per_block_configs(planned, {n: dense_view(selected[n])[1].numel() for n in planned}, len(stack))
+    params_before = sum(p.numel() for p in model.parameters())
+    home = torch.device("cpu") if weights is not None else next(iter(model.parameters())).device
+    device = torch.device(device) if device is not None else home
+    if weights is not None:
+        weights.load(model, skip=(stack_name + ".",))
+    needs_data = any(config.calibration_needed() for config in planned.values())
+    calls = None
+    if needs_data:
+        if batches is None:
+            raise ValueError("the selected settings are data-aware: pass calibration batches")
+        _move_outside(model, stack_name, device)
+        calls = record_block_calls(model, stack, batches, forward, device)
+    report = CompressionReport(model_params_before=params_before)
+    with progress_bar(len(stack), f"compress {stack_name}", "block") as bar:
+        for index in range(len(stack)):
+            started = time.perf_counter()
+            prefix = f"{stack_name}.{index}"
+            names = [name for name in planned if name.startswith(prefix + ".")]
+            part = writer.done_part(index) if writer is not None else None
+            if part is not None:
+                _restore_block(model, prefix, part, writer.directory / writer.written[-1][1]["file"], device)
+                rows = [LayerReport(**row) for row in part.report]
+                log.info("block %s: restored from %s", prefix, writer.written[-1][1]["file"])
+            else:
+                if weights is not None:
+                    weights.load(stack[index], prefix + ".")
+                stack[index].to(device)
+                calibration = None
+                if needs_data and names:
+                    collector = BlockCalibration(stack[index], prefix, names, max_inputs)
+                    collector.run(stack[index], calls[index])
+                    calibration = collector.close()
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed + index)
+                    rows = compress_(model, {name: planned[name] for name in names}, include=names,
+                                     calibration=calibration).layers if names else []
+                del calibration
+                if writer is not None:
+                    block = stack[index]
+                    writer.write_part({f"{prefix}.{k}": v for k, v in block.state_dict().items()},
+                                      [layer_entry(f"{prefix}.{n}", m) for n, m in structured_layers(block).items()],
+                                      [dataclasses.asdict(row) for row in rows],
+                                      {f"{prefix}.{key}" for key in exact_keys(block)})
+            report.layers.extend(rows)
+            if needs_data and index + 1 < len(stack):
+                for j, call in enumerate(calls[index]):
+                    calls[index + 1][j] = _with_hidden(calls[index + 1][j], _hidden_of(stack[index](*call[0],
+                                                                                                   **call[1])))
+                calls[index] = None
+            for module in stack[index].modules():
+                module.__dict__.pop("_fast_cache", None)  # fast-path copies built while making the next inputs
+            stack[index].to("meta" if release else home)
+            errors = [row.output_error for row in report.layers if row.output_error is not None]
+            bar.set_postfix(layers=len(report.layers), s_per_block=round(time.perf_counter() - started, 1),
+                            **({"mean_output_error": f"{sum(errors) / len(errors):.4f}"} if errors else {}))
+            bar.update(1)
+    if needs_data and device != home:
+        _move_outside(model, stack_name, home)
+    report.model_params_after = params_before - report.params_before + report.params_after
+    return report

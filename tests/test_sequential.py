@@ -1,0 +1,230 @@
+"""Block-by-block compression (``sequential.py``) on a tiny LLaMA: same results as all at once where no data is
+involved, calibration on the compressed blocks' outputs, one block's calibration data and weights at a time,
+sharded saves that reload exactly, and a killed run that resumes to the same bytes."""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import signal
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from structured_compress import sequential
+from structured_compress.io import CompressedWriter, load_compressed, read_manifest
+from structured_compress.io.dense_weights import DenseWeights
+from structured_compress.io.save import dense_dtype
+from structured_compress.sequential import BlockCalibration, compress_sequential, find_block_stack
+from structured_compress.surgery import compress_
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+LINEARS_PER_BLOCK = 7
+SVDQ_INT4 = {"bits": 4, "group_size": 16, "svd": False, "rounding": "gptq"}
+
+
+def tiny_config():
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=100)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return list(torch.randint(0, 100, (3, 2, 16), generator=torch.Generator().manual_seed(1)))
+
+
+def forward(model, batch):
+    return model(input_ids=batch, use_cache=False)
+
+
+def test_finds_the_decoder_stack_and_only_when_it_holds_every_layer(tiny):
+    names = [n for n, m in tiny.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert find_block_stack(tiny, [n for n in names if n.startswith("model.layers.")]) == "model.layers"
+    assert find_block_stack(tiny, names) is None  # lm_head lies outside the blocks
+
+
+def test_data_free_codec_gives_bit_identical_models(tiny, batches):
+    together, by_block = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    compress_(together, "lowrank", 0.5, include="model.layers.*")
+    report = compress_sequential(by_block, "lowrank", 0.5, include="model.layers.*")
+    assert len(report.layers) == 4 * LINEARS_PER_BLOCK
+    assert torch.equal(forward(together, batches[0]).logits, forward(by_block, batches[0]).logits)
+
+
+def test_each_block_calibrates_on_the_compressed_blocks_before_it(tiny, batches, monkeypatch):
+    seen = {}
+    original = sequential.compress_
+
+    def spy(model, layer, *args, calibration=None, **kwargs):
+        seen.update({name: data["gram"].clone() for name, data in calibration.items()})
+        return original(model, layer, *args, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(sequential, "compress_", spy)
+    model = copy.deepcopy(tiny)
+    compress_sequential(model, "svdq", include="model.layers.*", options=SVDQ_INT4, batches=batches,
+                        forward=forward)
+    for block in range(4):
+        name = f"model.layers.{block}.self_attn.q_proj"
+        on_compressed, on_dense = input_gram(model, name, batches), input_gram(tiny, name, batches)
+        assert torch.allclose(seen[name], on_compressed, rtol=1e-9, atol=1e-9)
+        assert (block == 0) == torch.allclose(seen[name], on_dense, rtol=1e-6, atol=1e-6)
+
+
+def input_gram(model, name, batches):
+    """sum x x^T (float64) over the inputs of the module ``name`` (dense or structured)."""
+    grams = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args: grams.append(args[0].reshape(-1, args[0].shape[-1]).double().T
+                                          @ args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for batch in batches:
+            forward(model, batch)
+    hook.remove()
+    return sum(grams)
+
+
+def test_never_more_calibration_entries_alive_than_one_block_has_linears(tiny, batches, monkeypatch):
+    alive: list[weakref.ref] = []
+    most = []
+    close, original = BlockCalibration.close, sequential.compress_
+
+    def tracked_close(self):
+        data = close(self)
+        alive.extend(weakref.ref(entry["gram"]) for entry in data.values())
+        return data
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        most.append(len({id(ref()) for ref in alive if ref() is not None}))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(BlockCalibration, "close", tracked_close)
+    monkeypatch.setattr(sequential, "compress_", counting)
+    compress_sequential(copy.deepcopy(tiny), "lowrank", 0.5, include="model.layers.*", options={"init": "whiten"},
+                        batches=batches, forward=forward)
+    # q/k/v and gate/up read one input each: 4 distinct Gram matrices per block, never two blocks' worth
+    assert len(most) == 4 and max(most) == 4 <= LINEARS_PER_BLOCK
+
+
+def write_checkpoint(model, folder: Path) -> Path:
+    model.save_pretrained(folder, max_shard_size="40KB")  # several shards and an index, as 7B checkpoints come
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+class MeasuredWeights(DenseWeights):
+    """Records the parameter bytes alive in the model after every read."""
+
+    model = None
+    peaks: list[int] = []
+
+    def load(self, module, prefix="", skip=()):
+        super().load(module, prefix, skip)
+        self.peaks.append(sum(t.nbytes for t in self.model.state_dict().values() if t.device.type != "meta"))
+
+
+def sequential_save(folder: Path, checkpoint: Path, batches, weights_class=DenseWeights):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # as create_hf_model(..., empty_weights=True) builds it
+        skeleton = transformers.AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32).eval()
+    weights = weights_class(checkpoint)
+    weights.model = skeleton
+    writer = CompressedWriter(folder, 5, None, dense_dtype(skeleton), {"test": "tiny"})
+    report = compress_sequential(skeleton, "svdq", include="model.layers.*", options=SVDQ_INT4, batches=batches,
+                                 forward=forward, weights=weights, writer=writer, release=True)
+    writer.finish(skeleton, None, report)
+    return weights
+
+
+def test_blocks_load_one_at_a_time_and_the_shards_reload_bit_identically(tiny, batches, tmp_path):
+    checkpoint = write_checkpoint(tiny, tmp_path / "dense")
+    MeasuredWeights.peaks = []
+    sequential_save(tmp_path / "out", checkpoint, batches, MeasuredWeights)
+    block_bytes = sum(t.nbytes for t in tiny.model.layers[0].state_dict().values())
+    whole = sum(t.nbytes for t in tiny.state_dict().values())
+    outside = whole - 4 * block_bytes
+    assert max(MeasuredWeights.peaks) <= outside + block_bytes < whole  # never more than one block in memory
+
+    in_memory = copy.deepcopy(tiny)
+    writer = CompressedWriter(tmp_path / "reference", 5, None, torch.float32, {"test": "tiny"})
+    report = compress_sequential(in_memory, "svdq", include="model.layers.*", options=SVDQ_INT4, batches=batches,
+                                 forward=forward, writer=writer)
+    writer.finish(in_memory, None, report)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "compressed-00005-of-00005.safetensors" in files and "compressed.safetensors.index.json" in files
+    for name in files:  # read lazily from disk or compressed in memory: the same bytes
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert len(read_manifest(tmp_path / "out")["shards"]) == 4
+    reloaded = load_compressed(tmp_path / "out")
+    assert torch.equal(forward(reloaded, batches[0]).logits, forward(in_memory, batches[0]).logits)
+
+
+def test_a_tampered_shard_is_refused(tiny, batches, tmp_path):
+    sequential_save(tmp_path / "out", write_checkpoint(tiny, tmp_path / "dense"), batches)
+    shard = tmp_path / "out" / "compressed-00002-of-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="compressed-00002-of-00005.safetensors failed its sha256 check"):
+        load_compressed(tmp_path / "out")
+
+
+KILLED_JOB = """
+import os, signal, sys, torch
+sys.path[:0] = [{root!r}, {src!r}]
+from structured_compress.io import CompressedWriter
+from tests.test_sequential import sequential_save
+write_part = CompressedWriter.write_part
+def write_then_die(self, *args, **kwargs):
+    part = write_part(self, *args, **kwargs)
+    if len(self.written) == int(os.environ.get("KILL_AFTER_BLOCKS", 0)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return part
+CompressedWriter.write_part = write_then_die
+batches = list(torch.randint(0, 100, (3, 2, 16), generator=torch.Generator().manual_seed(1)))
+sequential_save(sys.argv[1], sys.argv[2], batches)
+"""
+
+
+def test_a_run_killed_after_block_2_resumes_to_the_same_bytes(tiny, tmp_path):
+    checkpoint = write_checkpoint(tiny, tmp_path / "dense")
+    script = tmp_path / "job.py"
+    script.write_text(KILLED_JOB.format(root=str(ROOT), src=str(ROOT / "src")))
+
+    def job(folder, kill_after=0):
+        env = {**os.environ, "KILL_AFTER_BLOCKS": str(kill_after), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, str(script), str(folder), str(checkpoint)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    straight = job(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = job(tmp_path / "killed", kill_after=2)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
+        "compressed-00001-of-00005.safetensors", "compressed-00002-of-00005.safetensors"]
+    resumed = job(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())
+    for name in names:
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_a_part_from_another_run_is_refused(tiny, batches, tmp_path):
+    sequential_save(tmp_path / "out", write_checkpoint(tiny, tmp_path / "dense"), batches)
+    (tmp_path / "out" / "manifest.json").unlink()
+    writer = CompressedWriter(tmp_path / "out", 5, None, torch.float32, {"test": "another"})
+    with pytest.raises(ValueError, match="was written by another run"):
+        writer.done_part(0)
