@@ -163,3 +163,14 @@ def test_resume_auto_picks_the_newest_unfinished_run_with_the_same_overrides(tmp
     ckpt = wanted / "checkpoints" / "last.ckpt"
     assert continue_in_run_dir([f"ckpt_path={ckpt}"], tmp_path)[-1] == f"hydra.run.dir={wanted}"
     assert continue_in_run_dir(["-m", f"ckpt_path={ckpt}"], tmp_path) == ["-m", f"ckpt_path={ckpt}"]
+
+
+def test_resume_auto_finds_a_killed_block_by_block_compression(tmp_path):
+    """mode=compress (from an experiment file or the command line) continues where its shards stop."""
+    args = ["experiment=wiki_offline/gemma270m-ptq-svdq-int8", "resume=auto"]
+    folder = make_run(tmp_path / "logs" / "compress" / "runs", "2026-01-01_00-00-00", args, checkpoint=False)
+    assert continue_in_run_dir(args, tmp_path) == args  # nothing written yet: a fresh start
+    (folder / "compressed").mkdir()
+    (folder / "compressed" / "compressed-00001-of-00019.safetensors").write_bytes(b"x")
+    assert continue_in_run_dir(args, tmp_path) == [*args, f"hydra.run.dir={folder}"]
+    assert continue_in_run_dir(["mode=compress", *args], tmp_path) == ["mode=compress", *args]  # other overrides

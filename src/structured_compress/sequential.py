@@ -29,7 +29,7 @@ from .layers.config import LayerConfig
 from .modeltree import FilterFn, dense_view, select_layers
 from .planner import AutoConfig
 from .surgery import CompressionReport, LayerReport, compress_, config_table, evenly_spaced_rows
-from .utils.progress import progress_bar
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -6,5 +6,5 @@ from .sizes import folder_sizes
 from .source import timm_source
 from .storage import StoragePolicy
 
-__all__ = ["CompressedWriter", "FORMAT_VERSION", "StoragePolicy", "folder_sizes", "guard_save_pretrained", "load_compressed",
-           "read_manifest", "save_compressed", "timm_source"]
+__all__ = ["CompressedWriter", "FORMAT_VERSION", "StoragePolicy", "folder_sizes", "guard_save_pretrained",
+           "load_compressed", "read_manifest", "save_compressed", "timm_source"]

@@ -50,6 +50,8 @@ class DenseWeights:
         under the ``skip`` prefixes; tensors the checkpoint leaves out must be tied to one it holds (an LM
         head tied to the embeddings) or already hold values (buffers computed at construction)."""
         skip = tuple(skip)
+        if not prefix and hasattr(module, "tie_weights"):
+            module.tie_weights()  # a skeleton built from a config may not have tied its LM head yet
         wanted = {name: tensor for name, tensor in module.state_dict(keep_vars=True).items()
                   if not (prefix + name).startswith(skip)}
         by_file: dict[Path, list[str]] = {}

@@ -12,6 +12,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from ..progress import progress_bar
 from .base import check_budget
 from .config import OptionError
 
@@ -203,26 +204,29 @@ def ternary_decomposition(target: Tensor, tolerance: float, cos_thresh: float, s
     scales, residual = fit.solve()
     reference = spectral_norm(target)
     stale = 0  # greedy steps since the last joint refit
-    while True:
-        room = stride if max_rank is None else min(stride, max_rank - len(scales))
-        u, top, v = top_singular(residual, max(1, min(room, *residual.shape)))
-        error = 0.0 if reference == 0 else top[0].item() / reference
-        if (error < tolerance or room <= 0) and stale:
-            (scales, residual), stale = fit.solve(), 0
-            continue
-        if error < tolerance or room <= 0:  # confirm with an exact SVD of the residual: it is the reported error
-            error = 0.0 if reference == 0 else spectral_norm(residual) / reference
-            if error < tolerance or room <= 0:
-                return fit.t_u.clone(), scales, fit.t_v.clone(), error
-        new_u, new_v = ternarize(u.T, cos_thresh).T, ternarize(v.T, cos_thresh)
-        fit.extend(new_u, new_v)
-        stale = (stale + 1) % refit_every
-        if stale:
-            new_scales = fit.new_scales(residual)
-            residual = torch.addmm(residual, new_u * new_scales, new_v, alpha=-1)
-            scales = torch.cat([scales, new_scales])
-        else:
-            scales, residual = fit.solve()
+    with progress_bar(max_rank, f"tsvd {target.shape[0]}x{target.shape[1]}", "component", leave=False) as bar:
+        while True:
+            room = stride if max_rank is None else min(stride, max_rank - len(scales))
+            u, top, v = top_singular(residual, max(1, min(room, *residual.shape)))
+            error = 0.0 if reference == 0 else top[0].item() / reference
+            if (error < tolerance or room <= 0) and stale:
+                (scales, residual), stale = fit.solve(), 0
+                continue
+            if error < tolerance or room <= 0:  # confirm with an exact SVD of the residual: it is the reported error
+                error = 0.0 if reference == 0 else spectral_norm(residual) / reference
+                if error < tolerance or room <= 0:
+                    return fit.t_u.clone(), scales, fit.t_v.clone(), error
+            new_u, new_v = ternarize(u.T, cos_thresh).T, ternarize(v.T, cos_thresh)
+            fit.extend(new_u, new_v)
+            bar.update(new_u.shape[1])
+            bar.set_postfix(error=f"{error:.4f}", refresh=False)
+            stale = (stale + 1) % refit_every
+            if stale:
+                new_scales = fit.new_scales(residual)
+                residual = torch.addmm(residual, new_u * new_scales, new_v, alpha=-1)
+                scales = torch.cat([scales, new_scales])
+            else:
+                scales, residual = fit.solve()
 
 
 def best_new_magnitude(residual: Tensor, cos_thresh: float) -> Tensor:

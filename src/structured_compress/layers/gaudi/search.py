@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ...progress import progress_bar
 from ..base import StructuredLinear
 from .config import GaudiConfig
 from .mask import project_widths_, snapped_cost
@@ -104,21 +105,24 @@ def refine(layer: StructuredLinear, target: Tensor, budget_units: float, niter: 
     scale = target.square().sum().clamp_min(torch.finfo(target.dtype).tiny)
     layer.train()
     best_loss, best_state = math.inf, None
-    for step in range(niter + 1):
-        optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():  # callers such as compress_ run under no_grad
-            loss = (layer.to_dense_weight() - target).square().sum() / scale
-        if loss.item() < best_loss:
-            best_loss = loss.item()
-            best_state = [p.detach().clone() for p in layer.parameters()]
-        if step == niter:
-            break
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            layer.project_structure_()
-            project_widths_(layer.widths, layer.axis_sizes, budget_units)
+    with progress_bar(niter, "gaudi refine", "step", leave=False) as bar:
+        for step in range(niter + 1):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():  # callers such as compress_ run under no_grad
+                loss = (layer.to_dense_weight() - target).square().sum() / scale
+            if loss.item() < best_loss:
+                best_loss = loss.item()
+                best_state = [p.detach().clone() for p in layer.parameters()]
+            if step == niter:
+                break
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                layer.project_structure_()
+                project_widths_(layer.widths, layer.axis_sizes, budget_units)
+            bar.update(1)
+            bar.set_postfix(error=f"{math.sqrt(best_loss):.4f}", refresh=False)
     with torch.no_grad():
         for param, value in zip(layer.parameters(), best_state):
             param.copy_(value)

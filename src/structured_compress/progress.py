@@ -17,7 +17,8 @@ def bars_enabled() -> bool:
     return switch == "1" if switch in ("0", "1") else sys.stderr.isatty()
 
 
-def progress_bar(total: int, description: str, unit: str = "it") -> tqdm:
-    """A bar over ``total`` steps with its rate and ETA (a no-op object when bars are off)."""
+def progress_bar(total: int | None, description: str, unit: str = "it", leave: bool = True) -> tqdm:
+    """A bar over ``total`` steps (None: unknown) with its rate and ETA (a no-op object when bars are off);
+    ``leave=False`` for a layer's own work under the block bar."""
     return tqdm(total=total, desc=description, unit=unit, disable=not bars_enabled(), dynamic_ncols=True,
-                mininterval=0.5)
+                mininterval=0.5, leave=leave)
