@@ -228,3 +228,18 @@ def test_a_part_from_another_run_is_refused(tiny, batches, tmp_path):
     writer = CompressedWriter(tmp_path / "out", 5, None, torch.float32, {"test": "another"})
     with pytest.raises(ValueError, match="was written by another run"):
         writer.done_part(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blocks_compress_on_the_gpu_and_wait_on_the_cpu(tiny, batches):
+    on_cpu, on_gpu = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    compress_sequential(on_cpu, "lowrank", 0.5, include="model.layers.*", options={"init": "whiten"},
+                        batches=batches, forward=forward)
+    torch.cuda.reset_peak_memory_stats()
+    compress_sequential(on_gpu, "lowrank", 0.5, include="model.layers.*", options={"init": "whiten"},
+                        batches=batches, forward=forward, device="cuda")
+    assert torch.cuda.max_memory_allocated() > 0
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())  # each block went back after its turn
+    torch.testing.assert_close(forward(on_gpu, batches[0]).logits, forward(on_cpu, batches[0]).logits,
+                               rtol=1e-3, atol=1e-3)

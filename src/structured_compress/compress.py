@@ -9,6 +9,7 @@ read from its checkpoint block by block, never whole.
 """
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class CompressSteps(Steps):
             else:
                 save_compressed(task.model, self.saved_dir(cfg), state.built.report, source=source, storage=storage,
                                 calibration=head_gram)
+        # the process's peak so far: loading, calibrating, compressing and saving, before the test's logits
+        state.facts["peak_rss_before_test_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _writer_for(self, cfg: DictConfig, model: torch.nn.Module, storage: dict | None):
         """What makes the block-by-block writer: each block's shard lands in the output folder as soon as the

@@ -39,11 +39,17 @@ class TokenNLL(Metric):
         return self.total / self.count.clamp(min=1)
 
 
+NLL_CHUNK = 256  # positions per cross-entropy call: a 262k vocabulary's float copy stays ~0.27 GB per row
+
+
 def shifted_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed NLL of token t+1 given tokens <= t, over the ``L - 1`` predicted positions of every row."""
-    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = input_ids[:, 1:].reshape(-1)
-    return F.cross_entropy(predicted, targets, reduction="sum"), targets.numel()
+    """Summed NLL of token t+1 given tokens <= t, over the ``L - 1`` predicted positions of every row; taken
+    ``NLL_CHUNK`` positions at a time, so no float copy of the whole logits tensor is ever made."""
+    predicted = logits.shape[1] - 1
+    total = sum(F.cross_entropy(logits[:, start:start + NLL_CHUNK][:, :predicted - start].reshape(
+        -1, logits.shape[-1]).float(), input_ids[:, start + 1:start + 1 + NLL_CHUNK].reshape(-1), reduction="sum")
+        for start in range(0, predicted, NLL_CHUNK)), logits.new_zeros((), dtype=torch.float32))
+    return total, input_ids.shape[0] * predicted
 
 
 class LanguageModelTask(ExampleInputFromData, pl.LightningModule):
