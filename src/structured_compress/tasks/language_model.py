@@ -45,10 +45,12 @@ NLL_CHUNK = 256  # positions per cross-entropy call: a 262k vocabulary's float c
 def shifted_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed NLL of token t+1 given tokens <= t, over the ``L - 1`` predicted positions of every row; taken
     ``NLL_CHUNK`` positions at a time, so no float copy of the whole logits tensor is ever made."""
-    predicted = logits.shape[1] - 1
-    total = sum(F.cross_entropy(logits[:, start:start + NLL_CHUNK][:, :predicted - start].reshape(
-        -1, logits.shape[-1]).float(), input_ids[:, start + 1:start + 1 + NLL_CHUNK].reshape(-1), reduction="sum")
-        for start in range(0, predicted, NLL_CHUNK)), logits.new_zeros((), dtype=torch.float32))
+    predicted, vocabulary = logits.shape[1] - 1, logits.shape[-1]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, predicted, NLL_CHUNK):
+        end = min(start + NLL_CHUNK, predicted)
+        total = total + F.cross_entropy(logits[:, start:end].reshape(-1, vocabulary).float(),
+                                        input_ids[:, start + 1:end + 1].reshape(-1), reduction="sum")
     return total, input_ids.shape[0] * predicted
 
 
