@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from structured_compress import load_compressed, save_compressed
-from structured_compress.io.compressed_format import WEIGHTS_FILE
+from structured_compress.io.shards import SINGLE_FILE as WEIGHTS_FILE
 from structured_compress.io.manifest import FORMAT_VERSION, MANIFEST_FILE, read_manifest
 from structured_compress.io.manifest import SEAL_KEY, canonical_json, sealed_part
 from structured_compress.layers.quant import pack_ternary, unpack_ternary

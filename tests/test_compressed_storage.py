@@ -10,7 +10,7 @@ from torch import nn
 from structured_compress import load_compressed, save_compressed
 from structured_compress.compress import dense_bytes
 from structured_compress.io import StoragePolicy, folder_sizes, read_manifest
-from structured_compress.io.compressed_format import WEIGHTS_FILE
+from structured_compress.io.shards import SINGLE_FILE as WEIGHTS_FILE
 from structured_compress.io.structure import structured_layers
 from structured_compress.layers.quant import dequantize, quantize, quantize_grid
 from structured_compress.surgery import collect_output_embedding_gram, compress_

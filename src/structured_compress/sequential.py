@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .io.dense_weights import DenseWeights
 from .io.save import CompressedWriter, Part, exact_keys
 from .io.shards import read_tensors
 from .io.storage import decode, stored_layout
@@ -217,7 +218,7 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
                         include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                         filter_fn: FilterFn | None = None, options: Mapping | None = None, *,
                         batches: Iterable | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
-                        weights=None, device: str | torch.device | None = None,
+                        weights: DenseWeights | None = None, device: str | torch.device | None = None,
                         writer: CompressedWriter | None = None, release: bool = False, seed: int = 0,
                         max_inputs: int = 4096) -> CompressionReport:
     """:func:`~structured_compress.surgery.compress_`, one block at a time (see the module doc).
@@ -229,7 +230,8 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
     weights: a ``DenseWeights`` to read each block's dense tensors from when the block is reached (the model
         then is a skeleton on the meta device; everything outside the blocks is read first).
     device: where blocks are calibrated and compressed (default: where the model's parameters are); each block
-        goes back to the CPU afterwards, or to the meta device with ``release`` (its memory freed).
+        goes back where it came from afterwards (the CPU when read from ``weights``), or to the meta device with
+        ``release`` (its memory freed).
     writer: writes each block's part as soon as the block is done; parts it already finds on disk are loaded
         instead of compressed again (the caller finishes it with the tensors outside the blocks).
     """

@@ -39,7 +39,6 @@ from .structure import install_structured_layers, layer_problems
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "compressed.safetensors"
 # save_pretrained keywords that only tune how transformers writes files; anything else is refused
 _IGNORED_SAVE_PRETRAINED_KWARGS = ("safe_serialization", "max_shard_size")
 
