@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from ..typed_config import check_value
 from .config import LayerConfig, OptionError, register_config
 from .quant import stored_nbytes
+
+if TYPE_CHECKING:
+    from .convforms import ConvGeometry
 
 LAYERS: dict[str, type["StructuredLinear"]] = {}
 
@@ -133,6 +136,12 @@ class StructuredLinear(nn.Module):
 
     def num_params(self) -> int:
         raise NotImplementedError
+
+    def conv_forward(self, x: Tensor, geometry: "ConvGeometry") -> Tensor | None:
+        """This map run as the conv ``geometry`` describes, on an NCHW (or channels-last) feature map, through
+        native (grouped) conv kernels instead of ``F.unfold`` (see :mod:`.convforms`); None where the type, or
+        this layer's current state, has no such form (the caller then runs the unfold reference)."""
+        return None
 
     def macs_per_token(self) -> int:
         raise NotImplementedError

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .base import Calibration, StructuredLinear, check_budget, register_layer
 from .config import LayerConfig, OptionError, option
-from .fastpath import fast_paths_enabled
+from .convforms import BlockLayout, ConvGeometry, factored_conv, keep_channels
+from .fastpath import cached, fast_paths_enabled, grad_free
 from .lowrank import spectral_factors
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,25 @@ class BlockDiagLinear(StructuredLinear):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def conv_forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor:
+        """One grouped conv, ``groups = nblocks``: in the ``"channel"`` column order a block's columns are a
+        run of whole input channels (all kernel positions), so the blocks are channel groups. Channel counts
+        the block count does not divide gather each block's channel span first (see ``BlockLayout``). The
+        residual runs as a k x k conv into its rank and a 1 x 1 conv, added in place."""
+        layout = BlockLayout.of(self.nblocks, self.in_block, geometry)
+        if grad_free(self.blocks):
+            kernel = cached(self, "conv_kernel", (self.blocks,), lambda: layout.kernel(self.blocks, geometry),
+                            (geometry,))
+        else:
+            kernel = layout.kernel(self.blocks, geometry)
+        fits = self.nblocks * self.out_block == self.out_features
+        y = keep_channels(layout.conv(x, kernel, geometry, self.bias if fits else None), self.out_features)
+        if self.residual_rank:
+            y = y + factored_conv(x, geometry, self.right, self.left, None)
+        if self.bias is not None and not fits:
+            y = y + self.bias[:, None, None]
+        return y
 
     def to_dense_weight(self) -> Tensor:
         dense = self._assemble(self.blocks)

@@ -6,13 +6,19 @@ column order of ``F.unfold``, so ``conv(x) = fold(W unfold(x))``; ``"kernel"`` p
 ``(k_h, k_w, C_i)``, as the Gaudi-GBLR reference does -- it decides which weights a contiguous column interval
 holds (a run of channels at one kernel position, not a run of positions of one channel). 1x1 convs with
 stride 1 skip unfold.
+
+That unfold path is the reference; every layer type also has a native conv form (``conv_forward``) that runs
+on the feature map directly, and ``StructuredConv2d.form`` picks between them and a cached dense kernel.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StructuredLinear
+from .convforms import ConvGeometry, is_channels_last
+from .fastpath import cached, fast_paths_enabled, grad_free
 
 
 COLUMN_ORDERS = ("channel", "kernel")
@@ -35,12 +41,23 @@ def matrix_as_kernel(matrix: Tensor, in_channels: int, kernel_size: tuple[int, i
     return matrix.reshape(matrix.shape[0], in_channels, *kernel_size)
 
 
+CONV_FORMS = ("native", "dense", "unfold")
+
+
 class StructuredConv2d(nn.Module):
-    """A conv layer whose flattened kernel is a :class:`StructuredLinear` (``self.linear``)."""
+    """A conv layer whose flattened kernel is a :class:`StructuredLinear` (``self.linear``).
+
+    ``form`` picks how it runs: ``"native"`` (default) the layer type's own conv form
+    (``StructuredLinear.conv_forward``: (grouped) ``F.conv2d`` calls on the factors, in training too), or the
+    unfold reference where the type has none; ``"dense"`` a dense kernel built from the layer once and cached,
+    at inference only (with gradients to the layer it runs native) -- for shapes where no structured form beats
+    the dense conv (:func:`structured_compress.convspeed.choose_conv_forms` picks it by timing and says so);
+    ``"unfold"`` the reference, which ``fastpath.reference_paths()`` also forces.
+    """
 
     def __init__(self, linear: StructuredLinear, in_channels: int, kernel_size: tuple[int, int],
                  stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 dilation: tuple[int, int] = (1, 1)):
+                 dilation: tuple[int, int] = (1, 1), form: str = "native"):
         super().__init__()
         kh, kw = kernel_size
         if linear.in_features != in_channels * kh * kw:
@@ -50,6 +67,18 @@ class StructuredConv2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = linear.out_features
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.geometry = ConvGeometry(in_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+        self.form = form
+
+    @property
+    def form(self) -> str:
+        return self._form
+
+    @form.setter
+    def form(self, value: str) -> None:
+        if value not in CONV_FORMS:
+            raise ValueError(f"StructuredConv2d form must be one of {CONV_FORMS}, got {value!r}")
+        self._form = value
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, linear: StructuredLinear) -> "StructuredConv2d":
@@ -62,6 +91,34 @@ class StructuredConv2d(nn.Module):
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not fast_paths_enabled() or self.form == "unfold":
+            return self.forward_unfold(x)
+        if self.form == "dense" and grad_free(*self.linear.parameters()):
+            kernel = cached(self, "dense_kernel", tuple(self.linear.parameters()) + tuple(self.linear.buffers()),
+                            lambda: self.to_dense_weight().to(x.dtype), (x.dtype, self.linear.training))
+            bias = None if self.linear.bias is None else self.linear.bias.to(x.dtype)
+            return self.geometry.conv(x, kernel, bias)
+        out = self.linear.conv_forward(x, self.geometry)
+        if out is None:
+            return self.forward_unfold(x)
+        if is_channels_last(x) and not out.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def running_form(self, training: bool = False) -> str:
+        """The form a forward runs now: ``native``, ``dense`` (inference only) or ``unfold`` (the type has no
+        native form in its current state); probes the layer with a tiny input."""
+        if self.form == "unfold" or (self.form == "dense" and not training):
+            return self.form
+        state = [t for t in (*self.linear.parameters(), *self.linear.buffers()) if t.is_floating_point()]
+        probe = torch.zeros(1, self.in_channels, *(k * d for k, d in zip(self.kernel_size, self.dilation)),
+                            dtype=state[0].dtype if state else torch.float32,
+                            device=state[0].device if state else None)
+        with torch.no_grad():
+            return "unfold" if self.linear.conv_forward(probe, self.geometry) is None else "native"
+
+    def forward_unfold(self, x: Tensor) -> Tensor:
+        """The reference: the linear map on ``F.unfold`` patches (on channels-last pixels for a 1x1 conv)."""
         if self.is_pointwise:
             return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         batch, _, height, width = x.shape
@@ -82,4 +139,5 @@ class StructuredConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, column_order={self.column_order}")
+                f"padding={self.padding}, dilation={self.dilation}, column_order={self.column_order}, "
+                f"form={self.form}")

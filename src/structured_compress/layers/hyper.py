@@ -232,6 +232,12 @@ class HyperCompressedLinear(StructuredLinear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.to_dense_weight().to(x.dtype), self.bias)
 
+    def conv_forward(self, x: Tensor, geometry) -> Tensor:
+        """The (decoded) weight as one dense conv kernel: this type stores a dense weight, just encoded."""
+        kernel = self.to_dense_weight().to(x.dtype).reshape(self.out_features, geometry.in_channels,
+                                                             *geometry.kernel_size)
+        return geometry.conv(x, kernel, None if self.bias is None else self.bias.to(x.dtype))
+
     def to_dense_weight(self) -> Tensor:
         return self._decoded() if self.encoded_only else self.weight
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .base import Calibration, StructuredLinear, check_budget, register_layer
 from .config import LayerConfig, OptionError, option
+from .convforms import ConvGeometry, factored_conv
 from .fastpath import cached, factored_is_cheaper, fast_paths_enabled, grad_free
 
 
@@ -136,6 +137,10 @@ class LowRankLinear(StructuredLinear):
                             lambda: (self.left.float() @ self.right.float()).to(self.left.dtype))
             return F.linear(x, weight, self.bias)
         return F.linear(F.linear(x, self.right), self.left, self.bias)
+
+    def conv_forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor:
+        """A k x k conv into ``rank`` channels, then a 1 x 1 conv; gradients reach both factors."""
+        return factored_conv(x, geometry, self.right, self.left, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         return self.left @ self.right

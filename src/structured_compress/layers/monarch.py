@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .base import Calibration, StructuredLinear, check_budget, register_layer
 from .blockdiag import check_count, least_budget
 from .config import LayerConfig, OptionError, option
-from .fastpath import contiguous_grad, fast_paths_enabled
+from .convforms import BlockLayout, ConvGeometry, channel_shuffle, keep_channels, pointwise
+from .fastpath import cached, contiguous_grad, fast_paths_enabled, grad_free
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,25 @@ class MonarchLinear(StructuredLinear):
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def conv_forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor:
+        """``B1`` as a grouped k x k conv (``groups = nblocks``; its blocks are channel groups in the
+        ``"channel"`` column order, spans gathered where the block count does not divide the channels), the
+        stride permutation as a channel shuffle, ``B2`` as a grouped 1 x 1 conv, and the output interleave
+        (index ``sigma b + l``) as a second shuffle."""
+        b, q, s = self.nblocks, self.inner, self.out_block
+        layout = BlockLayout.of(b, self.in_block, geometry)
+        if grad_free(self.blocks1, self.blocks2):
+            first, second = cached(self, "conv_kernels", (self.blocks1, self.blocks2), lambda: (
+                layout.kernel(self.blocks1, geometry), self.blocks2.reshape(b * s, q)), (geometry,))
+        else:
+            first, second = layout.kernel(self.blocks1, geometry), self.blocks2.reshape(b * s, q)
+        z = channel_shuffle(layout.conv(x, first, geometry), q, b) if b > 1 else layout.conv(x, first, geometry)
+        y = pointwise(z, second, groups=b)
+        y = keep_channels(channel_shuffle(y, b, s) if b > 1 else y, self.out_features)
+        if self.bias is None:
+            return y
+        return y + self.bias[:, None, None] if torch.is_grad_enabled() else y.add_(self.bias[:, None, None])
 
     def to_dense_weight(self) -> Tensor:
         eye = torch.eye(self.in_features, device=self.blocks1.device, dtype=self.blocks1.dtype)

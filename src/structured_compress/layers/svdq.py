@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .base import Calibration, StructuredLinear, register_layer
 from .config import LayerConfig, OptionError, option
+from .convforms import ConvGeometry, factored_conv
 from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
                        int8_matmul)
 from .lowrank import rank_for_budget
@@ -264,13 +265,26 @@ class SVDQuantLinear(StructuredLinear):
         weight = cached(self, "weight", self._state(), lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
         return F.linear(x, weight, self.bias)
 
+    def conv_forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor | None:
+        """Factored mode: the dequantized factors (cached) as a k x k conv into ``rank`` channels and a 1 x 1
+        conv; the whole-weight modes: their (dequantized, cached) weight as one dense conv kernel."""
+        if not fast_paths_enabled():
+            return None
+        if self.mode == "factored":
+            left, right = cached(self, "factors", self._state(), lambda: self._float_factors(x.dtype), (x.dtype,))
+            return factored_conv(x, geometry, right, left, self.bias)
+        weight = cached(self, "weight", self._state(), lambda: self.to_dense_weight().to(x.dtype), (x.dtype,))
+        return geometry.conv(x, weight.reshape(self.out_features, geometry.in_channels, *geometry.kernel_size),
+                             self.bias)
+
     def _state(self) -> tuple[Tensor, ...]:
         """The buffers every derived tensor depends on (the cache key)."""
         return tuple(self.buffers())
 
     def _float_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(U, s V)`` dequantized in ``dtype``."""
-        return self._load("u").to(dtype), (self.s.float()[:, None] * self._load("v")).to(dtype)
+        work = torch.promote_types(dtype, torch.float32)  # fold s at float32 or better (float64 stays exact)
+        return self._load("u").to(dtype), (self.s.to(work)[:, None] * self._load("v").to(work)).to(dtype)
 
     def _int8_path_ok(self, flat: Tensor) -> bool:
         """The integer path needs factored int8 codes with one scale per row, and a shape ``_int_mm`` takes."""

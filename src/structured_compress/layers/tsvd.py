@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .base import Calibration, StructuredLinear, register_layer
 from .config import LayerConfig, OptionError, option
+from .convforms import ConvGeometry, factored_conv
 from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_factors, int8_factors_supported,
                        int8_matmul)
 from .ternary import best_new_magnitude, fit_scales, rank_cap, stride_for, ternary_decomposition
@@ -178,6 +179,15 @@ class TernarySVDLinear(StructuredLinear):
         weight = cached(self, "weight", state, lambda: (
             (self.u.float() * self.s.float()) @ self.v.float()).to(x.dtype), (x.dtype,))
         return F.linear(x, weight, self.bias)
+
+    def conv_forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor | None:
+        """The ternaries as float conv kernels (cached, ``s`` folded into ``T_V``): a k x k conv into ``rank``
+        channels, then a 1 x 1 conv. None during QAT (the latent weight carries the gradient) or at rank 0."""
+        if self.latent_weight is not None or self.rank == 0 or not fast_paths_enabled():
+            return None
+        left, right = cached(self, "factors", (self.u, self.s, self.v), lambda: (
+            self.u.to(x.dtype), (self.s.float()[:, None] * self.v.float()).to(x.dtype)), (x.dtype,))
+        return factored_conv(x, geometry, right, left, self.bias)
 
     def to_dense_weight(self) -> Tensor:
         return (self.u.to(self.s.dtype) * self.s) @ self.v.to(self.s.dtype)

@@ -112,6 +112,12 @@ def _compact_forward(layer: StructuredLinear, plan: CompactPlan, x: Tensor, dtyp
     hidden = [F.linear(_take(flat, g, g.offset), _take(layer.in_factors[g.components], g).flatten(0, 1).to(dtype))
               for g in plan.inputs]
     hidden = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0] if hidden else flat.new_zeros(len(flat), 0)
+    return compact_outputs(layer, plan, hidden, dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def compact_outputs(layer: StructuredLinear, plan: CompactPlan, hidden: Tensor, dtype: torch.dtype) -> Tensor:
+    """The output half: ``[tokens, hidden units]`` (in the plan's input-group order) -> ``[tokens, m]``, each
+    output group's factors added into its row interval, bias included."""
     bias = None if layer.bias is None else layer.bias.to(dtype)
     full = slice(0, layer.out_features)
     out = None
@@ -123,11 +129,11 @@ def _compact_forward(layer: StructuredLinear, plan: CompactPlan, x: Tensor, dtyp
             out = F.linear(inputs, factors, bias)  # the full-height group writes the output, bias included
             continue
         if out is None:
-            out = _bias_rows(flat, layer.out_features, bias)
+            out = _bias_rows(hidden, layer.out_features, bias)
         if group.local is not None:
             out[:, group.local].addmm_(inputs, factors.T)
         else:
             out.index_add_(-1, group.positions, inputs @ factors.T)
     if out is None:
-        out = _bias_rows(flat, layer.out_features, bias)
-    return out.reshape(*x.shape[:-1], layer.out_features)
+        out = _bias_rows(hidden, layer.out_features, bias)
+    return out

@@ -18,6 +18,7 @@ from ..base import Calibration, StructuredLinear, check_budget, register_layer
 from ..config import OptionError
 from ..lowrank import rank_for_budget
 from .config import COMPUTE_MODES, GaudiConfig
+from .conv import gaudi_conv, masked_factor_conv, prefer_sliced
 from .compact import MAX_COMPACT_FRACTION, MAX_GROUPS, CompactPlan, build_plan, compact_forward
 from .mask import MASK_THRESHOLD, gaudi_mask, snap_to_grid
 from .search import find_structure, kept_components, whole_layer_report
@@ -253,6 +254,15 @@ class GaudiGBLRLinear(StructuredLinear):
         if self.compute_mode == "lr":
             return F.linear(F.linear(x, in_weight.to(x.dtype)), out_weight.to(x.dtype), bias)
         return F.linear(x, (out_weight @ in_weight).to(x.dtype), bias)
+
+    def conv_forward(self, x: Tensor, geometry) -> Tensor | None:
+        """Convs (:mod:`.conv`): the compact interval form over channel slices when the masks are exact
+        intervals (see :meth:`compact_plan`) and narrow enough to pay, else the masked factors as a k x k conv
+        into ``K t`` channels and a 1 x 1 conv (valid in every state)."""
+        plan = self.compact_plan()
+        if prefer_sliced(self, plan, geometry):
+            return gaudi_conv(self, plan, x, geometry)
+        return masked_factor_conv(self, x, geometry)
 
     def num_params(self) -> int:
         """Stored numbers: factors ``K t (m + n)``, widths and locations ``4 K``, and the bias (the factors
