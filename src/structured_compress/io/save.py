@@ -105,12 +105,21 @@ class CompressedWriter:
                              "save_compressed(..., calibration=collect_output_embedding_gram(model, batches)) "
                              f"(embedding keys: {embeddings})")
         part, files, rounded = Part(layers=layers, aliases=aliases, embeddings=embeddings), {}, {}
+        storages: set[int] = set()
         for key in keys:
-            tensor = state[key].detach().to("cpu", copy=True).contiguous()
+            tensor = state[key].detach()
+            # the model's own CPU tensor where it can be written as it is (no second copy of a 7B model's
+            # embeddings); a copy where it lives elsewhere or shares memory with another stored tensor
+            pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+            if tensor.device.type != "cpu" or not tensor.is_contiguous() or pointer in storages:
+                tensor = tensor.to("cpu", copy=True).contiguous()
+            storages.add(pointer)
             entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, self.storage_dtype,
                                  grams.get(key), key in exact)
             stored = encode(key, tensor, entry, grams.get(key))
-            if entry["codec"] in ("cast", "int8", "int4"):
+            if entry["codec"] == "cast":  # rounding in place casts the stored copy back: no decoded copy
+                rounded[key] = stored[key]
+            elif entry["codec"] in ("int8", "int4"):
                 rounded[key] = decode(key, entry, stored)
             files.update(stored)
             part.tensors[key] = entry
