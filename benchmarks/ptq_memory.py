@@ -28,6 +28,9 @@ from pathlib import Path
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
              "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+SHAPES = {"llama-2-7b": LLAMA2_7B,  # half the width: for a quicker check of the same depth behaviour
+          "llama-half": {**LLAMA2_7B, "hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16,
+                         "num_key_value_heads": 16}}
 CODECS = {  # name -> (layer type, options)
     "svdq-int8": ("svdq", {"bits": 8, "max_error": 0.05}),
     "hyper": ("hyper", {}),
@@ -115,9 +118,9 @@ def compress_child(args: argparse.Namespace) -> None:
 
 
 def measure(codec: str, layers: int, args: argparse.Namespace, root: Path) -> dict:
-    model, out = root / f"llama7b-shaped-{layers}", root / f"out-{codec}-{layers}"
+    model, out = root / f"{args.shapes}-{layers}", root / f"out-{codec}-{layers}"
     if not model.exists():
-        write_model(model, layers, LLAMA2_7B)
+        write_model(model, layers, SHAPES[args.shapes])
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", "--model", str(model), "--out", str(out), "--codec", codec,
                "--device", args.device, "--dtype", args.dtype, "--tokens", str(args.tokens),
@@ -127,7 +130,7 @@ def measure(codec: str, layers: int, args: argparse.Namespace, root: Path) -> di
         raise RuntimeError(result.stderr[-3000:])
     child = json.loads(result.stdout.strip().splitlines()[-1])
     per_block = sum(child["block_seconds"]) / max(len(child["block_seconds"]), 1)
-    row = {"benchmark": "ptq_memory", "codec": codec, "layers": layers, "shapes": "llama-2-7b", "device": args.device,
+    row = {"benchmark": "ptq_memory", "codec": codec, "layers": layers, "shapes": args.shapes, "device": args.device,
            "dtype": args.dtype, "calibration": f"{args.batches} x {args.tokens} tokens",
            "seconds_per_block": round(per_block, 1), "projected_32_layers_min": round(32 * per_block / 60, 1),
            "output_bytes": sum(f.stat().st_size for f in out.iterdir()),
@@ -142,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--codecs", nargs="+", default=["svdq-int8"], choices=sorted(CODECS))
+    parser.add_argument("--shapes", default="llama-2-7b", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="the skeleton's dtype (blocks are cast to it on load)")
     parser.add_argument("--tokens", type=int, default=256)
