@@ -166,7 +166,7 @@ def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
     block's shard goes to. A transformers model's ``save_pretrained`` then writes the compressed format."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
     model, device = task.model, torch.device(device or "cpu")
-    names = select_layers(model, cfg.get("include"), cfg.get("exclude"))
+    names = list(select_layers(model, cfg.get("include"), cfg.get("exclude")))  # names: no dense module kept
     stack = find_block_stack(model, names) if cfg.get("sequential", True) else None
     was_training = model.training
     try:

@@ -251,15 +251,17 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
     """
     forward = forward or (lambda m, batch: m(batch))
     config_for = config_table(layer, budget, options)
-    selected = select_layers(model, include, exclude, filter_fn)
-    planned = {name: config for name in selected if (config := config_for(name)) is not None}
+    # sizes only: holding the selected modules would keep every replaced block's dense weights alive
+    sizes = {name: dense_view(module)[1].numel() for name, module in
+             select_layers(model, include, exclude, filter_fn).items()}
+    planned = {name: config for name in sizes if (config := config_for(name)) is not None}
     if not planned:
         raise ValueError("no layer was replaced: the include/exclude patterns and layer dict select nothing")
     stack_name = find_block_stack(model, planned)
     if stack_name is None:
         raise ValueError("the selected layers do not all lie in one stack of blocks: use compress_ (all at once)")
     stack = model.get_submodule(stack_name)
-    planned = per_block_configs(planned, {n: dense_view(selected[n])[1].numel() for n in planned}, len(stack))
+    planned = per_block_configs(planned, sizes, len(stack))
     params_before = sum(p.numel() for p in model.parameters())
     home = torch.device("cpu") if weights is not None else next(iter(model.parameters())).device
     device = torch.device(device) if device is not None else home
