@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from .io.dense_weights import DenseWeights
 from .io.save import CompressedWriter, Part, exact_keys
-from .io.shards import read_tensors
-from .io.storage import decode, stored_layout
+from .io.shards import decoded_tensors
 from .io.structure import install_structured_layers, layer_entry, structured_layers
 from .layers.config import LayerConfig
 from .modeltree import FilterFn, dense_view, select_layers
@@ -216,14 +215,10 @@ def _move_outside(model: nn.Module, stack_name: str, device: torch.device) -> No
 
 def _restore_block(model: nn.Module, prefix: str, part: Part, file, device: torch.device) -> None:
     """Rebuild a block an earlier run compressed, from its shard (no decomposition runs)."""
-    stored = read_tensors(file)
-    state = {key: decode(key, entry, stored) for key, entry in part.tensors.items()
-             if all(name in stored for name in stored_layout(key, entry))}
-    state.update({alias: state[target] for alias, target in part.aliases.items()})
+    state = decoded_tensors(part.tensors, part.aliases, [file], device)
     install_structured_layers(model, part.layers, state, f"the shard {file.name}")
-    block = model.get_submodule(prefix)
-    block.load_state_dict({key[len(prefix) + 1:]: value.to(device) for key, value in state.items()}, strict=True,
-                          assign=True)
+    model.get_submodule(prefix).load_state_dict({key[len(prefix) + 1:]: value for key, value in state.items()},
+                                                strict=True, assign=True)
 
 
 @torch.no_grad()

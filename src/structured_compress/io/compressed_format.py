@@ -32,9 +32,9 @@ from torch import nn
 from ..errors import UserInputError
 from .manifest import check_body, check_sealed, check_weights_entry, read_manifest
 from .save import save_compressed
-from .shards import read_tensors, shard_layout, shard_metadata, verify_file
+from .shards import decoded_tensors, shard_layout, shard_metadata, verify_file
 from .source import build_from_source, is_hf_model
-from .storage import decode, parse_dtype, stored_layout
+from .storage import parse_dtype, stored_layout
 from .structure import install_structured_layers, layer_problems
 
 log = logging.getLogger(__name__)
@@ -130,20 +130,6 @@ def weight_files(directory: Path, manifest: Mapping[str, Any]) -> list[Path]:
     return [directory / entry["file"] for entry in shards] + [weights]
 
 
-def _decoded_tensors(manifest: Mapping[str, Any], files: list[Path], device) -> dict[str, torch.Tensor]:
-    """Every state tensor, decoded, read one file at a time (at most one file's stored tensors beside the
-    decoded ones)."""
-    wanted = {key: stored_layout(key, entry) for key, entry in manifest["tensors"].items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        stored = read_tensors(file)
-        for key, layout in wanted.items():
-            if key not in tensors and all(name in stored for name in layout):
-                tensors[key] = decode(key, manifest["tensors"][key], stored).to(device)
-        del stored
-    return tensors
-
-
 def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
     """The model saved at ``path``, every tensor on ``device``: built from the recorded source spec (in eval
@@ -160,9 +146,7 @@ def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
         manifest = _upgrade(manifest, layout)
     check_body(manifest)
     check_saved(manifest, layout)
-    tensors = _decoded_tensors(manifest, files, device)
-    for alias, target in manifest["aliases"].items():
-        tensors[alias] = tensors[target]
+    tensors = decoded_tensors(manifest["tensors"], manifest["aliases"], files, device)
     model = model_skeleton
     if model is None:
         from accelerate import init_empty_weights

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +19,7 @@ import safetensors.torch
 import torch
 
 from ..errors import UserInputError
+from .storage import decode, stored_layout
 
 SINGLE_FILE = "compressed.safetensors"
 INDEX_FILE = "compressed.safetensors.index.json"
@@ -48,19 +47,11 @@ def file_digest(path: Path) -> str:
 def write_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
     """Stream ``tensors`` to ``path`` (temp file, fsync, rename: never a torn shard); returns its manifest
     entry ``{"file", "bytes", "sha256"}``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from ..utils.files import atomic_path  # deferred: that module imports Lightning
+
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        entry = {"file": path.name, "bytes": os.path.getsize(tmp), "sha256": file_digest(Path(tmp))}
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        entry = {"file": path.name, "bytes": tmp.stat().st_size, "sha256": file_digest(tmp)}
     return entry
 
 
@@ -80,6 +71,22 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise UserInputError(f"{file} is not a readable safetensors file: {err}") from err
+
+
+def decoded_tensors(table: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str], files: list[Path],
+                    device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a tensor table (key -> codec entry), decoded onto ``device`` and read one file at a
+    time (at most one file's stored tensors beside the decoded ones), plus its aliases."""
+    wanted = {key: stored_layout(key, entry) for key, entry in table.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        stored = read_tensors(file)
+        for key, layout in wanted.items():
+            if key not in tensors and all(name in stored for name in layout):
+                tensors[key] = decode(key, table[key], stored).to(device)
+        del stored
+    tensors.update({alias: tensors[target] for alias, target in aliases.items()})
+    return tensors
 
 
 def read_part(path: Path) -> dict[str, Any] | None:
