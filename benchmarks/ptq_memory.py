@@ -106,7 +106,7 @@ def compress_child(args: argparse.Namespace) -> None:
                                  include="model.layers.*", options=options, batches=batches,
                                  forward=lambda m, batch: m(input_ids=batch, use_cache=False), weights=weights,
                                  device=args.device, writer=writer, release=True)
-    writer.finish(model, None, report)
+    writer.finish(model, None, report, weights=weights)
     ends = [begin, *marks]
     peak_gpu = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     print(json.dumps({"block_seconds": [round(b - a, 1) for a, b in zip(ends, ends[1:])],

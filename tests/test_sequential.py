@@ -28,9 +28,9 @@ LINEARS_PER_BLOCK = 7
 SVDQ_INT4 = {"bits": 4, "group_size": 16, "svd": False, "rounding": "gptq"}
 
 
-def tiny_config():
+def tiny_config(**overrides):
     return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=100)
+                                    num_key_value_heads=2, vocab_size=100, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -138,38 +138,44 @@ class MeasuredWeights(DenseWeights):
 
     model = None
     peaks: list[int] = []
+    outside_in_memory: list[bool] = []  # after every read: whether any tensor outside the blocks holds memory
 
     def load(self, module, prefix="", skip=()):
         super().load(module, prefix, skip)
         self.peaks.append(live_tensor_bytes())
+        self.outside_in_memory.append(any(not p.is_meta for n, p in self.model.named_parameters()
+                                          if not n.startswith("model.layers.")))
 
 
-def sequential_save(folder: Path, checkpoint: Path, batches, weights_class=DenseWeights):
+def sequential_save(folder: Path, checkpoint: Path, batches, weights_class=DenseWeights, config=None):
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # as create_hf_model(..., empty_weights=True) builds it
-        skeleton = transformers.AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32).eval()
+        skeleton = transformers.AutoModelForCausalLM.from_config(config or tiny_config(), dtype=torch.float32).eval()
     weights = weights_class(checkpoint)
     weights.model = skeleton
     writer = CompressedWriter(folder, 5, None, dense_dtype(skeleton), {"test": "tiny"})
     report = compress_sequential(skeleton, "svdq", include="model.layers.*", options=SVDQ_INT4, batches=batches,
                                  forward=forward, weights=weights, writer=writer, release=True)
-    writer.finish(skeleton, None, report)
+    writer.finish(skeleton, None, report, weights=weights)
     return weights
 
 
 def test_blocks_load_one_at_a_time_and_the_shards_reload_bit_identically(tiny, batches, tmp_path):
     checkpoint = write_checkpoint(tiny, tmp_path / "dense")
-    MeasuredWeights.peaks = []
+    MeasuredWeights.peaks, MeasuredWeights.outside_in_memory = [], []
     before = live_tensor_bytes()
     sequential_save(tmp_path / "out", checkpoint, batches, MeasuredWeights)
     block_bytes = sum(t.nbytes for t in tiny.model.layers[0].state_dict().values())
     whole = sum(t.nbytes for t in tiny.state_dict().values())
     outside = whole - 4 * block_bytes
-    # never more than the outside, one dense block and the compressed blocks' leftovers in memory
+    # loads: the outside (to record block 0's inputs), then blocks 0-3 (the writer reads the outside again)
     grown = [peak - before for peak in MeasuredWeights.peaks]
-    assert max(grown) < outside + 2 * block_bytes < whole, (grown, outside, block_bytes)
-    assert grown[-1] - grown[1] < block_bytes / 2  # flat in depth: no block's dense weights are kept
+    assert len(grown) == 5 and max(grown) < outside + 2 * block_bytes < whole, (grown, outside, block_bytes)
+    # while the blocks are compressed, the outside is freed and at most about one dense block is alive
+    assert MeasuredWeights.outside_in_memory == [True, False, False, False, False]
+    assert max(grown[1:]) < 1.5 * block_bytes, (grown, outside, block_bytes)
+    assert grown[4] - grown[1] < block_bytes / 2  # flat in depth: no block's dense weights are kept
 
     in_memory = copy.deepcopy(tiny)
     writer = CompressedWriter(tmp_path / "reference", 5, None, torch.float32, {"test": "tiny"})
@@ -183,6 +189,28 @@ def test_blocks_load_one_at_a_time_and_the_shards_reload_bit_identically(tiny, b
     assert len(read_manifest(tmp_path / "out")["shards"]) == 4
     reloaded = load_compressed(tmp_path / "out")
     assert torch.equal(forward(reloaded, batches[0]).logits, forward(in_memory, batches[0]).logits)
+
+
+def test_a_tied_head_is_written_once_from_a_checkpoint_that_holds_it_under_either_name(batches, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = tiny_config(tie_word_embeddings=True)
+    tied = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    reference = copy.deepcopy(tied)
+    writer = CompressedWriter(tmp_path / "reference", 5, None, torch.float32, {"test": "tiny"})
+    writer.finish(reference, None, compress_sequential(reference, "svdq", include="model.layers.*",
+                                                       options=SVDQ_INT4, batches=batches, forward=forward,
+                                                       writer=writer))
+    for dropped in ("lm_head.weight", "model.embed_tokens.weight"):  # Gemma's converted checkpoint keeps the head
+        (tmp_path / dropped).mkdir()
+        save_file({k: v.clone() for k, v in tied.state_dict().items() if k != dropped},
+                  tmp_path / dropped / "model.safetensors")
+        sequential_save(tmp_path / f"out-{dropped}", tmp_path / dropped, batches, config=config)
+        assert read_manifest(tmp_path / f"out-{dropped}")["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        for name in sorted(p.name for p in (tmp_path / "reference").iterdir()):
+            written = (tmp_path / f"out-{dropped}" / name).read_bytes()
+            assert written == (tmp_path / "reference" / name).read_bytes(), name
 
 
 def test_a_tampered_shard_is_refused(tiny, batches, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import pipeline
-from .io import CompressedWriter, folder_sizes, save_compressed
+from .io import CompressedWriter, folder_sizes, load_compressed, save_compressed
 from .io.save import dense_dtype
 from .runner import RunState, Steps, run
 from .utils.report_logging import log_report
@@ -56,7 +56,8 @@ class CompressSteps(Steps):
         # on the run's accelerator: Lightning's test teardown left the model on the CPU
         state.built.report = pipeline.compress_task_model(
             task, cfg.layer, datamodule, device=trainer.strategy.root_device, weights=state.built.weights,
-            writer=self._writer_for(cfg, task.model, storage) if trainer.is_global_zero else None)
+            writer=self._writer_for(cfg, task.model, storage) if trainer.is_global_zero else None,
+            release=not pipeline.head_gram_needed(storage))  # GPTQ-rounding the head runs the compressed model
         state.facts.update(baseline_metrics={k: float(v) for k, v in baseline.items()},
                            compress_time_s=round(time.perf_counter() - compress_start, 2),
                            compressed_path=str(self.saved_dir(cfg).resolve()))
@@ -68,12 +69,15 @@ class CompressSteps(Steps):
                                                               datamodule)
             source = pipeline.dense_model_factory_config(cfg)
             if self.writer is not None:  # the blocks' shards are written: add the rest and seal
-                self.writer.finish(task.model, source, state.built.report, head_gram)
+                self.writer.finish(task.model, source, state.built.report, head_gram, weights=state.built.weights)
             else:
                 save_compressed(task.model, self.saved_dir(cfg), state.built.report, source=source, storage=storage,
                                 calibration=head_gram)
         # the process's peak so far: loading, calibrating, compressing and saving, before the test's logits
         state.facts["peak_rss_before_test_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if cfg.get("test") and any(p.is_meta for p in task.model.parameters()):
+            # the blocks left memory as their shards were written: the test reads the saved folder back
+            load_compressed(self.saved_dir(cfg), model_skeleton=task.model)
 
     def _writer_for(self, cfg: DictConfig, model: torch.nn.Module, storage: dict | None):
         """What makes the block-by-block writer: each block's shard lands in the output folder as soon as the

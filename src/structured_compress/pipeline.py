@@ -134,10 +134,16 @@ def calibration_inputs(task: pl.LightningModule, layer_cfg: dict, datamodule: pl
                       lambda model, batches, forward: collect_input_gram(model, batches, names, forward=forward))
 
 
+def head_gram_needed(storage: dict | None) -> bool:
+    """Whether saving with ``storage`` GPTQ-rounds the embeddings, which runs the whole compressed model."""
+    return (bool(storage) and storage.get("embeddings_rounding") == "gptq"
+            and storage.get("embeddings", "none") != "none")
+
+
 def output_embedding_calibration(task: pl.LightningModule, storage: dict | None, n_batches: int,
                                  datamodule: pl.LightningDataModule | None):
     """The LM head's input Gram matrix when ``storage`` GPTQ-rounds the embeddings (else None)."""
-    if not storage or storage.get("embeddings_rounding") != "gptq" or storage.get("embeddings", "none") == "none":
+    if not head_gram_needed(storage):
         return None
     return _calibrate(task, datamodule, max(n_batches, 1),
                       lambda model, batches, forward: collect_output_embedding_gram(model, batches, forward))
@@ -158,12 +164,15 @@ def calibration_batches(task: pl.LightningModule, n_batches: int, datamodule: pl
 def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
                         datamodule: pl.LightningDataModule | None = None, device: torch.device | None = None,
                         weights: DenseWeights | None = None,
-                        writer: Callable[[int], CompressedWriter] | None = None) -> CompressionReport:
+                        writer: Callable[[int], CompressedWriter] | None = None,
+                        release: bool = False) -> CompressionReport:
     """Run the ``layer`` config's surgery on ``task.model`` on ``device``: block by block
     (``sequential.compress_sequential``) where one stack of blocks holds every selected layer and
     ``layer.sequential`` is on, else every layer at once (calibrating first if asked). ``weights``: the dense
     checkpoint a meta-device skeleton reads block by block; ``writer(parts)``: makes the writer each finished
-    block's shard goes to. A transformers model's ``save_pretrained`` then writes the compressed format."""
+    block's shard goes to. ``release`` (with both): each block leaves memory once its shard is written, the blocks
+    are on the meta device afterwards (finish the writer, then load the folder to use the model). A transformers
+    model's ``save_pretrained`` then writes the compressed format."""
     cfg = OmegaConf.to_container(layer_cfg, resolve=True)
     model, device = task.model, torch.device(device or "cpu")
     names = list(select_layers(model, cfg.get("include"), cfg.get("exclude")))  # names: no dense module kept
@@ -180,7 +189,8 @@ def compress_task_model(task: pl.LightningModule, layer_cfg: DictConfig,
                 options=cfg.get("options"), batches=calibration_batches(task, int(cfg.get("calibration_batches") or 0),
                                                                         datamodule),
                 forward=lambda m, batch: m(task.model_inputs(batch)), weights=weights, device=device,
-                writer=writer(blocks + 1) if writer is not None else None)
+                writer=writer(blocks + 1) if writer is not None else None,
+                release=release and weights is not None and writer is not None)
         else:
             if weights is not None:
                 weights.load(model)

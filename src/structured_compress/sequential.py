@@ -213,6 +213,21 @@ def _move_outside(model: nn.Module, stack_name: str, device: torch.device) -> No
         model.tie_weights()
 
 
+def _release_outside(model: nn.Module, stack_name: str) -> None:
+    """Put every parameter outside the block stack on the meta device: once block 0's inputs are recorded,
+    nothing outside the blocks runs again (an LLM's embeddings and LM head, the largest tensors, are then read
+    again only to be written)."""
+    freed: dict[int, nn.Parameter] = {}  # tied parameters (embeddings and LM head) stay one parameter
+    for name, module in model.named_modules():
+        if name == stack_name or name.startswith(stack_name + "."):
+            continue
+        for key, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in freed:
+                    freed[id(param)] = nn.Parameter(param.to("meta"), param.requires_grad)
+                module._parameters[key] = freed[id(param)]
+
+
 def _restore_block(model: nn.Module, prefix: str, part: Part, file, device: torch.device) -> None:
     """Rebuild a block an earlier run compressed, from its shard (no decomposition runs)."""
     state = decoded_tensors(part.tensors, part.aliases, [file], device)
@@ -237,10 +252,13 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
     batches, forward: calibration batches and ``forward(model, batch)`` (default ``model(batch)``), needed when
         a selected setting is data-aware.
     weights: a ``DenseWeights`` to read each block's dense tensors from when the block is reached (the model
-        then is a skeleton on the meta device; everything outside the blocks is read first).
+        then is a skeleton on the meta device; what lies outside the blocks is read to record block 0's inputs,
+        and is in memory at the end unless ``release``).
     device: where blocks are calibrated and compressed (default: where the model's parameters are); each block
         goes back where it came from afterwards (the CPU when read from ``weights``), or to the meta device with
-        ``release`` (its memory freed).
+        ``release`` (its memory freed: the blocks are then only in the writer's shards). With ``release`` and
+        ``weights``, the parameters outside the blocks are on the meta device too, from when block 0's inputs
+        are recorded: finish the writer with ``weights=``, it reads them from the checkpoint.
     writer: writes each block's part as soon as the block is done; parts it already finds on disk are loaded
         instead of compressed again (the caller finishes it with the tensors outside the blocks).
     """
@@ -257,18 +275,25 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
         raise ValueError("the selected layers do not all lie in one stack of blocks: use compress_ (all at once)")
     stack = model.get_submodule(stack_name)
     planned = per_block_configs(planned, sizes, len(stack))
+    if weights is not None and hasattr(model, "tie_weights"):
+        model.tie_weights()  # a skeleton built from a config may hold a tied head as a second parameter
     params_before = sum(p.numel() for p in model.parameters())
     home = torch.device("cpu") if weights is not None else next(iter(model.parameters())).device
     device = torch.device(device) if device is not None else home
-    if weights is not None:
-        weights.load(model, skip=(stack_name + ".",))
+    release_freed_memory()  # what building the model and the data left freed (e.g. tokenizing) goes back first
     needs_data = any(config.calibration_needed() for config in planned.values())
+    outside_freed = release and weights is not None
     calls = None
     if needs_data:
         if batches is None:
             raise ValueError("the selected settings are data-aware: pass calibration batches")
+        if weights is not None:
+            weights.load(model, skip=(stack_name + ".",))
         _move_outside(model, stack_name, device)
         calls = record_block_calls(model, stack, batches, forward, device)
+        if outside_freed:
+            _release_outside(model, stack_name)
+            release_freed_memory()
     report = CompressionReport(model_params_before=params_before)
     with progress_bar(len(stack), f"compress {stack_name}", "block") as bar:
         for index in range(len(stack)):
@@ -314,7 +339,9 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
             bar.set_postfix(layers=len(report.layers), s_per_block=round(time.perf_counter() - started, 1),
                             **({"mean_output_error": f"{sum(errors) / len(errors):.4f}"} if errors else {}))
             bar.update(1)
-    if needs_data and device != home:
+    if weights is not None and not release and not needs_data:
+        weights.load(model, skip=(stack_name + ".",))
+    elif needs_data and device != home and not outside_freed:
         _move_outside(model, stack_name, home)
     report.model_params_after = params_before - report.params_before + report.params_after
     return report

@@ -17,10 +17,41 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .storage import cast_overflows
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+CHUNK_BYTES = 64 << 20
+
+
+def _read(file: Path, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor ``key`` of ``file`` as a new ``dtype`` tensor, read and cast in row chunks of about ``CHUNK_BYTES``,
+    the file opened per chunk. safetensors reads through a mapping of the whole file whose touched pages count
+    as the process's memory until it is closed, and ``get_tensor`` returns views of it; reading a 7B model's
+    embedding in one piece would hold it twice, more so when it is cast. Raises ``OverflowError`` when a
+    finite value does not fit ``dtype``."""
+    with safetensors.safe_open(file, "pt", device="cpu") as handle:
+        shape = handle.get_slice(key).get_shape()
+        out = torch.empty(shape, dtype=dtype)
+        if len(shape) == 0 or out.nbytes <= CHUNK_BYTES:
+            _fill(out, ..., handle.get_tensor(key), key)
+            return out
+    rows = max(1, CHUNK_BYTES * shape[0] // out.nbytes)
+    for start in range(0, shape[0], rows):
+        with safetensors.safe_open(file, "pt", device="cpu") as handle:
+            _fill(out, slice(start, start + rows), handle.get_slice(key)[start:start + rows], key)
+    return out
+
+
+def _fill(out: torch.Tensor, index, values: torch.Tensor, key: str) -> None:
+    """``out[index] = values``, refusing a cast that turns finite values infinite."""
+    out[index] = values
+    if out.dtype != values.dtype and out.is_floating_point() and cast_overflows(values, out[index]):
+        raise OverflowError(f"tensor {key!r} has values beyond {str(out.dtype).removeprefix('torch.')}'s range "
+                            f"(max |x| = {values.abs().max().item():.4g})")
 
 
 class DenseWeights:
@@ -45,6 +76,17 @@ class DenseWeights:
                 self.location.update(dict.fromkeys(handle.keys(), file))
         self.bytes_read = 0
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The checkpoint's tensor ``key`` as ``dtype``, cast chunk by chunk (never held in two dtypes at once)."""
+        if key not in self.location:
+            raise UserInputError(f"{self.path} has no tensor {key!r}: the checkpoint does not fit the model config")
+        tensor = _read(self.location[key], key, dtype)
+        self.bytes_read += tensor.nbytes
+        return tensor
+
     def load(self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> None:
         """Fill ``module``'s parameters and buffers (checkpoint keys ``prefix + name``) in place, except those
         under the ``skip`` prefixes; tensors the checkpoint leaves out must be tied to one it holds (an LM
@@ -59,11 +101,9 @@ class DenseWeights:
             if prefix + name in self.location:
                 by_file.setdefault(self.location[prefix + name], []).append(name)
         loaded: dict[str, torch.Tensor] = {}
-        for file, names in by_file.items():
-            with safetensors.safe_open(file, "pt", device="cpu") as handle:
-                for name in names:
-                    loaded[name] = handle.get_tensor(prefix + name).to(wanted[name].dtype)
-                    self.bytes_read += loaded[name].nbytes
+        for names in by_file.values():
+            for name in names:
+                loaded[name] = self.read(prefix + name, wanted[name].dtype)
         for name, tensor in wanted.items():
             if name in loaded or tensor.device.type != "meta":
                 continue

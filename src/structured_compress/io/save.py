@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..layers import StructuredLinear
+from .dense_weights import DenseWeights
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json
 from .shards import INDEX_FILE, PART_KEY, file_digest, read_part, shard_name, write_index, write_shard
 from .source import describe_source, write_hf_config
@@ -32,14 +33,32 @@ def _unique_keys(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str
     as an earlier one (tied weights)."""
     keys, aliases, seen = [], {}, {}
     for key, tensor in state.items():
-        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                tuple(tensor.stride()), tensor.dtype)
+        storage = tensor.untyped_storage()  # meta tensors have no address: their storage object tells ties apart
+        view = (tensor.device, storage._cdata if tensor.is_meta else storage.data_ptr(), tensor.storage_offset(),
+                tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and view in seen:
             aliases[key] = seen[view]
         else:
             seen[view] = key
             keys.append(key)
     return keys, aliases
+
+
+def _encoded_from_checkpoint(weights: DenseWeights | None, key: str, tied: list[str], dtype: torch.dtype,
+                             entry: dict[str, Any], gram: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The file tensors of ``key`` read from ``weights`` (under whichever of the ``tied`` names the checkpoint
+    holds it): a cast read straight into its stored dtype, chunk by chunk, so an LLM's embedding is never held
+    in full precision and stored precision at once."""
+    if weights is None:
+        raise ValueError(f"tensor {key!r} is on the meta device: pass weights= (the DenseWeights the model's "
+                         "blocks were read from) to read it from the checkpoint")
+    name = next((name for name in tied if name in weights), key)
+    if entry["codec"] != "cast":
+        return encode(key, weights.read(name, dtype), entry, gram)
+    try:
+        return {key: weights.read(name, getattr(torch, entry["stored_dtype"]))}
+    except OverflowError as err:
+        raise ValueError(f"{err}; save with storage.dtype=bf16 or fp32") from None
 
 
 def exact_keys(model: nn.Module) -> set[str]:
@@ -91,7 +110,8 @@ class CompressedWriter:
         return part
 
     def _encode(self, state: Mapping[str, torch.Tensor], layers: list[dict[str, Any]], embeddings: list[str],
-                grams: Mapping[str, torch.Tensor] | None, exact: set[str]) -> tuple[Part, dict, dict]:
+                grams: Mapping[str, torch.Tensor] | None, exact: set[str],
+                weights: DenseWeights | None = None) -> tuple[Part, dict, dict]:
         """The part's table, its file tensors, and per lossily stored tensor the value loading returns."""
         keys, aliases = _unique_keys(state)
         prefixes = tuple(entry["name"] + "." for entry in layers)
@@ -108,6 +128,13 @@ class CompressedWriter:
         storages: set[int] = set()
         for key in keys:
             tensor = state[key].detach()
+            if tensor.is_meta:  # freed by a block-by-block run: read from the checkpoint, straight into its codec
+                entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, self.storage_dtype,
+                                     grams.get(key), key in exact)
+                tied = [key, *(alias for alias, target in aliases.items() if target == key)]
+                files.update(_encoded_from_checkpoint(weights, key, tied, tensor.dtype, entry, grams.get(key)))
+                part.tensors[key] = entry
+                continue
             # the model's own CPU tensor where it can be written as it is (no second copy of a 7B model's
             # embeddings); a copy where it lives elsewhere or shares memory with another stored tensor
             pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
@@ -154,9 +181,10 @@ class CompressedWriter:
         return part
 
     def finish(self, model: nn.Module, source: Any = None, report=None,
-               calibration: Mapping[str, torch.Tensor] | None = None) -> Path:
+               calibration: Mapping[str, torch.Tensor] | None = None, weights: DenseWeights | None = None) -> Path:
         """Write the last part -- every tensor and structured layer of ``model`` that no earlier part holds --,
-        the index and the manifest."""
+        the index and the manifest. ``weights``: the dense checkpoint the tensors ``model`` holds on the meta
+        device are read from (a block-by-block run with ``release`` frees everything outside the blocks)."""
         if len(self.written) != self.parts - 1:
             raise ValueError(f"finish() after {len(self.written)} of {self.parts - 1} earlier parts")
         done = {key for part, _ in self.written for key in [*part.tensors, *part.aliases]}
@@ -165,7 +193,7 @@ class CompressedWriter:
         layers = [layer_entry(name, module) for name, module in structured_layers(model).items()
                   if name not in done_layers]
         exact = exact_keys(model) - done
-        last, files, rounded = self._encode(state, layers, embedding_keys(model), calibration, exact)
+        last, files, rounded = self._encode(state, layers, embedding_keys(model), calibration, exact, weights)
         parts = [part for part, _ in self.written] + [last]
         body = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION,

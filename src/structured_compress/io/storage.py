@@ -135,6 +135,13 @@ def choose_codec(tensor: Tensor, in_layer: bool, embedding: bool, policy: Storag
     return {**entry, "codec": "cast", "stored_dtype": dtype_name(dtype)}
 
 
+def cast_overflows(tensor: Tensor, stored: Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether a finite value of ``tensor`` became infinite in its cast ``stored``; checked in chunks, so no
+    temporary as large as the tensor is made (an LLM's embedding is the largest tensor saved)."""
+    return any(bool((cast.isinf() & value.isfinite()).any())
+               for value, cast in zip(tensor.reshape(-1).split(chunk), stored.reshape(-1).split(chunk)))
+
+
 def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | None = None) -> dict[str, Tensor]:
     """The file tensors that store ``tensor`` (a CPU tensor) under ``entry``'s codec (``gram``: the Gram matrix
     of its inputs, for ``rounding: gptq``)."""
@@ -145,7 +152,7 @@ def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | No
         return {key: pack_ternary(tensor)}
     if codec == "cast":
         stored = tensor.to(getattr(torch, entry["stored_dtype"]))
-        if bool((torch.isinf(stored) & torch.isfinite(tensor)).any()):
+        if cast_overflows(tensor, stored):
             raise ValueError(f"tensor {key!r} has values beyond {entry['stored_dtype']}'s range (max |x| = "
                              f"{tensor.abs().max().item():.4g}); save with storage.dtype=bf16 or fp32")
         return {key: stored}

@@ -214,14 +214,13 @@ class SVDQuantLinear(StructuredLinear):
         def factors(k: int) -> tuple[Quantized, Quantized]:
             return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram)
 
-        def reconstruction(k: int) -> Tensor:
+        def factored_error(k: int) -> float:
             u_q, v_q = factors(k)
-            return (_dequantized(u_q, group_size) * sv[:k]) @ _dequantized(v_q, group_size)
+            return error_of(_dequantized(u_q, group_size) * sv[:k], _dequantized(v_q, group_size))
 
         rank = None
         if config.svd:
-            rank = _factored_rank(config, out_features, in_features,
-                                  None if error_of is None else lambda k: error_of(reconstruction(k)))
+            rank = _factored_rank(config, out_features, in_features, None if error_of is None else factored_error)
         qdense = cls(in_features, out_features, mode="qdense", **kwargs).to(weight.device)
         qdense._store("w", quantize_matrix(dense, bits, group_size, symmetric, gram))
         if rank is not None:
@@ -327,10 +326,20 @@ class SVDQuantLinear(StructuredLinear):
         return super().extra_repr() + f", mode={self.mode}, rank={self.rank}, bits={self.bits}"
 
 
-def _output_error_fn(weight: Tensor, bias: Tensor | None, inputs: Tensor) -> Callable[[Tensor], float]:
-    """``approx -> ||inputs (approx - W)^T||_F / ||inputs W^T + b||_F`` (the bias cancels in the numerator)."""
-    reference = F.linear(inputs, weight, None if bias is None else bias.detach().float()).norm().clamp(min=1e-30)
-    return lambda approx: (F.linear(inputs, approx - weight).norm() / reference).item()
+def _output_error_fn(weight: Tensor, bias: Tensor | None,
+                     inputs: Tensor) -> Callable[[Tensor, Tensor | None], float]:
+    """``(left, right) -> ||inputs (left right - W)^T||_F / ||inputs W^T + b||_F`` (the bias cancels in the
+    numerator); ``right=None`` measures the matrix ``left``. A factored approximation is applied factor by factor,
+    never multiplied out: at rank k that costs ``k (in + out)`` per input row instead of ``in * out``, which is
+    what makes the rank search affordable on 7B-sized layers."""
+    target = F.linear(inputs, weight)
+    reference = (target if bias is None else target + bias.detach().float()).norm().clamp(min=1e-30)
+
+    def error_of(left: Tensor, right: Tensor | None = None) -> float:
+        approx = F.linear(inputs, left) if right is None else F.linear(F.linear(inputs, right), left)
+        return ((approx - target).norm() / reference).item()
+
+    return error_of
 
 
 def _factored_rank(config: SVDQuantConfig, out_features: int, in_features: int,

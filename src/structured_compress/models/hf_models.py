@@ -39,6 +39,7 @@ def create_hf_model(source: str, kind: str = "sequence_classification", num_labe
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **config_overrides),
                                                      dtype=kwargs["dtype"])
+        model.tie_weights()  # from_config leaves a tied head as a second parameter (counted twice) until tied
         return model.train()
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
