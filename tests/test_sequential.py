@@ -62,6 +62,21 @@ def test_data_free_codec_gives_bit_identical_models(tiny, batches):
     assert torch.equal(forward(together, batches[0]).logits, forward(by_block, batches[0]).logits)
 
 
+def test_gram_matrices_are_collected_only_for_settings_that_use_them(tiny, batches, monkeypatch):
+    seen = []
+    original = sequential.compress_
+
+    def spy(model, layer, *args, calibration=None, **kwargs):
+        seen.extend((data["gram"], data["inputs"].shape) for data in calibration.values())
+        return original(model, layer, *args, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(sequential, "compress_", spy)
+    compress_sequential(copy.deepcopy(tiny), "svdq", include="model.layers.*", options={"max_error": 0.05},
+                        batches=batches, forward=forward)  # the rank search reads inputs only
+    assert len(seen) == 4 * LINEARS_PER_BLOCK and all(gram is None for gram, _ in seen)
+    assert all(shape[0] == 3 * 2 * 16 for _, shape in seen)  # every calibration token of the 3 batches
+
+
 def test_each_block_calibrates_on_the_compressed_blocks_before_it(tiny, batches, monkeypatch):
     seen = {}
     original = sequential.compress_
