@@ -13,6 +13,7 @@ again; each block draws its random numbers from its own seed, so a resumed run w
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -192,7 +193,8 @@ def map_large_allocations(threshold: int = 1 << 20) -> None:
     """Serve every allocation above ``threshold`` bytes with its own mapping, returned to the OS when freed.
     glibc raises its mmap threshold each time a mapped block is freed (up to 32 MB), after which a block's
     tensors of up to 32 MB come from the heap, and its fragments made each block's peak higher than the
-    last one's (about 120 MB per block at half LLaMA-7B width); fixing the threshold keeps the peak flat."""
+    last one's (about 120 MB per block at half LLaMA-7B width); fixing the threshold keeps the peak flat.
+    The setting is process-wide and stays for the rest of the run."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
@@ -236,6 +238,22 @@ def _move_outside(model: nn.Module, stack_name: str, device: torch.device) -> No
                 module._buffers[key] = buffer.to(device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+@contextlib.contextmanager
+def _layer_caches_dropped(block: nn.Module):
+    """Within the block, each layer's fast-path copies (dequantized weights, ``layers.fastpath``) are dropped
+    as soon as the layer has run: kept, a compressed block's copies add up to its dense size in float32
+    while the next block's inputs are made (0.8 GB at LLaMA-7B width)."""
+    def drop(module, args, output):
+        module.__dict__.pop("_fast_cache", None)
+
+    hooks = [module.register_forward_hook(drop) for module in block.modules()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _release_outside(model: nn.Module, stack_name: str) -> None:
@@ -354,12 +372,11 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
                                       {f"{prefix}.{key}" for key in exact_keys(block)})
             report.layers.extend(rows)
             if needs_data and index + 1 < len(stack):
-                for j, call in enumerate(calls[index]):
-                    calls[index + 1][j] = _with_hidden(calls[index + 1][j], _hidden_of(stack[index](*call[0],
-                                                                                                   **call[1])))
+                with _layer_caches_dropped(stack[index]):
+                    for j, call in enumerate(calls[index]):
+                        output = _hidden_of(stack[index](*call[0], **call[1]))
+                        calls[index + 1][j] = _with_hidden(calls[index + 1][j], output)
                 calls[index] = None
-            for module in stack[index].modules():
-                module.__dict__.pop("_fast_cache", None)  # fast-path copies built while making the next inputs
             stack[index].to("meta" if release else home)
             release_freed_memory()
             errors = [row.output_error for row in report.layers if row.output_error is not None]
