@@ -108,13 +108,14 @@ def compress_child(args: argparse.Namespace) -> None:
                                  device=args.device, writer=writer, release=True)
     writer.finish(model, None, report, weights=weights)
     ends = [begin, *marks]
+    errors = [row.output_error for row in report.layers if row.output_error is not None]
     peak_gpu = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     print(json.dumps({"block_seconds": [round(b - a, 1) for a, b in zip(ends, ends[1:])],
                       "compress_s": round(time.perf_counter() - begin, 1),
                       "total_s": round(time.perf_counter() - started, 1), "peak_gpu_bytes": peak_gpu,
                       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
                       "bytes_read": weights.bytes_read,
-                      "mean_output_error": sum(r.output_error or 0 for r in report.layers) / len(report.layers)}))
+                      "mean_output_error": sum(errors) / len(errors) if errors else None}))  # None: data-free
 
 
 def measure(codec: str, layers: int, args: argparse.Namespace, root: Path) -> dict:
