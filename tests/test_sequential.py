@@ -228,6 +228,31 @@ def test_a_tied_head_is_written_once_from_a_checkpoint_that_holds_it_under_eithe
             assert written == (tmp_path / "reference" / name).read_bytes(), name
 
 
+def test_reads_in_chunks_equal_whole_reads_and_refuse_casts_that_overflow(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from structured_compress.io import dense_weights
+
+    values = torch.randn(37, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 100
+    values[5, 3] = 1e6  # beyond float16
+    save_file({"w": values, "b": values[0].clone()}, tmp_path / "model.safetensors")
+    monkeypatch.setattr(dense_weights, "CHUNK_BYTES", 8 * 11 * 4)  # 4 rows at a time: 10 chunks, the last short
+    weights = DenseWeights(tmp_path)
+    assert torch.equal(weights.read("w", torch.float64), values)
+    assert torch.equal(weights.read("w", torch.float32), values.float())  # cast chunk by chunk
+    assert torch.equal(weights.read("b", torch.bfloat16), values[0].bfloat16())  # under one chunk: whole
+    with pytest.raises(ValueError, match=r"'w' has values beyond float16's range.*float32 or bfloat16"):
+        weights.read("w", torch.float16)
+
+
+def test_finishing_without_the_checkpoint_for_freed_tensors_is_refused(tiny, tmp_path):
+    skeleton = copy.deepcopy(tiny)
+    sequential._move_outside(skeleton, "model.layers", torch.device("meta"), buffers=False)
+    writer = CompressedWriter(tmp_path / "out", 1, None, torch.float32, {"test": "tiny"})
+    with pytest.raises(ValueError, match="is on the meta device: pass weights="):
+        writer.finish(skeleton)
+
+
 def test_a_tampered_shard_is_refused(tiny, batches, tmp_path):
     sequential_save(tmp_path / "out", write_checkpoint(tiny, tmp_path / "dense"), batches)
     shard = tmp_path / "out" / "compressed-00002-of-00005.safetensors"

@@ -30,6 +30,7 @@ from .io.save import CompressedWriter, Part, exact_keys
 from .io.shards import decoded_tensors
 from .io.structure import install_structured_layers, layer_entry, structured_layers
 from .layers.config import LayerConfig
+from .layers.fastpath import clear_caches
 from .modeltree import FilterFn, dense_view, select_layers
 from .planner import AutoConfig
 from .surgery import CompressionReport, LayerReport, compress_, config_table, evenly_spaced_rows
@@ -225,19 +226,23 @@ def per_block_configs(planned: Mapping[str, LayerConfig], sizes: Mapping[str, in
     return {name: restated.get(id(config), config) for name, config in planned.items()}
 
 
-def _move_outside(model: nn.Module, stack_name: str, device: torch.device) -> None:
-    """Move every parameter and buffer that is not in the block stack to ``device`` (ties re-made after)."""
+def _move_outside(model: nn.Module, stack_name: str, device: torch.device, buffers: bool = True) -> None:
+    """Move every parameter (and buffer, with ``buffers``) that is not in the block stack to ``device``; tied
+    parameters stay one parameter. To the meta device (``buffers=False``: rotary tables stay) it frees them:
+    once block 0's inputs are recorded nothing outside the blocks runs again, and an LLM's embeddings and LM
+    head, its largest tensors, are read again only to be written."""
+    moved: dict[int, nn.Parameter] = {}
     for name, module in model.named_modules():
         if name == stack_name or name.startswith(stack_name + "."):
             continue
         for key, param in module._parameters.items():
             if param is not None and param.device != device:
-                module._parameters[key] = nn.Parameter(param.to(device), param.requires_grad)
+                if id(param) not in moved:
+                    moved[id(param)] = nn.Parameter(param.to(device), param.requires_grad)
+                module._parameters[key] = moved[id(param)]
         for key, buffer in module._buffers.items():
-            if buffer is not None:
+            if buffer is not None and buffers:
                 module._buffers[key] = buffer.to(device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 @contextlib.contextmanager
@@ -246,7 +251,7 @@ def _layer_caches_dropped(block: nn.Module):
     as soon as the layer has run: kept, a compressed block's copies add up to its dense size in float32
     while the next block's inputs are made (0.8 GB at LLaMA-7B width)."""
     def drop(module, args, output):
-        module.__dict__.pop("_fast_cache", None)
+        clear_caches(module)
 
     hooks = [module.register_forward_hook(drop) for module in block.modules()]
     try:
@@ -254,21 +259,6 @@ def _layer_caches_dropped(block: nn.Module):
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _release_outside(model: nn.Module, stack_name: str) -> None:
-    """Put every parameter outside the block stack on the meta device: once block 0's inputs are recorded,
-    nothing outside the blocks runs again (an LLM's embeddings and LM head, the largest tensors, are then read
-    again only to be written)."""
-    freed: dict[int, nn.Parameter] = {}  # tied parameters (embeddings and LM head) stay one parameter
-    for name, module in model.named_modules():
-        if name == stack_name or name.startswith(stack_name + "."):
-            continue
-        for key, param in module._parameters.items():
-            if param is not None:
-                if id(param) not in freed:
-                    freed[id(param)] = nn.Parameter(param.to("meta"), param.requires_grad)
-                module._parameters[key] = freed[id(param)]
 
 
 def _restore_block(model: nn.Module, prefix: str, part: Part, file, device: torch.device) -> None:
@@ -336,7 +326,7 @@ def compress_sequential(model: nn.Module, layer: str | LayerConfig | Mapping[str
         _move_outside(model, stack_name, device)
         calls = record_block_calls(model, stack, batches, forward, device)
         if outside_freed:
-            _release_outside(model, stack_name)
+            _move_outside(model, stack_name, torch.device("meta"), buffers=False)
             release_freed_memory()
     report = CompressionReport(model_params_before=params_before)
     with progress_bar(len(stack), f"compress {stack_name}", "block") as bar:

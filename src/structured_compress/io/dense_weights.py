@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .storage import cast_overflows
+from .storage import refuse_overflow
 
 log = logging.getLogger(__name__)
 
@@ -27,31 +27,32 @@ INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20
 
 
-def _read(file: Path, key: str, dtype: torch.dtype) -> torch.Tensor:
+LOAD_WIDER = "give the model a wider dtype (float32 or bfloat16)"
+
+
+def _read(file: Path, key: str, dtype: torch.dtype, remedy: str) -> torch.Tensor:
     """Tensor ``key`` of ``file`` as a new ``dtype`` tensor, read and cast in row chunks of about ``CHUNK_BYTES``,
     the file opened per chunk. safetensors reads through a mapping of the whole file whose touched pages count
     as the process's memory until it is closed, and ``get_tensor`` returns views of it; reading a 7B model's
-    embedding in one piece would hold it twice, more so when it is cast. Raises ``OverflowError`` when a
-    finite value does not fit ``dtype``."""
+    embedding in one piece would hold it twice, more so when it is cast. A cast that turns finite values
+    infinite is refused, naming ``remedy``."""
     with safetensors.safe_open(file, "pt", device="cpu") as handle:
         shape = handle.get_slice(key).get_shape()
         out = torch.empty(shape, dtype=dtype)
         if len(shape) == 0 or out.nbytes <= CHUNK_BYTES:
-            _fill(out, ..., handle.get_tensor(key), key)
+            _fill(out, ..., handle.get_tensor(key), key, remedy)
             return out
     rows = max(1, CHUNK_BYTES * shape[0] // out.nbytes)
     for start in range(0, shape[0], rows):
         with safetensors.safe_open(file, "pt", device="cpu") as handle:
-            _fill(out, slice(start, start + rows), handle.get_slice(key)[start:start + rows], key)
+            _fill(out, slice(start, start + rows), handle.get_slice(key)[start:start + rows], key, remedy)
     return out
 
 
-def _fill(out: torch.Tensor, index, values: torch.Tensor, key: str) -> None:
-    """``out[index] = values``, refusing a cast that turns finite values infinite."""
+def _fill(out: torch.Tensor, index, values: torch.Tensor, key: str, remedy: str) -> None:
     out[index] = values
-    if out.dtype != values.dtype and out.is_floating_point() and cast_overflows(values, out[index]):
-        raise OverflowError(f"tensor {key!r} has values beyond {str(out.dtype).removeprefix('torch.')}'s range "
-                            f"(max |x| = {values.abs().max().item():.4g})")
+    if out.dtype != values.dtype and out.is_floating_point():
+        refuse_overflow(key, values, out[index], remedy)
 
 
 class DenseWeights:
@@ -79,11 +80,12 @@ class DenseWeights:
     def __contains__(self, key: str) -> bool:
         return key in self.location
 
-    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """The checkpoint's tensor ``key`` as ``dtype``, cast chunk by chunk (never held in two dtypes at once)."""
+    def read(self, key: str, dtype: torch.dtype, remedy: str = LOAD_WIDER) -> torch.Tensor:
+        """The checkpoint's tensor ``key`` as ``dtype``, cast chunk by chunk (never held in two dtypes at once);
+        a ``ValueError`` naming ``remedy`` when a value does not fit ``dtype``."""
         if key not in self.location:
             raise UserInputError(f"{self.path} has no tensor {key!r}: the checkpoint does not fit the model config")
-        tensor = _read(self.location[key], key, dtype)
+        tensor = _read(self.location[key], key, dtype, remedy)
         self.bytes_read += tensor.nbytes
         return tensor
 

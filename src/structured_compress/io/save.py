@@ -22,7 +22,7 @@ from .dense_weights import DenseWeights
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json
 from .shards import INDEX_FILE, PART_KEY, file_digest, read_part, shard_name, write_index, write_shard
 from .source import describe_source, write_hf_config
-from .storage import StoragePolicy, choose_codec, decode, dtype_name, embedding_keys, encode, model_dtype
+from .storage import SAVE_WIDER, StoragePolicy, choose_codec, decode, dtype_name, embedding_keys, encode, model_dtype
 from .structure import layer_entry, layer_problems, structured_layers
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ def _encoded_from_checkpoint(weights: DenseWeights | None, key: str, tied: list[
     name = next((name for name in tied if name in weights), key)
     if entry["codec"] != "cast":
         return encode(key, weights.read(name, dtype), entry, gram)
-    try:
-        return {key: weights.read(name, getattr(torch, entry["stored_dtype"]))}
-    except OverflowError as err:
-        raise ValueError(f"{err}; save with storage.dtype=bf16 or fp32") from None
+    return {key: weights.read(name, getattr(torch, entry["stored_dtype"]), SAVE_WIDER)}
 
 
 def exact_keys(model: nn.Module) -> set[str]:

@@ -135,11 +135,18 @@ def choose_codec(tensor: Tensor, in_layer: bool, embedding: bool, policy: Storag
     return {**entry, "codec": "cast", "stored_dtype": dtype_name(dtype)}
 
 
-def cast_overflows(tensor: Tensor, stored: Tensor, chunk: int = 1 << 22) -> bool:
-    """Whether a finite value of ``tensor`` became infinite in its cast ``stored``; checked in chunks, so no
-    temporary as large as the tensor is made (an LLM's embedding is the largest tensor saved)."""
-    return any(bool((cast.isinf() & value.isfinite()).any())
-               for value, cast in zip(tensor.reshape(-1).split(chunk), stored.reshape(-1).split(chunk)))
+def refuse_overflow(key: str, tensor: Tensor, stored: Tensor, remedy: str) -> None:
+    """A ``ValueError`` naming ``key`` and ``remedy`` when a finite value of ``tensor`` became infinite in its
+    cast ``stored``; checked in chunks, so no temporary as large as the tensor is made (an LLM's embedding is
+    the largest tensor saved or read)."""
+    chunk = 1 << 22
+    if any(bool((cast.isinf() & value.isfinite()).any())
+           for value, cast in zip(tensor.reshape(-1).split(chunk), stored.reshape(-1).split(chunk))):
+        raise ValueError(f"tensor {key!r} has values beyond {dtype_name(stored.dtype)}'s range (max |x| = "
+                         f"{tensor.abs().max().item():.4g}); {remedy}")
+
+
+SAVE_WIDER = "save with storage.dtype=bf16 or fp32"
 
 
 def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | None = None) -> dict[str, Tensor]:
@@ -152,9 +159,7 @@ def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | No
         return {key: pack_ternary(tensor)}
     if codec == "cast":
         stored = tensor.to(getattr(torch, entry["stored_dtype"]))
-        if cast_overflows(tensor, stored):
-            raise ValueError(f"tensor {key!r} has values beyond {entry['stored_dtype']}'s range (max |x| = "
-                             f"{tensor.abs().max().item():.4g}); save with storage.dtype=bf16 or fp32")
+        refuse_overflow(key, tensor, stored, SAVE_WIDER)
         return {key: stored}
     bits, symmetric = int(codec[3:]), not entry.get("zero_point", False)
     rows = tensor.reshape(tensor.shape[0], -1)
