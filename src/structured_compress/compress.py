@@ -86,7 +86,8 @@ class CompressSteps(Steps):
         fingerprint.update(storage=storage, seed=cfg.get("seed"))
 
         def make(parts: int) -> CompressedWriter:
-            self.writer = CompressedWriter(self.saved_dir(cfg), parts, storage, dense_dtype(model), fingerprint)
+            self.writer = CompressedWriter(self.saved_dir(cfg), parts, storage, dense_dtype(model), fingerprint,
+                                           model=model)
             return self.writer
 
         return make

@@ -68,6 +68,22 @@ def _is_converted(folder: Path) -> bool:
         and (folder / "tokenizer_config.json").exists()
 
 
+def gguf_package_file(module: str, root: Path | None = None) -> Path:
+    """The GGUF file the package ``module`` ships in chunks, assembled once into the cache (under a temporary
+    name, then renamed): the converted model and the storage that keeps the file's own blocks read it."""
+    package = _import_package(module)
+    target = (root or cache_root()) / "gguf" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{package.MODEL_NAME}.tmp-{os.getpid()}"
+    try:
+        os.replace(package.assemble(tmp), target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
 def convert_gguf_package(module: str, root: Path | None = None) -> Path:
     """Dequantize the GGUF shipped by ``module`` into a float32 safetensors HF folder, once.
 
@@ -82,15 +98,13 @@ def convert_gguf_package(module: str, root: Path | None = None) -> Path:
     target = (root or cache_root()) / module
     if _is_converted(target):
         return target
-    package = _import_package(module)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    gguf = gguf_package_file(module, root)
     tmp = target.parent / f".{module}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         log.info("converting the GGUF from package %s to %s (once; takes a few minutes)", module, target)
-        gguf = Path(package.assemble(tmp / package.MODEL_NAME))
-        tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # weights are dequantized: the folder is a plain float model
@@ -99,7 +113,6 @@ def convert_gguf_package(module: str, root: Path | None = None) -> Path:
             model.generation_config.save_pretrained(str(tmp))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(str(tmp))
-        gguf.unlink()
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import UserInputError
+from .gguf_source import block_bytes
 from .storage import CODECS, parse_dtype
 
 FORMAT_NAME = "structured-compress"
@@ -144,12 +145,17 @@ def check_tensor_entry(key: str, entry: Any) -> None:
         raise ValueError(f"manifest field {where}.codec must be one of {CODECS}, got {codec!r}")
     if codec == "ternary2" and dtype != parse_dtype("int8", ""):
         raise ValueError(f"manifest field {where}.dtype must be int8 for codec ternary2, got {entry['dtype']!r}")
-    if codec in ("cast", "int8", "int4") and not dtype.is_floating_point:
+    if codec in ("cast", "int8", "int4", "gguf") and not dtype.is_floating_point:
         raise ValueError(f"manifest field {where}.dtype must be a floating dtype for codec {codec}, "
                          f"got {entry['dtype']!r}")
     if codec == "cast" and not parse_dtype(_field(entry, "stored_dtype", str, where),
                                            f"manifest field {where}.stored_dtype").is_floating_point:
         raise ValueError(f"manifest field {where}.stored_dtype must be a floating dtype, got {entry['stored_dtype']!r}")
+    if codec == "gguf":
+        try:
+            block_bytes(_field(entry, "ggml_type", str, where), shape)
+        except ValueError as err:
+            raise ValueError(f"manifest field {where}.ggml_type: {err}") from None
     if codec in ("int8", "int4"):
         if len(shape) < 2:
             raise ValueError(f"manifest field {where}.shape must have 2 or more dimensions for codec {codec}, "

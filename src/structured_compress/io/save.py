@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import UserInputError
 from ..layers import StructuredLinear
 from .dense_weights import DenseWeights
+from .gguf_source import SourceBlocks, read_source_blocks
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, SEAL_KEY, canonical_json
 from .shards import INDEX_FILE, PART_KEY, file_digest, read_part, shard_name, write_index, write_shard
 from .source import describe_source, write_hf_config
@@ -81,16 +82,41 @@ class CompressedWriter:
 
     ``dtype`` is the whole model's floating dtype (it picks the storage dtype once for every part);
     ``fingerprint`` identifies the run: a part already on disk from a run with the same fingerprint counts as
-    done (:meth:`done_part`), one from another run is an error rather than silently mixed in.
+    done (:meth:`done_part`), one from another run is an error rather than silently mixed in. ``model`` (its
+    state-dict names; meta tensors suffice) is needed only when the policy keeps a GGUF source's blocks.
     """
 
     def __init__(self, directory: str | Path, parts: int = 1, storage=None, dtype: torch.dtype = torch.float32,
-                 fingerprint: Mapping[str, Any] | None = None):
+                 fingerprint: Mapping[str, Any] | None = None, model: nn.Module | None = None):
         self.directory, self.parts = Path(directory), parts
         self.policy = StoragePolicy.from_config(storage)
         self.model_dtype, self.storage_dtype = dtype, self.policy.storage_dtype(dtype)
         self.fingerprint = dict(fingerprint or {})
         self.written: list[tuple[Part, dict[str, Any]]] = []  # (part, shard entry) of parts 0..k-1
+        self.source_blocks: SourceBlocks | None = None
+        if self.policy.source_gguf is not None:
+            if model is None:
+                raise ValueError("storage.source_gguf: pass the model to CompressedWriter(..., model=) so the GGUF's "
+                                 "tensor names can be mapped to its state-dict keys")
+            self.source_blocks = read_source_blocks(model, self.policy.source_gguf)
+
+    def _kept_blocks(self, key: str, tensor: torch.Tensor, tied: list[str],
+                     weights: DenseWeights | None) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """``(table entry, raw bytes)`` when the policy keeps the GGUF source's blocks for ``key`` (under any
+        of its ``tied`` names) and they decode to exactly the tensor (read from ``weights`` if it is on meta)."""
+        name = next((name for name in tied if self.source_blocks.blocks.get(name)), None)
+        if name is None:
+            return None
+        entry = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "codec": "gguf"}
+        if tensor.is_meta:
+            if weights is None:
+                return None
+            tensor = weights.read(next((n for n in tied if n in weights), key), torch.float32)
+        kept = self.source_blocks.matching(name, tensor)
+        if kept is None:
+            return None
+        ggml_type, raw = kept
+        return {**entry, "ggml_type": ggml_type}, raw
 
     def done_part(self, index: int) -> Part | None:
         """Part ``index`` as an earlier run with this fingerprint left it on disk (None: not written yet)."""
@@ -125,10 +151,15 @@ class CompressedWriter:
         storages: set[int] = set()
         for key in keys:
             tensor = state[key].detach()
+            tied = [key, *(alias for alias, target in aliases.items() if target == key)]
+            kept = None if self.source_blocks is None or in_layer[key] or key in exact else \
+                self._kept_blocks(key, tensor, tied, weights)
+            if kept is not None:  # the source file's own blocks: exact, so nothing to round in place
+                part.tensors[key], files[key] = kept
+                continue
             if tensor.is_meta:  # freed by a block-by-block run: read from the checkpoint, straight into its codec
                 entry = choose_codec(tensor, in_layer[key], key in embeddings, policy, self.storage_dtype,
                                      grams.get(key), key in exact)
-                tied = [key, *(alias for alias, target in aliases.items() if target == key)]
                 files.update(_encoded_from_checkpoint(weights, key, tied, tensor.dtype, entry, grams.get(key)))
                 part.tensors[key] = entry
                 continue
@@ -231,8 +262,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
         Hydra model config; ``None`` records a transformers model's class and config, and nothing for other
         models (then loading needs a skeleton).
     storage: a ``StoragePolicy`` or a dict (``dtype``, ``embeddings``, ``group_size``, ``zero_point``,
-        ``embeddings_rounding``, ``rest``) for the tensors no structured layer owns; default fp16 (or the
-        model's own half dtype).
+        ``embeddings_rounding``, ``rest``, ``source_gguf``) for the tensors no structured layer owns; default fp16
+        (or the model's own half dtype).
     calibration: per state-dict key of an output embedding (e.g. ``lm_head.weight``), the Gram matrix of its
         inputs, for ``embeddings_rounding: gptq`` (``structured_compress.surgery.collect_output_embedding_gram``).
     Once the files are written, tensors stored lossily are rounded *in place* in ``model`` to what was saved,
@@ -240,7 +271,8 @@ def save_compressed(model: nn.Module, path: str | Path, report=None, source=None
     """
     for stale in [Path(path) / INDEX_FILE, *Path(path).glob("compressed-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)  # a sharded save of an earlier run in this folder
-    return CompressedWriter(path, 1, storage, dense_dtype(model)).finish(model, source, report, calibration)
+    return CompressedWriter(path, 1, storage, dense_dtype(model), model=model).finish(model, source, report,
+                                                                                  calibration)
 
 
 def dense_dtype(model: nn.Module) -> torch.dtype:

@@ -6,7 +6,8 @@ cast to the storage dtype, except the few a layer lists in ``exact_tensors`` (Ga
 scales whose rounding would break a verified error). Every other floating tensor follows the
 :class:`StoragePolicy`: cast to the chosen dtype (``cast``), or quantized to int8/int4 codes with fp16 scales
 (and int8 zero codes on a zero-point grid) per row or per group (``int8`` / ``int4``): embeddings and LM heads
-by ``embeddings``, other tensors of two or more dimensions (unreplaced convs and linears) by ``rest``. An
+by ``embeddings``, other tensors of two or more dimensions (unreplaced convs and linears) by ``rest``; or, with
+``source_gguf``, kept as the blocks of the GGUF file the model came from (``gguf``, see ``gguf_source``). An
 output embedding (LM head, tied or not) can be GPTQ-rounded against the Gram matrix of its inputs, so its
 rows are rounded to keep the logits right rather than each weight. Loading decodes each tensor back to the
 dtype the model held it in. ``decode(encode(x))`` is the loaded value, and saving writes that value
@@ -23,10 +24,11 @@ from torch import Tensor, nn
 
 from ..layers.gptq import gptq_quantize
 from ..typed_config import OptionError, TypedConfig, option
+from .gguf_source import block_bytes, decode_blocks
 from ..layers.quant import dequantize, is_ternary_int8, num_groups, pack, pack_ternary, packed_numel, \
     quantize_grid, unpack, unpack_ternary
 
-CODECS = ("raw", "cast", "ternary2", "int8", "int4")
+CODECS = ("raw", "cast", "ternary2", "int8", "int4", "gguf")
 SCALES_SUFFIX = "#scales"  # file key of an int8/int4 tensor's scales ('#' never occurs in a state-dict key)
 ZEROS_SUFFIX = "#zeros"  # file key of an int8/int4 tensor's zero codes (zero-point grid)
 DTYPE_NAMES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
@@ -64,6 +66,10 @@ class StoragePolicy(TypedConfig):
     rest: Literal["none", "int8"] = option(
         "none", "every other floating tensor of two or more dimensions (depthwise convs, linears no codec "
         "replaced): int8 with one scale per output channel")
+    source_gguf: str | None = option(
+        None, "the GGUF file the model was loaded from (a path or gguf-package:<module>): every tensor no codec "
+        "changed that the file holds quantized keeps the file's own blocks, unchanged and exact (before the "
+        "embeddings and rest choices)")
 
     @classmethod
     def from_config(cls, config: "StoragePolicy | Mapping | None") -> "StoragePolicy":
@@ -157,6 +163,8 @@ def encode(key: str, tensor: Tensor, entry: Mapping[str, Any], gram: Tensor | No
         return {key: tensor}
     if codec == "ternary2":
         return {key: pack_ternary(tensor)}
+    if codec == "gguf":
+        raise ValueError(f"tensor {key!r}: GGUF blocks are copied from the source file, never encoded")
     if codec == "cast":
         stored = tensor.to(getattr(torch, entry["stored_dtype"]))
         refuse_overflow(key, tensor, stored, SAVE_WIDER)
@@ -182,6 +190,8 @@ def stored_layout(key: str, entry: Mapping[str, Any]) -> dict[str, tuple[str, li
         return {key: (entry["stored_dtype"], shape)}
     if codec == "ternary2":
         return {key: ("uint8", [(math.prod(shape) + 3) // 4])}
+    if codec == "gguf":
+        return {key: ("uint8", [block_bytes(entry["ggml_type"], shape)])}
     bits, groups = int(codec[3:]), [shape[0], num_groups(math.prod(shape[1:]), entry["group_size"])]
     layout = {key: ("uint8", [packed_numel(math.prod(shape), bits)]), key + SCALES_SUFFIX: ("float16", groups)}
     return {**layout, key + ZEROS_SUFFIX: ("int8", groups)} if entry.get("zero_point") else layout
@@ -196,6 +206,8 @@ def decode(key: str, entry: Mapping[str, Any], stored: Mapping[str, Tensor]) -> 
         return stored[key].to(dtype)
     if codec == "ternary2":
         return unpack_ternary(stored[key], shape)
+    if codec == "gguf":
+        return decode_blocks(stored[key], entry["ggml_type"], list(shape), dtype)
     bits, rows = int(codec[3:]), (shape[0], math.prod(shape[1:]))
     codes = unpack(stored[key], bits, rows)
     zeros = stored[key + ZEROS_SUFFIX] if entry.get("zero_point") else None
