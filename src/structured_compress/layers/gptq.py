@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .quant import check_bits, grid, num_groups, round_to_grid
+from .quant import check_bits, grid, grid_values, num_groups, round_to_grid
 
 DAMPING = 0.01  # fraction of the mean diagonal of H added to it: keeps the Cholesky stable
 _BLOCK = 128  # columns rounded before the deferred update of the rest (a rounded multiple of the group size)
@@ -31,9 +31,10 @@ def inverse_hessian_factor(gram: Tensor, damping: float = DAMPING) -> tuple[Tens
 
 
 def gptq_quantize(weight: Tensor, gram: Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
-                  damping: float = DAMPING) -> tuple[Tensor, Tensor, Tensor | None]:
-    """GPTQ-rounded ``(codes, scales, zero_codes)`` of ``weight`` (rows x cols) for inputs whose Gram matrix is
-    ``gram`` (cols x cols); same layout as :func:`quant.quantize_grid`, so ``quant.dequantize`` reads it."""
+                  damping: float = DAMPING, gguf: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """GPTQ-rounded ``(codes, scales, offsets)`` of ``weight`` (rows x cols) for inputs whose Gram matrix is
+    ``gram`` (cols x cols), on the grid :func:`quant.quantize_grid` uses for the same arguments, so
+    ``quant.dequantize`` reads it."""
     check_bits(bits)
     rows, cols = weight.shape
     if gram.shape != (cols, cols):
@@ -46,20 +47,21 @@ def gptq_quantize(weight: Tensor, gram: Tensor, bits: int, group_size: int | Non
     groups = num_groups(cols, group_size)
     codes = torch.empty(rows, cols, device=weight.device)
     scales = torch.empty(rows, groups, dtype=torch.float16, device=weight.device)
-    zeros = None if symmetric else torch.empty(rows, groups, dtype=torch.int8, device=weight.device)
+    zeros = None if symmetric else torch.empty(rows, groups, dtype=torch.float16 if gguf else torch.int8,
+                                               device=weight.device)
     block = size * max(1, _BLOCK // size) if group_size is not None else _BLOCK
     for start in range(0, cols, block):
         end = min(start + block, cols)
         errors = torch.empty(rows, end - start, device=weight.device)
         for col in range(start, end):
             if col % size == 0:
-                scale, zero = grid(work[:, col:col + size], bits, symmetric)
+                scale, zero = grid(work[:, col:col + size], bits, symmetric, gguf)
                 scales[:, col // size] = scale
                 if zeros is not None:
                     zeros[:, col // size] = zero
                 scale, zero = scale.float(), None if zero is None else zero.float()
-            codes[:, col] = round_to_grid(work[:, col], scale, zero, bits)
-            rounded = scale * (codes[:, col] - (0.0 if zero is None else zero))
+            codes[:, col] = round_to_grid(work[:, col], scale, zero, bits, gguf)
+            rounded = grid_values(codes[:, col], scale, zero, gguf)
             error = (work[:, col] - rounded) / factor[col, col]
             work[:, col + 1:end] -= error[:, None] * factor[col, col + 1:end][None, :]
             errors[:, col - start] = error

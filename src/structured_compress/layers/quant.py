@@ -7,6 +7,11 @@ Grids, per group of ``group_size`` consecutive entries of a row (or per whole ro
 * asymmetric: ``w ~= scale * (c - z)`` with codes in ``[-2^(B-1), 2^(B-1) - 1]`` and an integer zero code
   ``z`` in the same range: the ``2^B`` levels span ``[min(w, 0), max(w, 0)]``, so 0 is always exact.
 
+With ``gguf=True`` the grids are llama.cpp's block types instead (groups of 32, :func:`gguf_type`), so a layer
+quantized on them exports to a GGUF file without loss: Q8_0 is the symmetric int8 grid; Q4_0 maps the group's
+signed extreme to code -8 (``scale = extreme / -8``, codes in ``[-8, 7]``, all 16 levels); Q4_1 is
+``scale * (c + 8) + min`` with an fp16 ``min`` per group in place of the zero code.
+
 Scales are fp16 and codes are computed against the fp16-rounded scale, so what a search evaluates is what
 is stored. Quantized values are stored as ``uint8`` bytes: int8 as its two's-complement bytes, int4 as two
 values per byte (value + 8 in a nibble, element ``2i`` in the low nibble, ``2i+1`` in the high one). Ternary
@@ -20,6 +25,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (4, 8)
+GGUF_BLOCK = 32  # weights per llama.cpp Q8_0 / Q4_0 / Q4_1 block (one fp16 scale, and Q4_1's fp16 min)
 _FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): keeps a stored scale from rounding to 0
 
 
@@ -50,9 +56,27 @@ def _grouped(x: Tensor, group_size: int | None) -> Tensor:
     return padded.reshape(rows, groups, size)
 
 
-def grid(groups: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor | None]:
-    """The quantization grid of each group (last axis of ``groups``, float): ``(scales, zero_codes)``, fp16
-    scales and int8 zero codes (``None`` when ``symmetric``), with the shapes of ``groups`` minus its last axis."""
+def gguf_type(bits: int, symmetric: bool) -> str:
+    """The llama.cpp block type of a GGUF grid: ``q8_0`` (8 bits), ``q4_0`` / ``q4_1`` (4 bits, symmetric /
+    with a min per block)."""
+    if check_bits(bits) == 8 and not symmetric:
+        raise ValueError("GGUF has no 8-bit block type with a zero point (Q8_1 only holds activations); "
+                         "use symmetric=True (Q8_0)")
+    return "q8_0" if bits == 8 else "q4_0" if symmetric else "q4_1"
+
+
+def grid(groups: Tensor, bits: int, symmetric: bool = True, gguf: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The quantization grid of each group (last axis of ``groups``, float): ``(scales, offsets)``, fp16
+    scales and per-group offsets with the shapes of ``groups`` minus its last axis: ``None`` when ``symmetric``,
+    else int8 zero codes, or fp16 mins on the GGUF Q4_1 grid."""
+    kind = gguf_type(bits, symmetric) if gguf else None
+    if kind == "q4_0":
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        scales = extreme / -8
+        return torch.where(scales.abs() < _FP16_TINY, torch.full_like(scales, _FP16_TINY), scales).half(), None
+    if kind == "q4_1":
+        low = groups.amin(dim=-1)
+        return ((groups.amax(dim=-1) - low) / 15).clamp(min=_FP16_TINY).half(), low.half()
     check_bits(bits)
     if symmetric:
         return (groups.abs().amax(dim=-1) / qmax(bits)).clamp(min=_FP16_TINY).half(), None
@@ -62,12 +86,24 @@ def grid(groups: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Ten
     return scales, zeros.to(torch.int8)
 
 
-def round_to_grid(values: Tensor, scales: Tensor, zeros: Tensor | None, bits: int) -> Tensor:
+def round_to_grid(values: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, gguf: bool = False) -> Tensor:
     """Nearest codes of ``values`` on the grid ``(scales, zeros)`` (broadcast against ``values``), as floats."""
-    shifted = values / scales.float()
     if zeros is None:
-        return torch.round(shifted).clamp(-qmax(bits), qmax(bits))
-    return (torch.round(shifted) + zeros.float()).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        low = -(2 ** (bits - 1)) if gguf and bits == 4 else -qmax(bits)  # Q4_0 uses code -8 too
+        return torch.round(values / scales.float()).clamp(low, qmax(bits))
+    if gguf:
+        return torch.round((values - zeros.float()) / scales.float()).clamp(0, 15) - 8
+    return (torch.round(values / scales.float()) + zeros.float()).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def grid_values(codes: Tensor, scales: Tensor, zeros: Tensor | None, gguf: bool = False) -> Tensor:
+    """Float32 values of float ``codes`` on the grid ``(scales, zeros)`` (broadcast): ``scale * (c - z)``, or
+    on GGUF's Q4_1 grid ``scale * (c + 8) + min`` in llama.cpp's order of operations (bit-identical to it)."""
+    if zeros is None:
+        return codes * scales.float()
+    if gguf:
+        return (codes + 8) * scales.float() + zeros.float()
+    return (codes - zeros.float()) * scales.float()
 
 
 def quantize(weight: Tensor, bits: int, group_size: int | None = None) -> tuple[Tensor, Tensor]:
@@ -77,26 +113,24 @@ def quantize(weight: Tensor, bits: int, group_size: int | None = None) -> tuple[
     return codes, scales
 
 
-def quantize_grid(weight: Tensor, bits: int, group_size: int | None = None,
-                  symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Round-to-nearest quantization of a 2-D tensor along its rows on a symmetric or asymmetric grid:
-    ``(codes, scales, zero_codes)``; scales and zero codes are ``rows x groups`` (zero codes ``None`` when
-    ``symmetric``)."""
+def quantize_grid(weight: Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                  gguf: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest quantization of a 2-D tensor along its rows on a symmetric, zero-point or GGUF grid:
+    ``(codes, scales, offsets)``; scales and offsets (see :func:`grid`) are ``rows x groups``."""
     rows, cols = weight.shape
     grouped = _grouped(weight.detach().float(), group_size)
-    scales, zeros = grid(grouped, bits, symmetric)
-    codes = round_to_grid(grouped, scales[..., None], None if zeros is None else zeros[..., None], bits)
+    scales, zeros = grid(grouped, bits, symmetric, gguf)
+    codes = round_to_grid(grouped, scales[..., None], None if zeros is None else zeros[..., None], bits, gguf)
     return codes.reshape(rows, -1)[:, :cols].to(torch.int8), scales, zeros
 
 
-def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None, zeros: Tensor | None = None) -> Tensor:
-    """Float32 ``scale * (codes - zero)`` (``zero = 0`` when ``zeros`` is None) with the group layout of
-    :func:`quantize_grid`."""
+def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None, zeros: Tensor | None = None,
+               gguf: bool = False) -> Tensor:
+    """Float32 values of ``codes`` (:func:`grid_values`) with the group layout of :func:`quantize_grid`."""
     rows, cols = codes.shape
-    grouped = _grouped(codes.float(), group_size)
-    if zeros is not None:
-        grouped = grouped - zeros.float()[..., None]
-    return (grouped * scales.float()[..., None]).reshape(rows, -1)[:, :cols]
+    grouped = grid_values(_grouped(codes.float(), group_size), scales[..., None],
+                          None if zeros is None else zeros[..., None], gguf)
+    return grouped.reshape(rows, -1)[:, :cols]
 
 
 def packed_numel(numel: int, bits: int) -> int:

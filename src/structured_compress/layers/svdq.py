@@ -5,7 +5,7 @@ for the smallest rank whose relative output error, measured with the quantized f
 Three storage modes share the class:
 
 * ``factored``: packed quantized ``U_k`` (out x k) and ``V_k`` (k x in), fp16 group scales (and int8 zero
-  codes on an asymmetric grid), float ``s``;
+  codes on an asymmetric grid, fp16 mins on GGUF's Q4_1 grid), float ``s``;
 * ``qdense``: the whole weight quantized with the same quantizer, used when no rank meets the bound or when
   the factored form would take at least as many bytes (so a kept factored form is always the smaller one);
 * ``dense``: the float weight, when even the quantized dense weight misses ``max_error``.
@@ -18,7 +18,10 @@ input Gram matrix ``gram``): ``V_k`` is GPTQ-rounded against ``gram``, then ``U_
 the rounded ``V_k`` on the same inputs (absorbing its error) and GPTQ-rounded against the Gram matrix of its own
 inputs ``diag(s) V_hat x``; a whole matrix is GPTQ-rounded directly.
 
-fp16 scales are kept as their int16 bit patterns so ``model.half()``/``.to(dtype)`` cannot round them.
+Grids: the project's (``grid: int``) or llama.cpp's block grids (``grid: gguf``: Q8_0, Q4_0, Q4_1 by ``bits`` and
+``symmetric``, groups of 32), on which a whole-matrix layer exports to GGUF without loss (``export/gguf.py``).
+fp16 scales (and Q4_1 mins) are kept as their int16 bit patterns so ``model.half()``/``.to(dtype)`` cannot round
+them.
 """
 from __future__ import annotations
 
@@ -37,12 +40,14 @@ from .fastpath import (cached, factored_is_cheaper, fast_paths_enabled, int8_fac
                        int8_matmul)
 from .lowrank import rank_for_budget
 from .gptq import gptq_quantize
-from .quant import check_bits, dequantize, num_groups, pack, packed_numel, quantize, quantize_grid, unpack
+from .quant import (GGUF_BLOCK, check_bits, dequantize, gguf_type, num_groups, pack, packed_numel, quantize,
+                    quantize_grid, unpack)
 
 log = logging.getLogger(__name__)
 
 MODES = ("factored", "qdense", "dense")
-Quantized = tuple[Tensor, Tensor, "Tensor | None"]  # (codes, fp16 scales, int8 zero codes or None)
+GRIDS = ("int", "gguf")
+Quantized = tuple[Tensor, Tensor, "Tensor | None"]  # (codes, fp16 scales, offsets: int8 zero codes, fp16 mins or None)
 
 
 def max_useful_rank(out_features: int, in_features: int) -> int:
@@ -71,33 +76,33 @@ def fake_quantize(matrix: Tensor, bits: int, group_size: int | None) -> Tensor:
 
 
 def quantize_matrix(matrix: Tensor, bits: int, group_size: int | None, symmetric: bool,
-                    gram: Tensor | None) -> Quantized:
+                    gram: Tensor | None, gguf: bool = False) -> Quantized:
     """Round ``matrix`` (rows x cols) onto the grid: to nearest, or by GPTQ when ``gram`` (cols x cols) is given."""
     if gram is None:
-        return quantize_grid(matrix, bits, group_size, symmetric)
-    return gptq_quantize(matrix, gram, bits, group_size, symmetric)
+        return quantize_grid(matrix, bits, group_size, symmetric, gguf)
+    return gptq_quantize(matrix, gram, bits, group_size, symmetric, gguf=gguf)
 
 
 def quantize_factors(weight: Tensor, u: Tensor, s: Tensor, vh: Tensor, bits: int, group_size: int | None,
-                     symmetric: bool, gram: Tensor | None) -> tuple[Quantized, Quantized]:
+                     symmetric: bool, gram: Tensor | None, gguf: bool = False) -> tuple[Quantized, Quantized]:
     """Quantized ``(U, V)`` of the rank-k SVD ``weight ~= U diag(s) V``; with ``gram`` (the inputs' ``X^T X``)
     ``V`` is GPTQ-rounded, ``U`` refitted to it -- ``argmin_U ||(U diag(s) V_hat - W) X^T||`` -- and
     GPTQ-rounded on its own inputs, as the module doc says."""
     if gram is None:
-        return (quantize_matrix(u, bits, group_size, symmetric, None),
-                quantize_matrix(vh, bits, group_size, symmetric, None))
+        return (quantize_matrix(u, bits, group_size, symmetric, None, gguf),
+                quantize_matrix(vh, bits, group_size, symmetric, None, gguf))
     gram = gram.to(weight.device, torch.float64)
-    v_q = gptq_quantize(vh, gram, bits, group_size, symmetric)
-    hidden_map = (dequantize(*v_q[:2], group_size, v_q[2]) * s[:, None]).double()  # x -> diag(s) V_hat x
+    v_q = gptq_quantize(vh, gram, bits, group_size, symmetric, gguf=gguf)
+    hidden_map = (dequantize(*v_q[:2], group_size, v_q[2], gguf) * s[:, None]).double()  # x -> diag(s) V_hat x
     hidden_gram = hidden_map @ gram @ hidden_map.T
     ridge = 1e-8 * hidden_gram.diagonal().mean().clamp(min=1e-30) * torch.eye(len(s), dtype=torch.float64,
                                                                            device=weight.device)
     refit = torch.linalg.solve(hidden_gram + ridge, hidden_map @ gram @ weight.double().T).T
-    return gptq_quantize(refit.float(), hidden_gram, bits, group_size, symmetric), v_q
+    return gptq_quantize(refit.float(), hidden_gram, bits, group_size, symmetric, gguf=gguf), v_q
 
 
-def _dequantized(q: Quantized, group_size: int | None) -> Tensor:
-    return dequantize(q[0], q[1], group_size, q[2])
+def _dequantized(q: Quantized, group_size: int | None, gguf: bool) -> Tensor:
+    return dequantize(q[0], q[1], group_size, q[2], gguf)
 
 
 @dataclass
@@ -124,6 +129,9 @@ class SVDQuantConfig(LayerConfig):
     rounding: Literal["nearest", "gptq"] = option("nearest", "nearest | gptq (Hessian-aware error-compensating "
                                                   "rounding from the inputs' Gram matrix; needs calibration)")
     svd: bool = option(True, "false: no SVD, the whole weight quantized (plain weight-only int4/int8)")
+    grid: Literal["int", "gguf"] = option("int", "int: the project's grids; gguf: llama.cpp's blocks (Q8_0 for "
+                                          "bits=8, Q4_0 / Q4_1 for bits=4 symmetric / not; needs group_size=32): "
+                                          "whole-matrix layers then export to GGUF without loss")
     rank: int | None = option(None, "fixed rank of the factors for every layer (null = from max_error or budget)",
                               gt=0)
 
@@ -136,6 +144,12 @@ class SVDQuantConfig(LayerConfig):
                               "use bits=4 with fallback_bits=8, or fallback_bits=null")
         if self.rank is not None and not self.svd:
             raise OptionError("rank", self.rank, "svd=false stores no factors", "set rank=null or svd=true")
+        if self.grid == "gguf" and self.group_size != GGUF_BLOCK:
+            raise OptionError("group_size", self.group_size, f"grid=gguf quantizes in llama.cpp's blocks of "
+                              f"{GGUF_BLOCK} weights", f"set group_size={GGUF_BLOCK}, or grid=int")
+        if self.grid == "gguf" and not self.symmetric and 8 in (self.bits, self.fallback_bits):
+            raise OptionError("symmetric", False, "GGUF has no 8-bit block type with a zero point (grid=gguf)",
+                              "use symmetric=true (Q8_0), bits=4 without fallback_bits (Q4_1), or grid=int")
         if self.rank is not None and self.max_error is not None:
             raise OptionError("rank", self.rank, "max_error picks the rank itself",
                               "give one: rank=null, or max_error=null")
@@ -155,11 +169,17 @@ class SVDQuantLinear(StructuredLinear):
     exact_tensors = ("s",)  # the rank search measured the output error with these scales
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bits: int = 8,
-                 group_size: int | None = None, mode: str = "factored", bias: bool = True, symmetric: bool = True):
+                 group_size: int | None = None, mode: str = "factored", bias: bool = True, symmetric: bool = True,
+                 grid: str = "int"):
         super().__init__(in_features, out_features, bias)
         if mode not in MODES:
             raise ValueError(f"svdq mode must be one of {MODES}, got {mode!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"svdq grid must be one of {GRIDS}, got {grid!r}")
         self.bits, self.group_size, self.mode, self.symmetric = check_bits(bits), group_size, mode, bool(symmetric)
+        self.grid = grid
+        if grid == "gguf":
+            gguf_type(bits, self.symmetric)  # refuses a grid GGUF cannot store
         self.rank: int | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
         if mode == "factored":
@@ -180,21 +200,35 @@ class SVDQuantLinear(StructuredLinear):
         self.register_buffer(f"{name}_packed", torch.zeros(packed_numel(rows * cols, self.bits), dtype=torch.uint8))
         groups = num_groups(cols, self.group_size)
         self.register_buffer(f"{name}_scales", torch.zeros(rows, groups, dtype=torch.int16))
-        if not self.symmetric:
-            self.register_buffer(f"{name}_zeros", torch.zeros(rows, groups, dtype=torch.int8))
+        if not self.symmetric:  # the zero point: int8 zero codes, or on the GGUF grid fp16 mins (as int16 bits)
+            offsets, dtype = ("mins", torch.int16) if self.gguf else ("zeros", torch.int8)
+            self.register_buffer(f"{name}_{offsets}", torch.zeros(rows, groups, dtype=dtype))
+
+    @property
+    def gguf(self) -> bool:
+        return self.grid == "gguf"
 
     def _store(self, name: str, quantized: Quantized) -> None:
-        """Write ``(codes, scales, zero codes)`` (as :func:`quantize_matrix` returns them) into the buffers."""
-        codes, scales, zeros = quantized
+        """Write ``(codes, scales, offsets)`` (as :func:`quantize_matrix` returns them) into the buffers."""
+        codes, scales, offsets = quantized
         getattr(self, f"{name}_packed").copy_(pack(codes, self.bits))
         getattr(self, f"{name}_scales").copy_(scales.view(torch.int16))
+        if not self.symmetric and self.gguf:
+            getattr(self, f"{name}_mins").copy_(offsets.view(torch.int16))
+        elif not self.symmetric:
+            getattr(self, f"{name}_zeros").copy_(offsets)
+
+    def quantized(self, name: str) -> Quantized:
+        """The stored ``(codes, fp16 scales, offsets)`` of factor ``name`` (``u``, ``v``, or ``w`` in qdense mode)."""
+        codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
+        offsets = None
         if not self.symmetric:
-            getattr(self, f"{name}_zeros").copy_(zeros)
+            offsets = getattr(self, f"{name}_mins").view(torch.float16) if self.gguf else getattr(self, f"{name}_zeros")
+        return codes, getattr(self, f"{name}_scales").view(torch.float16), offsets
 
     def _load(self, name: str) -> Tensor:
-        codes = unpack(getattr(self, f"{name}_packed"), self.bits, self._shapes[name])
-        zeros = None if self.symmetric else getattr(self, f"{name}_zeros")
-        return dequantize(codes, getattr(self, f"{name}_scales").view(torch.float16), self.group_size, zeros)
+        codes, scales, offsets = self.quantized(name)
+        return dequantize(codes, scales, self.group_size, offsets, self.gguf)
 
     @classmethod
     def initialize(cls, weight: Tensor, bias: Tensor | None, config: SVDQuantConfig,
@@ -205,24 +239,26 @@ class SVDQuantLinear(StructuredLinear):
         gram = data.gram if config.rounding == "gptq" else None
         out_features, in_features = weight.shape
         dense = weight.float()
-        kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None, "symmetric": symmetric}
+        gguf = config.grid == "gguf"
+        kwargs = {"bits": bits, "group_size": group_size, "bias": bias is not None, "symmetric": symmetric,
+                  "grid": config.grid}
         error_of = None
         if config.max_error is not None:
             error_of = _output_error_fn(dense, bias, data.inputs.to(dense.device).reshape(-1, in_features).float())
         u, sv, vh = torch.linalg.svd(dense, full_matrices=False) if config.svd else (None, None, None)
 
         def factors(k: int) -> tuple[Quantized, Quantized]:
-            return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram)
+            return quantize_factors(dense, u[:, :k], sv[:k], vh[:k], bits, group_size, symmetric, gram, gguf)
 
         def factored_error(k: int) -> float:
             u_q, v_q = factors(k)
-            return error_of(_dequantized(u_q, group_size) * sv[:k], _dequantized(v_q, group_size))
+            return error_of(_dequantized(u_q, group_size, gguf) * sv[:k], _dequantized(v_q, group_size, gguf))
 
         rank = None
         if config.svd:
             rank = _factored_rank(config, out_features, in_features, None if error_of is None else factored_error)
         qdense = cls(in_features, out_features, mode="qdense", **kwargs).to(weight.device)
-        qdense._store("w", quantize_matrix(dense, bits, group_size, symmetric, gram))
+        qdense._store("w", quantize_matrix(dense, bits, group_size, symmetric, gram, gguf))
         if rank is not None:
             layer = cls(in_features, out_features, rank=rank, mode="factored", **kwargs).to(weight.device)
             u_q, v_q = factors(rank)
@@ -320,7 +356,7 @@ class SVDQuantLinear(StructuredLinear):
 
     def config(self) -> dict:
         return {"rank": self.rank, "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
-                "bias": self.bias is not None, "symmetric": self.symmetric}
+                "bias": self.bias is not None, "symmetric": self.symmetric, "grid": self.grid}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}, rank={self.rank}, bits={self.bits}"
