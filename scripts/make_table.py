@@ -157,6 +157,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 # (loss_max), tsvd-0.05 (tolerance), auto-e2e-r3.0 (target_ratio), int4-gptq-asym-g64 (group_size)
 CODEC_KNOB = re.compile(r"^(?P<family>.+?)-(?P<kind>[erg]?)(?P<value>\d+(?:\.\d+)?)$")
 KNOB_NAMES = {"e": "max_error", "r": "target_ratio", "g": "group_size"}
+BASELINE_MARK = "(baseline)"  # ends a baseline codec's method (benchmarks/baselines.py): tables and plots mark it
 BENCHMARK_KNOBS = ("calibration_windows",)  # settings a line records that make it another point, not another seed
 FAMILY_KNOBS = {("tsvd", ""): "tolerance", ("hyper", "e"): "loss_max"}  # knobs that differ from the above
 
@@ -179,7 +180,8 @@ def benchmark_ids(record: dict, source: str) -> dict[str, Any]:
     storage = record.get("storage")
     if family == "none" and storage in (None, "fp16"):  # no layer replaced, plain fp16: the dense baseline
         family, storage = "dense", None
-    return {"model": record.get("model"), "method": f"{family} ({storage})" if storage else family,
+    method = f"{family} ({storage})" if storage else family
+    return {"model": record.get("model"), "method": f"{method} {BASELINE_MARK}" if record.get("baseline") else method,
             "budget": budget, "experiment": source, "mode": "benchmark", "overrides": overrides, "seed": None}
 
 

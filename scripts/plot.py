@@ -5,7 +5,8 @@
     python scripts/plot.py gaudi-structure logs/.../checkpoints/last.ckpt --out plots/gaudi   # or a compressed/ folder
 
 ``pareto``: one line per model x method (x experiment: ids but the budget and extra overrides), points sorted by cost,
-each the mean over seeds with the spread as error bar; the dense rows are a star and a dashed line. Runs are read
+each the mean over seeds with the spread as error bar; the dense rows are a star and a dashed line, baseline
+codecs (method ending in "(baseline)") hollow markers on dashed lines. Runs are read
 as ``scripts/make_table.py`` reads them (its tidy CSV works too); runs that did not finish are left out and listed.
 ``gaudi-structure``: per Gaudi-GBLR layer, how many components cover each weight entry (the learned row and column
 intervals of every component, overlaid), one panel per layer.
@@ -30,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.make_table import DEFAULT_GROUP_BY, QUALITY_FIRST, SPREADS, check_ids, grouped, load_rows, \
+from scripts.make_table import BASELINE_MARK, DEFAULT_GROUP_BY, QUALITY_FIRST, SPREADS, check_ids, grouped, load_rows, \
     number_columns, read_csv  # noqa: E402
 
 log = logging.getLogger("plot")
@@ -137,8 +138,10 @@ def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx:
             ax.axhline(float(np.mean(s.y)), color="black", linestyle="--", linewidth=0.8)
             ax.errorbar(xs, s.y, yerr=yerr, fmt="*", markersize=14, color="black", capsize=3, label=legend)
         else:  # colour and marker both vary, so lines stay apart in grey print and past ten series
+            hollow = BASELINE_MARK in s.label
             ax.errorbar(xs, s.y, yerr=yerr, marker=MARKERS[i % len(MARKERS)], color=colors[i % len(colors)],
-                        capsize=3, label=legend)
+                        capsize=3, label=legend, linestyle="--" if hollow else "-",
+                        markerfacecolor="none" if hollow else colors[i % len(colors)])
     if logx:
         ax.set_xscale("log")
     if ymin is not None:
