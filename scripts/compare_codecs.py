@@ -7,8 +7,9 @@ Pareto plot into ``docs/results/<model>_codecs/``.
     python scripts/compare_codecs.py --model gemma --reuse benchmarks/results/whole_file_gemma_cpu.jsonl \\
         benchmarks/results/whole_file_gemma_baselines_cpu.jsonl      # table + plot from saved rows only
 
-A project codec "beats every baseline" when its quality is better than that of each baseline row whose file is
-at least as large (so a baseline that is both smaller and better, or equal, is named as the one it loses to).
+Against the baselines, each project row is ``yes`` (better than every baseline row), ``front`` (better than
+every baseline whose file is at most as large; the smallest larger baseline that is better is named) or ``no``
+(a baseline at most as large is at least as good; the smallest such is named).
 "Best at >= Nx": the best project row and the best baseline row among those whose file is at least N times
 smaller than the fp16 checkpoint.
 """
@@ -65,13 +66,14 @@ def run_codecs(model: str, setup: Setup, out: Path, extra: list[str]) -> None:
 
 
 def read_records(paths: list[Path], model: str) -> list[dict]:
-    """Every JSON line of ``paths`` for ``model``, each with ``line`` (its ``path:number``, as make_table's)."""
-    records = []
+    """The JSON lines of ``paths`` for ``model``, each with ``line`` (its ``path:number``, as make_table's); a
+    codec and storage policy measured more than once: the last line read."""
+    records = {}
     for path in paths:
         for number, text in enumerate(path.read_text().splitlines(), 1):
             if text.strip() and (record := json.loads(text)).get("model") == model:
-                records.append({**record, "line": f"{path}:{number}"})
-    return records
+                records[record["codec"], record["storage"]] = {**record, "line": f"{path}:{number}"}
+    return list(records.values())
 
 
 def better(a: float, b: float, lower: bool) -> bool:
@@ -83,15 +85,16 @@ def label(record: dict) -> str:
 
 
 def verdict(row: dict, baselines: list[dict], metric: str, lower: bool) -> str:
-    """Whether ``row`` beats every baseline whose file is at least as large, else the one it loses to."""
-    larger = [b for b in baselines if b["bytes_on_disk"] >= row["bytes_on_disk"]]
-    if not larger:
-        return "no baseline this large"
-    losses = [b for b in larger if not better(row[metric], b[metric], lower)]
-    if not losses:
-        return f"yes (all {len(larger)})"
-    best = min(losses, key=lambda b: b["bytes_on_disk"])
-    return f"no: {label(best)} {best[metric]:.4g} at {best['bytes_on_disk'] / 1e6:.1f} MB"
+    """How ``row`` stands against the baselines: ``yes`` (better than every one), ``front`` (better than every
+    baseline of at most its size, but a larger one is better: named) or ``no`` (a baseline of at most its size
+    is at least as good: the smallest such is named)."""
+    as_good = sorted((b for b in baselines if not better(row[metric], b[metric], lower)),
+                     key=lambda b: b["bytes_on_disk"])
+    if not as_good:
+        return "yes"
+    first = as_good[0]
+    where = f"{label(first)} {first[metric]:.4g} at {first['bytes_on_disk'] / 1e6:.1f} MB"
+    return f"no: {where}" if first["bytes_on_disk"] <= row["bytes_on_disk"] else f"front; better: {where}"
 
 
 def best_at(records: list[dict], ratio: float, metric: str, lower: bool) -> dict | None:
@@ -106,7 +109,7 @@ def table(records: list[dict], metric: str) -> str:
     baselines = sorted((r for r in records if r.get("baseline")),
                        key=lambda r: (r["codec"] != "gguf-file", -r["bytes_on_disk"]))
     project = sorted((r for r in records if not r.get("baseline")), key=lambda r: -r["bytes_on_disk"])
-    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | beats every baseline at >= its size |",
+    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | vs baselines |",
              "|---|---|---|---|---|---|---|"]
     for r in baselines + project:
         kind = f"baseline: {r.get('library', '')} {r.get('library_version', '')}" if r.get("baseline") else "project"

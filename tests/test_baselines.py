@@ -1,6 +1,6 @@
 """Baseline codecs (benchmarks/baselines.py) on a tiny LLaMA: each gives a finite perplexity and exactly the
 library's packed bytes in place of the quantized weights' stored bytes; the comparison table marks baselines and
-says which project codec beats every baseline of at least its size."""
+says how each project codec stands against them."""
 from __future__ import annotations
 
 import copy
@@ -91,19 +91,22 @@ def test_a_layer_the_format_cannot_hold_stays_float():
 
 def row(codec, size, quality, baseline=False, storage="fp16"):
     return {"codec": codec, "storage": storage, "bytes_on_disk": size * 1e6, "perplexity": quality,
-            "baseline": baseline, "ratio_vs_fp16": 100 / size, "replaced_ratio_vs_fp16": 2.0, **({"library": "lib"} if baseline else {})}
+            "baseline": baseline, "ratio_vs_fp16": 100 / size, "replaced_ratio_vs_fp16": 2.0,
+            **({"library": "lib"} if baseline else {})}
 
 
-def test_the_table_marks_baselines_and_which_codec_beats_them_all():
+def test_the_table_marks_baselines_and_how_each_codec_stands_against_them():
     base = [row("gguf-file", 40, 10.0, True, "file"), row("hqq-int4-g64", 30, 12.0, True),
             row("gguf-q8_0", 50, 9.5, True)]
-    mine = [row("a", 30, 9.0), row("b", 25, 13.0), row("c", 60, 8.0)]
-    assert verdict(mine[0], base, "perplexity", lower=True) == "yes (all 3)"  # beats hqq at equal size too
+    mine = [row("a", 30, 9.8), row("b", 35, 13.0), row("c", 60, 8.0)]
+    assert verdict(mine[0], base, "perplexity", lower=True) == "front; better: gguf-q8_0 (fp16) 9.5 at 50.0 MB"
     assert verdict(mine[1], base, "perplexity", lower=True) == "no: hqq-int4-g64 (fp16) 12 at 30.0 MB"
-    assert verdict(mine[2], base, "perplexity", lower=True) == "no baseline this large"
+    assert verdict(row("e", 20, 13.0), base, "perplexity", lower=True).startswith("front; better: hqq-int4-g64")
+    assert verdict(mine[2], base, "perplexity", lower=True) == "yes"
+    assert verdict(row("d", 30, 12.0), base, "perplexity", lower=True).startswith("no: hqq-int4-g64")  # a tie
     text = table(base + mine, "perplexity")
     body = [line for line in text.splitlines() if line.startswith("| ") and "codec" not in line][:6]
-    assert [line.split(" | ")[0] for line in body] == ["| gguf-file (file)", "| gguf-q8_0 (fp16)",
-                                                       "| hqq-int4-g64 (fp16)", "| c (fp16)", "| a (fp16)", "| b (fp16)"]
+    assert [line.split(" | ")[0] for line in body] == [
+        "| gguf-file (file)", "| gguf-q8_0 (fp16)", "| hqq-int4-g64 (fp16)", "| c (fp16)", "| b (fp16)", "| a (fp16)"]
     assert all("baseline: lib" in line for line in body[:3]) and all("project" in line for line in body[3:])
-    assert "| 3x smaller than fp16 | a (fp16): 9 at 3.33x | hqq-int4-g64 (fp16): 12 at 3.33x |" in text
+    assert "| 3x smaller than fp16 | a (fp16): 9.8 at 3.33x | hqq-int4-g64 (fp16): 12 at 3.33x |" in text
