@@ -1,7 +1,7 @@
 """The project's codecs against the standard quantizers (HQQ, optimum-quanto, GGUF), one command per model: runs
 ``benchmarks/whole_file.py`` on a fixed list of project codecs and every baseline, then writes a Markdown table
-(baselines marked; for each project codec, whether it beats every baseline of equal or larger size) and the
-Pareto plot into ``docs/results/<model>_codecs/``.
+(baselines marked; how each project codec stands against them) and the Pareto plot (``comparison.md``,
+``compare_<metric>_vs_bytes_on_disk.png/.svg``) into ``docs/results/<model>_codecs/``.
 
     python scripts/compare_codecs.py --model minilm                  # run the codecs, then table + plot
     python scripts/compare_codecs.py --model gemma --reuse benchmarks/results/whole_file_gemma_cpu.jsonl \\
@@ -112,7 +112,8 @@ def table(records: list[dict], metric: str) -> str:
     lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | vs baselines |",
              "|---|---|---|---|---|---|---|"]
     for r in baselines + project:
-        kind = f"baseline: {r.get('library', '')} {r.get('library_version', '')}" if r.get("baseline") else "project"
+        kind = f"baseline: {r.get('library', '')} {r.get('library_version', '')}" if r.get("baseline") else \
+            "project, storage only" if r["codec"] == "none" else "project"
         layers = f"{r['replaced_ratio_vs_fp16']:.2f}" if r.get("replaced_ratio_vs_fp16") else "--"
         beats = "" if r.get("baseline") else verdict(r, baselines, metric, lower)
         lines.append(f"| {label(r)} | {kind} | {r[metric]:.4g} | {r['bytes_on_disk'] / 1e6:.1f} | "
@@ -137,6 +138,7 @@ def plot(records: list[dict], paths: list[Path], metric: str, out: Path, ymin: f
             record = by_line.get(row["run_dir"])
             if record is None:
                 continue
+            row["experiment"] = None  # one line per codec family whichever file its points come from
             if record.get("baseline"):
                 family = "gguf-source" if record["codec"].startswith(("gguf-source", "gguf-file")) \
                     else record["codec"].split("-")[0]
@@ -144,7 +146,7 @@ def plot(records: list[dict], paths: list[Path], metric: str, out: Path, ymin: f
                        "overrides": record["codec"]}
             rows.append(row)
     series = pareto_series(rows, metric, "bytes_on_disk")
-    return plot_pareto(series, metric, "bytes_on_disk", out / f"pareto_{metric}_vs_bytes_on_disk", ymin=ymin)
+    return plot_pareto(series, metric, "bytes_on_disk", out / f"compare_{metric}_vs_bytes_on_disk", ymin=ymin)
 
 
 def main(argv: list[str] | None = None) -> int:
