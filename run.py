@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def dispatch(cfg: DictConfig) -> float | None:
-    """Run ``mode`` (train | eval | compress) and return ``optimized_metric`` for sweepers."""
+    """Run ``mode`` (train | eval | compress | export) and return ``optimized_metric`` for sweepers."""
     from structured_compress.modes import run_mode  # nested imports: Hydra's --help and tab completion stay fast
     from structured_compress.runner import optimized_value
 

@@ -5,11 +5,12 @@ from omegaconf import DictConfig
 
 from .compress import compress
 from .eval import evaluate
+from .export.mode import export
 from .train import train
 
-MODES = {"train": train, "eval": evaluate, "compress": compress}
+MODES = {"train": train, "eval": evaluate, "compress": compress, "export": export}
 
 
 def run_mode(cfg: DictConfig) -> tuple[dict, dict]:
-    """Run ``cfg.mode.name`` (train | eval | compress); returns ``(metrics, objects)``."""
+    """Run ``cfg.mode.name`` (train | eval | compress | export); returns ``(metrics, objects)``."""
     return MODES[cfg.mode.name](cfg)

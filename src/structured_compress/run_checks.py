@@ -1,5 +1,5 @@
 """Compose-time checks of the run-level keys: seed, mode and its ``train`` / ``test`` steps, trainer limits,
-datamodule sizes, the task's optimizer and schedule numbers, ``mode.storage`` and ``ckpt_path``.
+datamodule sizes, the task's optimizer and schedule numbers, ``mode.storage``, ``export`` and ``ckpt_path``.
 
 Torch-free, like :mod:`.config_checks`, which calls :func:`check_run`; each problem is one :func:`fail` line.
 """
@@ -14,7 +14,7 @@ from .errors import did_you_mean, fail
 from .tasks.schedule import Schedule
 from .typed_config import OptionError
 
-MODES = ("train", "eval", "compress")
+MODES = ("train", "eval", "compress", "export")
 EVAL_ONLY_TASKS = ("PooledEmbeddingAgreementTask",)  # no training_step
 PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
               "transformer-engine", "transformer-engine-float16")
@@ -63,7 +63,9 @@ def check_run(cfg: Mapping) -> None:
     if mode == "eval" and not ckpt:
         fail("ckpt_path", ckpt, "mode=eval tests a checkpoint but none was given",
              "add ckpt_path=<run dir>/checkpoints/last.ckpt")
-    if ckpt:  # training falls back to an earlier checkpoint when this one is torn: only its existence counts
+    if mode == "export":
+        check_export(cfg.get("export"), ckpt)
+    elif ckpt:  # training falls back to an earlier checkpoint when this one is torn: only its existence counts
         check_checkpoint_file("ckpt_path", ckpt, content=mode != "train")
 
 
@@ -78,6 +80,8 @@ def check_mode_steps(mode: str, cfg: Mapping) -> None:
              "drop train=true, or use mode=train")
     if mode == "eval" and not cfg["test"]:
         fail("test", False, "mode=eval only tests, so nothing would run", "drop test=false")
+    if mode == "export" and cfg["test"]:
+        fail("test", True, "mode=export writes a file and tests nothing", "drop test=true (mode=eval tests)")
     if mode == "train" and not cfg["train"] and not cfg["test"]:
         fail("test", False, "with train=false too, nothing would run", "drop test=false or train=false")
 
@@ -102,6 +106,24 @@ def check_storage(storage: Any) -> None:
     except OptionError as err:
         fail("mode.storage" if err.option == "storage" else f"mode.storage.{err.option}", err.value, err.problem,
              err.fix)
+
+
+def check_export(export: Any, ckpt: Any) -> None:
+    """``export.*`` through ``ExportConfig``'s typed fields, and ``ckpt_path``: a folder ``mode=compress`` wrote."""
+    from .export.config import ExportConfig  # torch-free
+
+    try:
+        ExportConfig.from_config(export)
+    except OptionError as err:
+        fail(f"export.{err.option}", err.value, err.problem, err.fix)
+    folder = Path(str(ckpt)).expanduser() if ckpt else None
+    if folder is None:
+        fail("ckpt_path", ckpt, "mode=export reads a compressed folder but none was given",
+             "add ckpt_path=<run dir>/compressed (written by mode=compress)")
+    if not folder.is_dir() or not (folder / "manifest.json").is_file():
+        problem = "no such folder" if not folder.exists() else "not a compressed folder (no manifest.json)"
+        fail("ckpt_path", ckpt, problem, "give the compressed folder of a mode=compress run, "
+             "e.g. ckpt_path=logs/compress/runs/<date>/compressed")
 
 
 def check_trainer(trainer: Mapping) -> None:

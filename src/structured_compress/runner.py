@@ -93,7 +93,7 @@ def optimized_value(cfg: DictConfig, metrics: dict) -> float | None:
     """The value of ``optimized_metric`` for sweepers (``val/x`` falls back to ``test/x`` in modes that only
     test). Missing, it fails a multirun (the sweeper needs it) and is a warning in a single run."""
     target = cfg.get("optimized_metric")
-    if not target:
+    if not target or cfg.mode.name == "export":  # an export measures no metric
         return None
     logged = metrics["metrics"]
     if target not in logged and cfg.mode.name != "train":

@@ -25,7 +25,8 @@ from ..layers.svdq import SVDQuantLinear
 from ..progress import bars_enabled, progress_bar
 from ..utils.files import atomic_path
 from .gguf_arch import Arch, arch_of, name_map, row_order, shift
-from .gguf_blocks import TYPES, decode, encode, exact_type, fits, layer_blocks
+from .config import TYPES
+from .gguf_blocks import decode, encode, exact_type, fits, layer_blocks
 from .gguf_vocab import add_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)

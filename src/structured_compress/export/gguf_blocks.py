@@ -13,9 +13,7 @@ from torch import Tensor
 
 from ..layers.quant import GGUF_BLOCK, gguf_type
 from ..layers.svdq import SVDQuantLinear
-
-FLOAT_TYPES = ("f32", "f16", "bf16")
-TYPES = FLOAT_TYPES + ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what gguf-py can both write and read
+from .config import FLOAT_TYPES
 
 
 def qtype(name: str):

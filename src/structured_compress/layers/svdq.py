@@ -177,8 +177,8 @@ class SVDQuantLinear(StructuredLinear):
         if grid not in GRIDS:
             raise ValueError(f"svdq grid must be one of {GRIDS}, got {grid!r}")
         self.bits, self.group_size, self.mode, self.symmetric = check_bits(bits), group_size, mode, bool(symmetric)
-        self.grid = grid
-        if grid == "gguf":
+        self.grid, self.gguf = grid, grid == "gguf"
+        if self.gguf:
             gguf_type(bits, self.symmetric)  # refuses a grid GGUF cannot store
         self.rank: int | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -203,10 +203,6 @@ class SVDQuantLinear(StructuredLinear):
         if not self.symmetric:  # the zero point: int8 zero codes, or on the GGUF grid fp16 mins (as int16 bits)
             offsets, dtype = ("mins", torch.int16) if self.gguf else ("zeros", torch.int8)
             self.register_buffer(f"{name}_{offsets}", torch.zeros(rows, groups, dtype=dtype))
-
-    @property
-    def gguf(self) -> bool:
-        return self.grid == "gguf"
 
     def _store(self, name: str, quantized: Quantized) -> None:
         """Write ``(codes, scales, offsets)`` (as :func:`quantize_matrix` returns them) into the buffers."""
