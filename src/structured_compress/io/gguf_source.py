@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # ggml types that hold floats as they are: nothing to keep (the storage dtype already applies)
 _PLAIN_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+_CHECK_ROWS_BYTES = 32 << 20  # float32 rows decoded at a time when checking blocks against a tensor
 
 
 def _gguf():
@@ -72,19 +73,26 @@ class SourceBlocks:
 
     def matching(self, key: str, tensor: Tensor) -> tuple[str, Tensor] | None:
         """``(ggml type, raw bytes)`` of ``key`` when the file holds it quantized and its blocks decode to
-        exactly ``tensor`` (compared in float32); else None."""
+        exactly ``tensor`` (compared in float32, row chunk by row chunk: no decoded copy of a whole embedding);
+        else None."""
         found = self.blocks.get(key)
         if found is None or tensor.dim() < 1:
             return None
         ggml_type, raw = found
-        if raw.size != block_bytes(ggml_type, list(tensor.shape)):
+        shape = list(tensor.shape)
+        if raw.size != block_bytes(ggml_type, shape):
             return None
         stored = torch.from_numpy(np.array(raw, dtype=np.uint8))
-        decoded = decode_blocks(stored, ggml_type, list(tensor.shape), torch.float32)
-        if not torch.equal(decoded, tensor.detach().float()):
-            log.info("%s: the source's %s blocks do not decode to the model's tensor; stored by the policy",
-                     key, ggml_type)
-            return None
+        rows, row_bytes = tensor.reshape(-1, shape[-1]), block_bytes(ggml_type, [shape[-1]])
+        step = max(1, _CHECK_ROWS_BYTES // (4 * shape[-1]))
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step]
+            decoded = decode_blocks(stored[start * row_bytes:(start + len(chunk)) * row_bytes], ggml_type,
+                                    list(chunk.shape), torch.float32)
+            if not torch.equal(decoded, chunk.detach().float()):
+                log.info("%s: the source's %s blocks do not decode to the model's tensor; stored by the policy",
+                         key, ggml_type)
+                return None
         return ggml_type, stored
 
 
