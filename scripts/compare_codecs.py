@@ -8,7 +8,7 @@
         benchmarks/results/whole_file_gemma_baselines_cpu.jsonl      # table + plot from saved rows only
 
 Against the baselines, each project row is ``yes`` (better than every baseline row), ``front`` (better than
-every baseline whose file is at most as large; the smallest larger baseline that is better is named) or ``no``
+every baseline whose file is at most as large; the smallest larger baseline at least as good is named) or ``no``
 (a baseline at most as large is at least as good; the smallest such is named).
 "Best at >= Nx": the best project row and the best baseline row among those whose file is at least N times
 smaller than the fp16 checkpoint.
@@ -86,15 +86,15 @@ def label(record: dict) -> str:
 
 def verdict(row: dict, baselines: list[dict], metric: str, lower: bool) -> str:
     """How ``row`` stands against the baselines: ``yes`` (better than every one), ``front`` (better than every
-    baseline of at most its size, but a larger one is better: named) or ``no`` (a baseline of at most its size
-    is at least as good: the smallest such is named)."""
+    baseline of at most its size; the smallest larger one at least as good is named) or ``no`` (a baseline of at
+    most its size is at least as good: the smallest such is named)."""
     as_good = sorted((b for b in baselines if not better(row[metric], b[metric], lower)),
                      key=lambda b: b["bytes_on_disk"])
     if not as_good:
         return "yes"
     first = as_good[0]
     where = f"{label(first)} {first[metric]:.4g} at {first['bytes_on_disk'] / 1e6:.1f} MB"
-    return f"no: {where}" if first["bytes_on_disk"] <= row["bytes_on_disk"] else f"front; better: {where}"
+    return f"no: {where}" if first["bytes_on_disk"] <= row["bytes_on_disk"] else f"front; as good: {where}"
 
 
 def best_at(records: list[dict], ratio: float, metric: str, lower: bool) -> dict | None:
@@ -104,20 +104,21 @@ def best_at(records: list[dict], ratio: float, metric: str, lower: bool) -> dict
 
 
 def table(records: list[dict], metric: str) -> str:
-    """Markdown: baselines first (the source file on top), then the project's rows, each by size."""
+    """Markdown: baselines first (the source file on top), then the project's rows, each by size; "layers left
+    float": the layers a baseline's format could not hold (row length), stored by the policy instead."""
     lower = any(word in metric for word in LOWER_IS_BETTER)
     baselines = sorted((r for r in records if r.get("baseline")),
                        key=lambda r: (r["codec"] != "gguf-file", -r["bytes_on_disk"]))
     project = sorted((r for r in records if not r.get("baseline")), key=lambda r: -r["bytes_on_disk"])
-    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | vs baselines |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | layers left float | vs baselines |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in baselines + project:
         kind = f"baseline: {r.get('library', '')} {r.get('library_version', '')}" if r.get("baseline") else \
             "project, storage only" if r["codec"] == "none" else "project"
         layers = f"{r['replaced_ratio_vs_fp16']:.2f}" if r.get("replaced_ratio_vs_fp16") else "--"
         beats = "" if r.get("baseline") else verdict(r, baselines, metric, lower)
         lines.append(f"| {label(r)} | {kind} | {r[metric]:.4g} | {r['bytes_on_disk'] / 1e6:.1f} | "
-                     f"{r['ratio_vs_fp16']:.2f} | {layers} | {beats} |")
+                     f"{r['ratio_vs_fp16']:.2f} | {layers} | {len(r.get('baseline_float_layers', []))} | {beats} |")
     lines += ["", "| file at least | best project codec | best baseline |", "|---|---|---|"]
     for ratio in RATIOS:
         cells = []

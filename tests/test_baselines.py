@@ -99,9 +99,9 @@ def test_the_table_marks_baselines_and_how_each_codec_stands_against_them():
     base = [row("gguf-file", 40, 10.0, True, "file"), row("hqq-int4-g64", 30, 12.0, True),
             row("gguf-q8_0", 50, 9.5, True)]
     mine = [row("a", 30, 9.8), row("b", 35, 13.0), row("c", 60, 8.0)]
-    assert verdict(mine[0], base, "perplexity", lower=True) == "front; better: gguf-q8_0 (fp16) 9.5 at 50.0 MB"
+    assert verdict(mine[0], base, "perplexity", lower=True) == "front; as good: gguf-q8_0 (fp16) 9.5 at 50.0 MB"
     assert verdict(mine[1], base, "perplexity", lower=True) == "no: hqq-int4-g64 (fp16) 12 at 30.0 MB"
-    assert verdict(row("e", 20, 13.0), base, "perplexity", lower=True).startswith("front; better: hqq-int4-g64")
+    assert verdict(row("e", 20, 13.0), base, "perplexity", lower=True).startswith("front; as good: hqq-int4-g64")
     assert verdict(mine[2], base, "perplexity", lower=True) == "yes"
     assert verdict(row("d", 30, 12.0), base, "perplexity", lower=True).startswith("no: hqq-int4-g64")  # a tie
     text = table(base + mine, "perplexity")
@@ -110,3 +110,12 @@ def test_the_table_marks_baselines_and_how_each_codec_stands_against_them():
         "| gguf-file (file)", "| gguf-q8_0 (fp16)", "| hqq-int4-g64 (fp16)", "| c (fp16)", "| b (fp16)", "| a (fp16)"]
     assert all("baseline: lib" in line for line in body[:3]) and all("project" in line for line in body[3:])
     assert "| 3x smaller than fp16 | a (fp16): 9.8 at 3.33x | hqq-int4-g64 (fp16): 12 at 3.33x |" in text
+
+
+def test_make_table_names_baseline_rows(tmp_path):
+    from scripts.make_table import load_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"model": "m", "codec": "hqq-int4-g64", "storage": "fp16", "baseline": true, "perplexity": 9}\n'
+                    '{"model": "m", "codec": "int8-rtn", "storage": "fp16", "baseline": false, "perplexity": 8}\n')
+    assert [r["method"] for r in load_rows([path])] == ["hqq-int4 (fp16) (baseline)", "int8-rtn (fp16)"]
