@@ -2,6 +2,7 @@
 dequantizer, transformers' GGUF loader, and ``mode=export`` through the run config."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -250,3 +251,15 @@ def test_mode_export_bad_input_fails_at_compose_time(overrides, message, tmp_pat
     cfg = compose_config([o.format(tmp=tmp_path, folder=folder) for o in overrides], tmp_path)
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
+
+
+def test_mode_yaml_matches_the_typed_config():
+    """configs/mode/export.yaml restates ExportConfig's defaults: they must agree."""
+    from omegaconf import OmegaConf
+
+    from structured_compress.export.config import ExportConfig
+
+    from .conftest import CONFIG_DIR
+
+    assert OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "mode" / "export.yaml"))["export"] == \
+        dataclasses.asdict(ExportConfig())

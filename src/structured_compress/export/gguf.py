@@ -58,7 +58,7 @@ def export_gguf(model_or_folder: nn.Module | str | Path, path: str | Path, type:
     arch = arch_of(config)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(str(getattr(config, "_name_or_path", "") or (folder.name if folder else "model")))
+    writer.add_name(_model_name(config, folder))
     arch.hparams(config, writer)
     vocab = _tokenizer(writer, tokenizer if tokenizer is not None else find_tokenizer(folder), config.vocab_size)
     rows = _write_tensors(writer, model, arch, config, type)
@@ -72,6 +72,17 @@ def export_gguf(model_or_folder: nn.Module | str | Path, path: str | Path, type:
     report = _report(rows, Path(path), arch, type, vocab)
     log_report(report)
     return report
+
+
+def _model_name(config: Any, folder: Path | None) -> str:
+    """``general.name``: the name a GGUF source gave the model (transformers keeps it), else the folder's or
+    the checkpoint's name."""
+    name = getattr(config, "_model_name_or_path", None)
+    if name:
+        return str(name)
+    if folder is not None:
+        return folder.resolve().parent.name if folder.name == "compressed" else folder.name
+    return Path(str(getattr(config, "_name_or_path", "") or "model")).name
 
 
 def _tokenizer(writer: Any, source: str | None, vocab_size: int) -> str | None:
