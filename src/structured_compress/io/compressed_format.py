@@ -10,10 +10,13 @@ Layout of the directory ``path``::
     manifest.json           format name and version; size and sha256 of the weights file(s); per structured layer
                             its qualified name, type, shape and ``config()``; per tensor its dtype, shape and
                             codec; tensor aliases; the storage policy; the model's source spec; the report
-    config.json             transformers models only: their config, so ``AutoConfig`` recognises the folder
+    config.json             transformers models only: their config, so ``AutoConfig`` recognises the folder, with
+                            ``quantization_config`` (``quant_method: structured_compress``, see ``hf_quantizer``)
 
-The weights file is not named ``model.safetensors`` on purpose: ``AutoModel.from_pretrained`` on the folder
-then fails loudly instead of loading packed tensors as unexpected keys beside random linears.
+The weights file is not named ``model.safetensors``: transformers finds it only through the quantizer that
+``import structured_compress`` registers, so ``AutoModelFor*.from_pretrained(folder)`` either rebuilds the
+compressed model or, without the registration, fails loudly instead of loading packed tensors as unexpected
+keys beside random linears.
 Files are written atomically (temp file + rename), the manifest last (``save``). Loading checks the hashes, the
 seal, and every tensor's dtype and shape against its codec and its layer's ``config()``; then it rebuilds each
 layer from its constructor -- no decomposition runs -- inside the given skeleton or the model the source spec
@@ -130,13 +133,10 @@ def weight_files(directory: Path, manifest: Mapping[str, Any]) -> list[Path]:
     return [directory / entry["file"] for entry in shards] + [weights]
 
 
-def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved at ``path``, every tensor on ``device``: built from the recorded source spec (in eval
-    mode, on the meta device until the saved tensors fill it, file by file), or, when given,
-    ``model_skeleton`` (the dense model, or any model with the same module names) modified in place. Raises
-    ``ValueError`` naming the problem for a missing, truncated, tampered, inconsistent or mismatched save."""
-    directory = Path(path)
+def checked_folder(directory: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The manifest of a saved folder and its weight files, after every check made before a tensor is read:
+    hashes, seal, the tensor table against the file headers and each layer's config (version 1-2 manifests
+    come back in version 3 form). Shared by ``load_compressed`` and ``from_pretrained`` (``hf_quantizer``)."""
     manifest = read_manifest(directory)
     files = weight_files(directory, manifest)
     layout = {key: value for file in files for key, value in shard_layout(file).items()}
@@ -146,6 +146,17 @@ def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
         manifest = _upgrade(manifest, layout)
     check_body(manifest)
     check_saved(manifest, layout)
+    return manifest, files
+
+
+def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """The model saved at ``path``, every tensor on ``device``: built from the recorded source spec (in eval
+    mode, on the meta device until the saved tensors fill it, file by file), or, when given,
+    ``model_skeleton`` (the dense model, or any model with the same module names) modified in place. Raises
+    ``ValueError`` naming the problem for a missing, truncated, tampered, inconsistent or mismatched save."""
+    directory = Path(path)
+    manifest, files = checked_folder(directory)
     tensors = decoded_tensors(manifest["tensors"], manifest["aliases"], files, device)
     model = model_skeleton
     if model is None:
@@ -168,7 +179,7 @@ def load_compressed(path: str | Path, model_skeleton: nn.Module | None = None,
 
 def _save_pretrained_compressed(model: nn.Module, save_directory, is_main_process: bool = True, **kwargs) -> None:
     """``save_pretrained`` of a compressed transformers model: writes the compressed format, which
-    ``load_compressed(save_directory)`` reloads (``from_pretrained`` cannot read packed layers)."""
+    ``load_compressed(save_directory)`` and ``from_pretrained`` reload (transformers' writer cannot write it)."""
     refused = sorted(k for k in kwargs if k not in _IGNORED_SAVE_PRETRAINED_KWARGS)
     if refused:
         raise ValueError(f"this model has structured (compressed) layers: save_pretrained writes the compressed "

@@ -18,10 +18,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .manifest import FORMAT_VERSION
+
 SOURCE_KINDS = ("hf", "timm", "hydra")
 HYDRA_TARGET_PREFIX = "structured_compress.models."  # a saved folder may only name the project's own model builders
 TIMM_BUILDER = "structured_compress.models.timm_models.create_timm_model"
 HF_CONFIG_FILE = "config.json"
+HF_QUANT_METHOD = "structured_compress"  # config.json's quantization_config.quant_method (see hf_quantizer)
+_HF_LOADING_FIELDS = ("quantization_config", "transformers_weights")  # a from_pretrained load's, not the model's
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -39,6 +43,9 @@ def _hf_config(model: nn.Module):
     """A copy of the model's config that names its class, as ``save_pretrained`` writes it."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    for key in _HF_LOADING_FIELDS:
+        if key in config.__dict__:
+            delattr(config, key)
     return config
 
 
@@ -112,7 +119,9 @@ def check_source(spec: Mapping[str, Any]) -> None:
 
 def build_from_source(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
     """The dense model a spec describes, its floating tensors in ``dtype``, in eval mode (weights are about to
-    be replaced, so transformers skips its weight init)."""
+    be replaced, so transformers skips its weight init). A transformers model is built in ``dtype`` as
+    transformers builds it (``from_config(dtype=...)``, ``from_pretrained``): buffers it keeps in float32, e.g.
+    rotary frequencies, stay float32."""
     check_source(spec)
     if spec["kind"] == "hf":
         import transformers
@@ -122,8 +131,8 @@ def build_from_source(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ValueError(f"source.class {spec['class']!r} is not a transformers model class")
         with no_init_weights():
-            model = cls._from_config(cls.config_class.from_dict(spec["config"]))
-    elif spec["kind"] == "timm":
+            return cls._from_config(cls.config_class.from_dict(spec["config"]), dtype=dtype).eval()
+    if spec["kind"] == "timm":
         import timm
 
         model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
@@ -136,11 +145,14 @@ def build_from_source(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
 
 def write_hf_config(model: nn.Module, directory: Path) -> bool:
     """For a transformers model write ``config.json`` so ``AutoConfig`` (and tokenizers saved beside it)
-    recognise the folder; returns whether it did."""
+    recognise the folder, with a ``quantization_config`` that ``from_pretrained`` loads the folder by; returns
+    whether it did."""
     from ..utils.files import atomic_write_text  # deferred: that module imports Lightning
 
     if not is_hf_model(model):
         return False
-    atomic_write_text(directory / HF_CONFIG_FILE, _hf_config(model).to_json_string())
+    config = _hf_config(model)
+    config.quantization_config = {"quant_method": HF_QUANT_METHOD, "version": FORMAT_VERSION}
+    atomic_write_text(directory / HF_CONFIG_FILE, config.to_json_string())
     return True
 

@@ -85,7 +85,7 @@ def _fill_optional_parameters(module: nn.Module, state: Mapping[str, torch.Tenso
 def install_structured_layers(model: nn.Module, entries: Iterable[Mapping[str, Any]],
                               state: Mapping[str, torch.Tensor], origin: str) -> None:
     """Replace, in place, each layer of ``model`` that an entry names by the structured layer it records
-    (no decomposition), ready for ``model.load_state_dict(state, strict=True)``.
+    (no decomposition) in that module's train/eval mode, ready for ``model.load_state_dict(state, strict=True)``.
 
     Every entry is checked against the module it replaces first (``origin``, e.g. ``"the manifest"``, names
     the record in the error). Constructors that draw random inits leave the caller's RNG untouched.
@@ -94,8 +94,9 @@ def install_structured_layers(model: nn.Module, entries: Iterable[Mapping[str, A
     for entry in entries:
         _check_fits(model, entry, origin)
     with torch.random.fork_rng(devices=[]):
-        for entry in entries:
-            replace_child(model, entry["name"], build_layer_from_entry(entry))
+        for entry in entries:  # in the replaced module's mode: e.g. Gaudi's eval forward is another path
+            mode = model.get_submodule(entry["name"]).training
+            replace_child(model, entry["name"], build_layer_from_entry(entry).train(mode))
     for entry in entries:
         _fill_optional_parameters(model.get_submodule(entry["name"]), state, entry["name"])
 
