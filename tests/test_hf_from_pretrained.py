@@ -59,10 +59,11 @@ def assert_same_model(expected, loaded):
             == {k for k, t in theirs.items() if t.data_ptr() != theirs[k].untyped_storage().data_ptr()})
     shared = [(a, b) for a in theirs for b in theirs if a < b and theirs[a].data_ptr() == theirs[b].data_ptr()]
     assert shared == [(a, b) for a in ours for b in ours if a < b and ours[a].data_ptr() == ours[b].data_ptr()]
+    ids = IDS.to(expected.device)
     with torch.no_grad():
-        mask = torch.ones_like(IDS)
-        assert torch.equal(loaded(input_ids=IDS, attention_mask=mask).logits,
-                           expected(input_ids=IDS, attention_mask=mask).logits)
+        mask = torch.ones_like(ids)
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           expected(input_ids=ids, attention_mask=mask).logits)
 
 
 def from_pretrained(path, auto=transformers.AutoModelForCausalLM, **kwargs):
@@ -170,6 +171,26 @@ def test_without_the_registration_it_finds_no_weights(saved_gpt2, monkeypatch):
     monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, HF_QUANT_METHOD)
     with pytest.raises(OSError, match="no file named model.safetensors"):
         from_pretrained(saved_gpt2)
+
+
+def test_a_folder_saved_before_quantization_config_loads_when_given_the_config(saved_gpt2, tmp_path):
+    from structured_compress.io.hf_quantizer import StructuredCompressConfig
+
+    config = json.loads((saved_gpt2 / "config.json").read_text())
+    del config["quantization_config"]
+    (saved_gpt2 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        from_pretrained(saved_gpt2)
+    loaded = from_pretrained(saved_gpt2, quantization_config=StructuredCompressConfig())
+    assert_same_model(load_compressed(saved_gpt2), loaded)
+    tiny_gpt2().save_pretrained(tmp_path / "dense")  # never compressed on the fly
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        from_pretrained(tmp_path / "dense", quantization_config=StructuredCompressConfig())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loads_onto_a_gpu_as_load_compressed_does(saved_gpt2):
+    assert_same_model(load_compressed(saved_gpt2, device="cuda"), from_pretrained(saved_gpt2, device_map="cuda:0"))
 
 
 def test_importing_the_package_before_transformers_registers_it(saved_gpt2):

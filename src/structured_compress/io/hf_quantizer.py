@@ -70,13 +70,15 @@ class _Decode(ConversionOps):
 
 
 class StructuredCompressQuantizer(HfQuantizer):
-    """Loads a folder written by ``save_compressed``: only what it holds (``pre_quantized``), on one device, in
-    its saved dtype (``dtype="auto"`` or that dtype; then ``model.to(...)`` converts)."""
-
-    requires_calibration = True  # nothing is compressed on the fly: the folder must hold a compressed model
+    """Loads a folder written by ``save_compressed``, on one device, in its saved dtype (``dtype="auto"`` or that
+    dtype; then ``model.to(...)`` converts)."""
 
     def __init__(self, quantization_config: StructuredCompressConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        # nothing is compressed on the fly: the folder holds the compressed tensors also when its config.json
+        # predates quantization_config and the caller passes StructuredCompressConfig() (transformers then says
+        # pre_quantized=False)
+        self.pre_quantized = True
         self.directory: Path | None = None
         self.manifest: dict[str, Any] = {}
         self.files: list[Path] = []
@@ -87,8 +89,9 @@ class StructuredCompressQuantizer(HfQuantizer):
     def validate_environment(self, device_map=None, **kwargs) -> None:
         devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
         if device_map is not None and (len(devices) != 1 or devices & {"disk", "meta"} or isinstance(device_map, str)):
-            raise ValueError(f"device_map={device_map!r}: a compressed folder loads onto one device; pass "
-                             f"device_map='cpu' or e.g. 'cuda:0' (or load it and dispatch the model yourself)")
+            raise UserInputError(f"device_map={device_map!r}: a compressed folder loads onto one device; pass "
+                                 f"device_map='cpu' or e.g. 'cuda:0' (or load it and dispatch the model "
+                                 f"yourself)")
 
     def update_attn_implementation(self, config):
         """Check the folder and point transformers at its weights, in the saved dtype: this is the one
