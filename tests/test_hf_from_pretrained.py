@@ -88,13 +88,18 @@ def test_every_layer_type_loads_as_load_compressed_does(layer, tmp_path):
     (tiny_llama, transformers.AutoModelForCausalLM, "monarch", {"embeddings": "int4", "dtype": "bf16"}),
 ])
 def test_storage_policies_and_tied_heads(build, auto, layer, storage, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
     model = build()
     blocks = {"gpt2": "transformer.h.*", "bert": "bert.encoder.*", "llama": "model.layers.*"}
     compress_(model, layer, 0.5, include=[blocks[model.config.model_type]])
     save_compressed(model, tmp_path / "m", storage=storage)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": HF_QUANT_METHOD, "version": 4}
-    assert_same_model(load_compressed(tmp_path / "m"), from_pretrained(tmp_path / "m", auto))
+    with CaptureLogger(transformers.modeling_utils.logger) as report:  # scales, zero codes, tied heads
+        loaded = from_pretrained(tmp_path / "m", auto)
+    assert report.out == ""  # no load report: nothing unexpected, missing or initialised at random
+    assert_same_model(load_compressed(tmp_path / "m"), loaded)
 
 
 def test_a_half_precision_model_loads_in_its_dtype(tmp_path):

@@ -106,9 +106,10 @@ class StructuredCompressQuantizer(HfQuantizer):
         source = self.manifest["source"] or {}
         if source.get("kind") != "hf":
             raise UserInputError(f"{self.directory} holds no transformers model; use load_compressed(path)")
-        ours = json.loads(config.to_json_string(use_diff=False))
-        found = differences(*({k: v for k, v in c.items() if k not in _LOADING_FIELDS}
-                              for c in (ours, source["config"])))
+        # both read by this transformers version, as load_compressed reads the sealed one
+        ours, sealed = (json.loads(c.to_json_string(use_diff=False)) for c in
+                        (config, type(config).from_dict(source["config"])))
+        found = differences(*({k: v for k, v in c.items() if k not in _LOADING_FIELDS} for c in (ours, sealed)))
         if found:
             raise UserInputError(f"the config differs from the one sealed in {self.directory} (config.json edited, "
                                  f"or from_pretrained given config overrides; set such options on model.config "
