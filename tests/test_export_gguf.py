@@ -3,6 +3,7 @@ dequantizer, transformers' GGUF loader, and ``mode=export`` through the run conf
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 
 import numpy as np
@@ -21,24 +22,32 @@ from structured_compress.io.structure import structured_layers  # noqa: E402
 from structured_compress.layers.base import Calibration  # noqa: E402
 from structured_compress.layers.config import OptionError  # noqa: E402
 from structured_compress.layers.svdq import SVDQuantConfig, SVDQuantLinear  # noqa: E402
+from structured_compress.modeltree import dense_view  # noqa: E402
 from structured_compress.surgery import compress_  # noqa: E402
 
 from .conftest import compose_config  # noqa: E402
 
 GRIDS = {"q8_0": dict(bits=8), "q4_0": dict(bits=4), "q4_1": dict(bits=4, symmetric=False)}
-CODECS = {  # name -> (layer type, options); the first four are exact in GGUF, lowrank is dequantized
+CODECS = {  # name -> (layer type, options); the svdq ones are exact in GGUF, lowrank is dequantized
     "q8_0-int": ("svdq", dict(bits=8, group_size=32, svd=False)),
     "q4_0": ("svdq", dict(bits=4, group_size=32, svd=False, grid="gguf")),
     "q4_1": ("svdq", dict(bits=4, group_size=32, svd=False, grid="gguf", symmetric=False)),
     "q4_1-gptq": ("svdq", dict(bits=4, group_size=32, svd=False, grid="gguf", symmetric=False, rounding="gptq")),
     "lowrank": ("lowrank", {}),
+    "none": (None, {}),  # nothing replaced: the float path (GPT-2's Conv1D transposed)
 }
+VOCAB = 96
+BLOCKS = {"llama": "model.layers.*", "gemma": "model.layers.*", "gpt2": "transformer.h.*"}
 
 
 def _tiny(kind: str) -> torch.nn.Module:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
 
     torch.manual_seed(0)
+    if kind == "gpt2":  # transformers' GGUF loader keeps GPT-2's default 1024 positions
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=2, bos_token_id=1,
+                                          eos_token_id=2)).eval()
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -48,12 +57,13 @@ def _tiny(kind: str) -> torch.nn.Module:
                                               max_position_embeddings=64, sliding_window=16)).eval()
 
 
-def _grams(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """Correlated random input Gram matrices per linear, so GPTQ's error feedback does something."""
+def _grams(model: torch.nn.Module, pattern: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Correlated random input Gram matrices per linear map, so GPTQ's error feedback does something."""
     grams = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            x = torch.randn(256, module.in_features) @ torch.randn(module.in_features, module.in_features)
+        if (view := dense_view(module)) is not None and fnmatch.fnmatchcase(name, pattern):
+            cols = view[1].shape[1]
+            x = torch.randn(256, cols) @ torch.randn(cols, cols)
             grams[name] = {"gram": x.T @ x}
     return grams
 
@@ -61,16 +71,33 @@ def _grams(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 def _compressed(kind: str, codec: str, tmp_path) -> tuple[torch.nn.Module, object]:
     model = _tiny(kind)
     layer, options = CODECS[codec]
-    calibration = _grams(model) if options.get("rounding") == "gptq" else None
-    compress_(model, layer, budget=1.0 if layer == "svdq" else 0.5, include=["model.layers.*"], options=options,
-              calibration=calibration)
+    calibration = _grams(model, BLOCKS[kind]) if options.get("rounding") == "gptq" else None
+    if layer is not None:
+        compress_(model, layer, budget=1.0 if layer == "svdq" else 0.5, include=[BLOCKS[kind]], options=options,
+                  calibration=calibration)
     folder = tmp_path / f"{kind}-{codec}"
     save_compressed(model, folder)
     return load_compressed(folder), folder
 
 
-def _gguf_layout(name: str, weight: np.ndarray, model: torch.nn.Module) -> np.ndarray:
-    """The project weight as llama.cpp's converter writes it: LLaMA q/k rows paired per head, Gemma norms + 1."""
+def _vocab_gguf(tmp_path):
+    """A GGUF holding only a tokenizer (transformers reads GPT-2's vocabulary size from its tokens)."""
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+    writer.add_token_scores([float(-i) for i in range(VOCAB)])
+    writer.add_bos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_layout(name: str, weight: np.ndarray, model: torch.nn.Module, structured: bool) -> np.ndarray:
+    """The project weight as llama.cpp's converter writes it: LLaMA q/k rows paired per head, Gemma norms + 1,
+    GPT-2's Conv1D weights (``in x out`` where no structured layer replaced them) out x in."""
     config = model.config
     if config.model_type == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
@@ -78,6 +105,8 @@ def _gguf_layout(name: str, weight: np.ndarray, model: torch.nn.Module) -> np.nd
         return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
     if config.model_type == "gemma3_text" and name.endswith("norm.weight"):
         return weight + np.float32(1.0)
+    if config.model_type == "gpt2" and weight.ndim == 2 and name.startswith("blk.") and not structured:
+        return weight.T
     return weight
 
 
@@ -127,7 +156,7 @@ def test_gguf_grid_refuses_what_gguf_cannot_store(options, message):
 # ------------------------------------------------------------------------------- the exported file
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "gpt2"])
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_exported_gguf_reads_back_as_the_project_weights(kind, codec, tmp_path):
     """Every tensor read back with GGUFReader + gguf.quants.dequantize equals the project's weight (in GGUF's
@@ -135,7 +164,7 @@ def test_exported_gguf_reads_back_as_the_project_weights(kind, codec, tmp_path):
     gives the project model's logits to fp16 tolerance."""
     model, folder = _compressed(kind, codec, tmp_path)
     path = tmp_path / "model.gguf"
-    report = export_gguf(folder, path, tokenizer="none")
+    report = export_gguf(folder, path, tokenizer=str(_vocab_gguf(tmp_path)))
     rows = {row["name"]: row for row in report["tensors"]}
     reader = GGUFReader(path)
     assert {t.name for t in reader.tensors} == set(rows)
@@ -146,9 +175,9 @@ def test_exported_gguf_reads_back_as_the_project_weights(kind, codec, tmp_path):
         row = rows[tensor.name]
         hf_name = hf_names[tensor.name]
         owner = hf_name.rpartition(".")[0]
-        project = (layers[owner].to_dense_weight() if owner in layers and hf_name.endswith(".weight")
-                   else state[hf_name]).detach().float().numpy()
-        expected = _gguf_layout(tensor.name, project, model)
+        structured = owner in layers and hf_name.endswith(".weight")
+        project = (layers[owner].to_dense_weight() if structured else state[hf_name]).detach().float().numpy()
+        expected = _gguf_layout(tensor.name, project, model, structured)
         read = gguf_dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
         assert row["type"] == tensor.tensor_type.name.lower()
         measured = np.linalg.norm((read - expected).astype(np.float64)) / max(np.linalg.norm(expected), 1e-30)
@@ -157,7 +186,9 @@ def test_exported_gguf_reads_back_as_the_project_weights(kind, codec, tmp_path):
         else:
             assert measured == pytest.approx(row["rel_error"], rel=1e-4, abs=1e-9), tensor.name
     from_codes = [row for row in report["tensors"] if row["from"] == "codes"]
-    if codec == "lowrank":
+    if codec == "none":
+        assert not from_codes and report["total"]["exact"] == report["total"]["tensors"]
+    elif codec == "lowrank":
         assert not from_codes and 0 < report["total"]["rel_error"] < 1e-3  # fp16 rounding of the products
     else:
         assert len(from_codes) == len(layers) and all(row["exact"] for row in from_codes)
@@ -188,30 +219,21 @@ def test_export_type_requantizes_what_has_no_codes(tmp_path):
 
 def test_tokenizer_fields_are_copied_from_a_gguf(tmp_path):
     """tokenizer=<a .gguf>: its tokenizer.* fields land in the export unchanged."""
-    source = tmp_path / "vocab.gguf"
-    writer = gguf.GGUFWriter(source, "llama")
-    tokens = [f"t{i}" for i in range(96)]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([float(-i) for i in range(96)])
-    writer.add_bos_token_id(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    source = _vocab_gguf(tmp_path)
     _, folder = _compressed("llama", "q4_0", tmp_path)
     report = export_gguf(folder, tmp_path / "model.gguf", tokenizer=str(source))
     fields = GGUFReader(tmp_path / "model.gguf").fields
     assert report["tokenizer"] == str(source)
-    assert fields["tokenizer.ggml.tokens"].contents() == tokens
+    assert fields["tokenizer.ggml.tokens"].contents() == [f"t{i}" for i in range(VOCAB)]
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=16))
-    with pytest.raises(UserInputError, match="supports model types llama, gemma3_text"):
+    model = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                     num_attention_heads=2, word_embed_proj_dim=32))
+    with pytest.raises(UserInputError, match="supports model types llama, gemma3_text, gpt2; this model is 'opt'"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer="none")
 
 

@@ -22,6 +22,7 @@ from ..errors import UserInputError
 from ..io import load_compressed
 from ..io.structure import structured_layers
 from ..layers.svdq import SVDQuantLinear
+from ..modeltree import dense_view, is_hf_conv1d
 from ..progress import bars_enabled, progress_bar
 from ..utils.files import atomic_path
 from .gguf_arch import Arch, arch_of, name_map, row_order, shift
@@ -40,8 +41,11 @@ def export_gguf(model_or_folder: nn.Module | str | Path, path: str | Path, type:
     their codes (``f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1``). ``tokenizer``: a GGUF file, a source string
     (``gguf-package:...``, a folder with tokenizer files), ``"none"``, or None to take the folder's own or its
     run's ``model.source``."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError as err:
+        raise UserInputError("GGUF export needs the `gguf` package: pip install gguf==0.19.0 (it is in the "
+                             "project's `offline` extra)") from err
     if type not in TYPES:
         raise UserInputError(f"export type {type!r} is not one gguf-py can write and read back; use one of "
                              f"{', '.join(TYPES)}")
@@ -97,10 +101,13 @@ def _tokenizer(writer: Any, source: str | None, vocab_size: int) -> str | None:
 
 def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module | None]]:
     """``(hf_name, tensor, structured layer or None)`` in state-dict order: a structured layer's weight
-    dequantized, then its bias; every other tensor as the model holds it; tied tensors once."""
+    dequantized, then its bias; every other tensor as the model holds it (a GPT-2 ``Conv1D`` weight as
+    ``out x in``, like every GGUF matrix); tied tensors once."""
     layers = structured_layers(model)
     done: set[str] = set()
     seen: set[tuple[int, int]] = set()
+    conv1d = {f"{name}.weight": dense_view(module)[1] for name, module in model.named_modules()
+              if is_hf_conv1d(module)}
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".")[0]
         while owner and owner not in layers:
@@ -116,7 +123,7 @@ def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module | 
         tied = (tensor.data_ptr(), tensor.numel())
         if tied not in seen:
             seen.add(tied)
-            yield key, tensor, None
+            yield key, conv1d.get(key, tensor), None
 
 
 def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind: str) -> list[dict[str, Any]]:

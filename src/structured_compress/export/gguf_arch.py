@@ -4,6 +4,7 @@ name map), the changes llama.cpp's converter makes to some tensors, and the hype
 * LLaMA: the rows of q and k are reordered per head (llama.cpp pairs rotary dimensions ``(2i, 2i + 1)``,
   transformers pairs ``(i, i + d/2)``); transformers' GGUF loader undoes it.
 * Gemma-3: RMSNorm scales by ``1 + w``; GGUF stores ``1 + w`` (transformers subtracts 1 when it loads).
+* GPT-2: its ``Conv1D`` weights are ``in x out``; GGUF holds every matrix ``out x in`` (the exporter transposes).
 """
 from __future__ import annotations
 
@@ -83,9 +84,20 @@ def _gemma3(config: Any, writer: Any) -> None:
         writer.add_sliding_window_pattern(swa)
 
 
+def _gpt2(config: Any, writer: Any) -> None:
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
+
+
 ARCHS = {
     "llama": Arch("LLAMA", 0.0, True, _llama),
     "gemma3_text": Arch("GEMMA3", 1.0, False, _gemma3),
+    "gpt2": Arch("GPT2", 0.0, False, _gpt2),
 }
 
 
@@ -94,7 +106,7 @@ def arch_of(config: Any) -> Arch:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise UserInputError(f"GGUF export supports model types {', '.join(ARCHS)}; this model is {model_type!r}. "
-                             "GPT-2 and others need their own tensor and hyperparameter mapping (export/gguf_arch.py)")
+                             "Others need their own tensor and hyperparameter mapping (export/gguf_arch.py)")
     return ARCHS[model_type]
 
 
