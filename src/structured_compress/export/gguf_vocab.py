@@ -84,17 +84,19 @@ def _from_hf_folder(writer: Any, folder: Path, vocab_size: int) -> str:
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
-    vocab = None
-    for kind, model in ((SentencePieceVocab, "llama"), (LlamaHfVocab, "llama"), (BpeVocab, "gpt2")):
+    candidates = [(SentencePieceVocab, "llama")] if (folder / "tokenizer.model").is_file() else []
+    candidates += [(LlamaHfVocab, "llama"), (BpeVocab, "gpt2")]
+    vocab, problems = None, []
+    for kind, model in candidates:
         try:
             vocab = kind(folder)
             break
-        except (FileNotFoundError, ValueError, TypeError, KeyError):
-            continue
+        except Exception as err:  # each helper fails its own way on files it does not read; all are listed
+            problems.append(f"{kind.__name__}: {' '.join(str(err).split()) or type(err).__name__}")
     if vocab is None:
-        raise UserInputError(f"no tokenizer gguf-py can read in {folder} (tokenizer.model, or tokenizer.json of a "
-                             "LLaMA-style or BPE tokenizer); give export.tokenizer=<folder with tokenizer files>, "
-                             "or export.tokenizer=none to write the GGUF without one")
+        raise UserInputError(f"no tokenizer gguf-py can read in {folder} ({'; '.join(problems)}); give "
+                             "export.tokenizer=<folder with a SentencePiece, LLaMA-style or BPE tokenizer>, or "
+                             "export.tokenizer=none to write the GGUF without one")
     tokens, scores, types = [], [], []
     for text, score, token_type in vocab.all_tokens():
         tokens.append(text)
