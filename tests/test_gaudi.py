@@ -433,7 +433,8 @@ def test_save_and_load_compressed_round_trip_is_bit_exact(tmp_path):
     save_compressed(compressed, tmp_path / "gaudi")
     loaded = load_compressed(tmp_path / "gaudi", model().eval())
     x = torch.randn(3, 2, 4, 4)
-    for mode in ("train", "eval"):  # load_compressed installs its layers in training mode, whatever the skeleton's
+    assert not any(module.training for module in loaded.modules())  # the skeleton's mode, structured layers too
+    for mode in ("train", "eval"):
         getattr(loaded, mode)(), getattr(compressed, mode)()
         assert torch.equal(loaded(x), compressed(x))
     for key, value in compressed.state_dict().items():
