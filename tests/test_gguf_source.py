@@ -111,3 +111,22 @@ def test_source_gguf_names_a_missing_file(tmp_path):
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
     with pytest.raises(Exception, match="is not a file"):
         save_compressed(model, tmp_path / "m", storage={"source_gguf": str(tmp_path / "none.gguf")})
+
+
+def test_a_freed_tensor_is_checked_against_the_checkpoint(tiny_gguf, tmp_path):
+    """Block by block, the embedding is on the meta device at the end: its blocks are checked against the dense
+    checkpoint row chunk by row chunk, and kept."""
+    from safetensors.torch import save_model
+
+    from structured_compress.io.dense_weights import DenseWeights
+    from structured_compress.io.save import CompressedWriter
+
+    model = _model(tiny_gguf)
+    save_model(model, str(tmp_path / "dense.safetensors"))
+    reference = model.model.embed_tokens.weight.detach().clone()
+    model.model.embed_tokens.to("meta")
+    writer = CompressedWriter(tmp_path / "m", 1, {"source_gguf": str(tiny_gguf)}, model=model)
+    folder = writer.finish(model, weights=DenseWeights(tmp_path / "dense.safetensors"))
+    table = json.loads((folder / "manifest.json").read_text())["tensors"]
+    assert table["model.embed_tokens.weight"]["codec"] == "gguf"
+    assert torch.equal(load_compressed(folder).model.embed_tokens.weight, reference)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import safetensors
 import torch
@@ -30,22 +31,29 @@ CHUNK_BYTES = 64 << 20
 LOAD_WIDER = "give the model a wider dtype (float32 or bfloat16)"
 
 
-def _read(file: Path, key: str, dtype: torch.dtype, remedy: str) -> torch.Tensor:
-    """Tensor ``key`` of ``file`` as a new ``dtype`` tensor, read and cast in row chunks of about ``CHUNK_BYTES``,
-    the file opened per chunk. safetensors reads through a mapping of the whole file whose touched pages count
-    as the process's memory until it is closed, and ``get_tensor`` returns views of it; reading a 7B model's
-    embedding in one piece would hold it twice, more so when it is cast. A cast that turns finite values
-    infinite is refused, naming ``remedy``."""
+def _row_chunks(file: Path, key: str, itemsize: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows)`` of tensor ``key`` of ``file``, about ``CHUNK_BYTES`` at ``itemsize`` bytes per
+    entry each, the file opened per chunk. safetensors reads through a mapping of the whole file whose touched
+    pages count as the process's memory until it is closed, and ``get_tensor`` returns views of it; reading a 7B
+    model's embedding in one piece would hold it twice, more so when it is cast."""
     with safetensors.safe_open(file, "pt", device="cpu") as handle:
         shape = handle.get_slice(key).get_shape()
-        out = torch.empty(shape, dtype=dtype)
-        if len(shape) == 0 or out.nbytes <= CHUNK_BYTES:
-            _fill(out, ..., handle.get_tensor(key), key, remedy)
-            return out
-    rows = max(1, CHUNK_BYTES * shape[0] // out.nbytes)
+        if len(shape) == 0 or math.prod(shape) * itemsize <= CHUNK_BYTES:
+            yield 0, handle.get_tensor(key)
+            return
+    rows = max(1, CHUNK_BYTES * shape[0] // (math.prod(shape) * itemsize))
     for start in range(0, shape[0], rows):
         with safetensors.safe_open(file, "pt", device="cpu") as handle:
-            _fill(out, slice(start, start + rows), handle.get_slice(key)[start:start + rows], key, remedy)
+            yield start, handle.get_slice(key)[start:start + rows]
+
+
+def _read(file: Path, key: str, dtype: torch.dtype, remedy: str) -> torch.Tensor:
+    """Tensor ``key`` of ``file`` as a new ``dtype`` tensor, read and cast in row chunks (``_row_chunks``); a
+    cast that turns finite values infinite is refused, naming ``remedy``."""
+    with safetensors.safe_open(file, "pt", device="cpu") as handle:
+        out = torch.empty(handle.get_slice(key).get_shape(), dtype=dtype)
+    for start, values in _row_chunks(file, key, out.element_size()):
+        _fill(out, slice(start, start + len(values)) if out.dim() else ..., values, key, remedy)
     return out
 
 
@@ -88,6 +96,15 @@ class DenseWeights:
         tensor = _read(self.location[key], key, dtype, remedy)
         self.bytes_read += tensor.nbytes
         return tensor
+
+    def rows(self, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The checkpoint's tensor ``key`` as consecutive row chunks in ``dtype`` (about ``CHUNK_BYTES`` each):
+        for a check that never needs the whole tensor."""
+        if key not in self.location:
+            raise UserInputError(f"{self.path} has no tensor {key!r}: the checkpoint does not fit the model config")
+        for _, values in _row_chunks(self.location[key], key, dtype.itemsize):
+            self.bytes_read += values.numel() * dtype.itemsize
+            yield values.to(dtype)
 
     def load(self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> None:
         """Fill ``module``'s parameters and buffers (checkpoint keys ``prefix + name``) in place, except those

@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # ggml types that hold floats as they are: nothing to keep (the storage dtype already applies)
 _PLAIN_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
-_CHECK_ROWS_BYTES = 32 << 20  # float32 rows decoded at a time when checking blocks against a tensor
 
 
 def _gguf():
@@ -71,25 +71,24 @@ class SourceBlocks:
     path: Path
     blocks: dict[str, tuple[str, np.ndarray]]  # key -> (ggml type name, raw uint8 bytes, memory-mapped)
 
-    def matching(self, key: str, tensor: Tensor) -> tuple[str, Tensor] | None:
+    def matching(self, key: str, shape: list[int], chunks: Iterable[Tensor]) -> tuple[str, Tensor] | None:
         """``(ggml type, raw bytes)`` of ``key`` when the file holds it quantized and its blocks decode to
-        exactly ``tensor`` (compared in float32, row chunk by row chunk: no decoded copy of a whole embedding);
-        else None."""
+        exactly the tensor of ``shape`` whose consecutive row chunks ``chunks`` gives (compared in float32
+        chunk by chunk: neither the tensor nor its decoded copy is ever needed whole); else None."""
         found = self.blocks.get(key)
-        if found is None or tensor.dim() < 1:
+        if found is None or not shape:
             return None
         ggml_type, raw = found
-        shape = list(tensor.shape)
         if raw.size != block_bytes(ggml_type, shape):
             return None
         stored = torch.from_numpy(np.array(raw, dtype=np.uint8))
-        rows, row_bytes = tensor.reshape(-1, shape[-1]), block_bytes(ggml_type, [shape[-1]])
-        step = max(1, _CHECK_ROWS_BYTES // (4 * shape[-1]))
-        for start in range(0, rows.shape[0], step):
-            chunk = rows[start:start + step]
-            decoded = decode_blocks(stored[start * row_bytes:(start + len(chunk)) * row_bytes], ggml_type,
-                                    list(chunk.shape), torch.float32)
-            if not torch.equal(decoded, chunk.detach().float()):
+        row_bytes, offset = block_bytes(ggml_type, [shape[-1]]), 0
+        for chunk in chunks:
+            rows = chunk.reshape(-1, shape[-1])
+            decoded = decode_blocks(stored[offset:offset + len(rows) * row_bytes], ggml_type, list(rows.shape),
+                                    torch.float32)
+            offset += len(rows) * row_bytes
+            if not torch.equal(decoded, rows.detach().float()):
                 log.info("%s: the source's %s blocks do not decode to the model's tensor; stored by the policy",
                          key, ggml_type)
                 return None

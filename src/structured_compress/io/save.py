@@ -27,6 +27,7 @@ from .storage import SAVE_WIDER, StoragePolicy, choose_codec, decode, dtype_name
 from .structure import layer_entry, layer_problems, structured_layers
 
 log = logging.getLogger(__name__)
+CHECK_ROWS = 4096  # rows of an in-memory tensor checked against GGUF source blocks at a time
 
 
 def _unique_keys(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
@@ -108,11 +109,13 @@ class CompressedWriter:
         if name is None:
             return None
         entry = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "codec": "gguf"}
-        if tensor.is_meta:
-            if weights is None:
-                return None
-            tensor = weights.read(next((n for n in tied if n in weights), key), torch.float32)
-        kept = self.source_blocks.matching(name, tensor)
+        if not tensor.is_meta:
+            chunks = tensor.reshape(-1, tensor.shape[-1]).split(CHECK_ROWS) if tensor.dim() else []
+        elif weights is not None:
+            chunks = weights.rows(next((n for n in tied if n in weights), key), tensor.dtype)
+        else:
+            return None
+        kept = self.source_blocks.matching(name, list(tensor.shape), chunks)
         if kept is None:
             return None
         ggml_type, raw = kept
