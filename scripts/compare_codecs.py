@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +67,18 @@ def run_codecs(model: str, setup: Setup, out: Path, extra: list[str]) -> None:
 
 
 def read_records(paths: list[Path], model: str) -> list[dict]:
-    """The JSON lines of ``paths`` for ``model``, each with ``line`` (its ``path:number``, as make_table's); a
-    codec and storage policy measured more than once: the last line read."""
+    """The JSON lines of ``paths`` for ``model``, each with ``line`` (its ``path:number``, as make_table's) and
+    ``name``; a codec, storage policy and calibration size measured more than once: the last line read. Rows
+    of one codec and policy that differ in calibration windows are named with them."""
     records = {}
     for path in paths:
         for number, text in enumerate(path.read_text().splitlines(), 1):
             if text.strip() and (record := json.loads(text)).get("model") == model:
-                records[record["codec"], record["storage"]] = {**record, "line": f"{path}:{number}"}
-    return list(records.values())
+                key = record["codec"], record["storage"], record.get("calibration_windows")
+                records[key] = {**record, "line": f"{path}:{number}"}
+    calibrations = Counter(key[:2] for key in records)
+    return [{**r, "name": f"{r['codec']} ({r['storage']})" + (f" cal {key[2]}" if calibrations[key[:2]] > 1 else "")}
+            for key, r in records.items()]
 
 
 def better(a: float, b: float, lower: bool) -> bool:
@@ -81,7 +86,7 @@ def better(a: float, b: float, lower: bool) -> bool:
 
 
 def label(record: dict) -> str:
-    return f"{record['codec']} ({record['storage']})"
+    return record.get("name") or f"{record['codec']} ({record['storage']})"
 
 
 def verdict(row: dict, baselines: list[dict], metric: str, lower: bool) -> str:
