@@ -28,7 +28,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import UserInputError
 from .compressed_format import checked_folder, guard_save_pretrained
-from .manifest import MANIFEST_FILE, READABLE_VERSIONS, differences
+from .manifest import FORMAT_VERSION, MANIFEST_FILE, READABLE_VERSIONS, differences
 from .shards import INDEX_FILE
 from .source import HF_QUANT_METHOD
 from .storage import decode, parse_dtype, stored_layout
@@ -41,7 +41,7 @@ _LOADING_FIELDS = ("_name_or_path", "dtype", "quantization_config", "transformer
 class StructuredCompressConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` of a compressed folder: the format version it was saved with."""
 
-    def __init__(self, version: int = READABLE_VERSIONS[-1], quant_method: str = HF_QUANT_METHOD, **unknown):
+    def __init__(self, version: int = FORMAT_VERSION, quant_method: str = HF_QUANT_METHOD, **unknown):
         if quant_method != HF_QUANT_METHOD or unknown:
             raise ValueError(f"not a {HF_QUANT_METHOD} quantization_config: quant_method={quant_method!r}, "
                              f"unknown fields {sorted(unknown)}")
