@@ -1,6 +1,7 @@
 """Read an exported GGUF back and compare it with the model it came from; prints one JSON object.
 
     python scripts/verify_gguf_export.py <run dir of mode=export> [--source-gguf FILE] [--tokens N]
+    python scripts/verify_gguf_export.py <file.gguf> --source-gguf FILE    # two files only
 
 * ``gguf`` side: every tensor read with ``GGUFReader`` and dequantized by ``gguf.quants``, against the compressed
   folder's dequantized weight in GGUF's layout: how many are bit-identical, the largest relative error;
@@ -38,10 +39,13 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, help="a mode=export run folder, or a .gguf file")
     parser.add_argument("--source-gguf", type=Path)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.run_dir.suffix == ".gguf":
+        print(json.dumps({"file": str(args.run_dir), **_versus(_read(args.run_dir), args.source_gguf)}, indent=2))
+        return
     metrics = json.loads((args.run_dir / "metrics.json").read_text())
     report = json.loads((args.run_dir / "export_report.json").read_text())
     path = Path(metrics["exported_file"])
@@ -71,13 +75,18 @@ def main() -> None:
     result["transformers_logits_max_abs_diff"] = float((ours - theirs).abs().max())
     result["logits_max_abs"] = float(ours.abs().max())
     if args.source_gguf:
-        source = _read(args.source_gguf)
-        errors = {name: _relative(exported[name].reshape(-1), values.reshape(-1)) for name, values in source.items()
-                  if name in exported}
-        result["vs_source"] = {"tensors_compared": len(errors), "missing": sorted(set(source) - set(exported)),
-                               "bit_identical": sum(e == 0 for e in errors.values()),
-                               "max_rel_error": max(errors.values()), "worst": max(errors, key=errors.get)}
+        result.update(_versus(exported, args.source_gguf))
     print(json.dumps(result, indent=2))
+
+
+def _versus(exported: dict[str, np.ndarray], source_path: Path) -> dict:
+    """Every tensor of ``source_path`` against the exported one of the same name, both dequantized."""
+    source = _read(source_path)
+    errors = {name: _relative(exported[name].reshape(-1), values.reshape(-1)) for name, values in source.items()
+              if name in exported}
+    return {"vs_source": {"tensors_compared": len(errors), "missing": sorted(set(source) - set(exported)),
+                          "bit_identical": sum(e == 0 for e in errors.values()),
+                          "max_rel_error": max(errors.values()), "worst": max(errors, key=errors.get)}}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -99,10 +99,10 @@ def _tokenizer(writer: Any, source: str | None, vocab_size: int) -> str | None:
     return add_tokenizer(writer, source, vocab_size)
 
 
-def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module | None]]:
-    """``(hf_name, tensor, structured layer or None)`` in state-dict order: a structured layer's weight
-    dequantized, then its bias; every other tensor as the model holds it (a GPT-2 ``Conv1D`` weight as
-    ``out x in``, like every GGUF matrix); tied tensors once."""
+def _weights(model: nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor], nn.Module | None]]:
+    """``(hf_name, tensor getter, structured layer or None)`` in state-dict order: a structured layer's weight
+    (dequantized when asked, so one layer's floats exist at a time), then its bias; every other tensor as the
+    model holds it (a GPT-2 ``Conv1D`` weight as ``out x in``, like every GGUF matrix); tied tensors once."""
     layers = structured_layers(model)
     done: set[str] = set()
     seen: set[tuple[int, int]] = set()
@@ -116,14 +116,14 @@ def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module | 
             if owner not in done:
                 done.add(owner)
                 layer = layers[owner]
-                yield f"{owner}.weight", layer.to_dense_weight(), layer
+                yield f"{owner}.weight", layer.to_dense_weight, layer
                 if layer.bias is not None:
-                    yield f"{owner}.bias", layer.bias, None
+                    yield f"{owner}.bias", lambda bias=layer.bias: bias, None
             continue
         tied = (tensor.data_ptr(), tensor.numel())
         if tied not in seen:
             seen.add(tied)
-            yield key, conv1d.get(key, tensor), None
+            yield key, lambda value=conv1d.get(key, tensor): value, None
 
 
 def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind: str) -> list[dict[str, Any]]:
@@ -134,7 +134,7 @@ def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind:
     with torch.no_grad(), progress_bar(len(entries), "GGUF tensors", unit="tensor") as bar:
         for hf_name, tensor, layer in entries:
             name = to_gguf(hf_name)
-            target = tensor.detach().float().cpu().numpy()
+            target = tensor().detach().float().cpu().numpy()
             if shift(arch, name):
                 target = target + np.float32(shift(arch, name))
             order = row_order(arch, config, name, target.shape[0])
