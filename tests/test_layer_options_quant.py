@@ -24,6 +24,7 @@ SVDQ_BAD = {  # per option: a value of the wrong type, then every kind of out-of
     "rounding": [1, "stochastic"],
     "svd": ["false", 0],
     "rank": [2.5, 0, -1],
+    "grid": [1, "q4_0"],
 }
 SVDQ_ACTS = {  # per option: (other settings it needs to act, its changed value)
     "budget": ({}, 0.25),
@@ -35,6 +36,7 @@ SVDQ_ACTS = {  # per option: (other settings it needs to act, its changed value)
     "rounding": ({}, "gptq"),
     "svd": ({}, False),
     "rank": ({}, 2),
+    "grid": ({"bits": 4, "group_size": 32, "svd": False}, "gguf"),  # Q4_0: the signed extreme maps to -8
 }
 HYPER_BAD = {
     "rect_l": ["wide", 0, -0.1],
