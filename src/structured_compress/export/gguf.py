@@ -2,9 +2,10 @@
 and ``gguf`` read, with its hyperparameters, tokenizer and a report of what each tensor lost.
 
 A weight is written from its codes when it can be (an svdq whole matrix on a llama.cpp block grid: Q8_0, Q4_0,
-Q4_1; see ``gguf_blocks.exact_type``); every other 2-D weight is dequantized and encoded as ``type`` (``f16`` by
-default), vectors as F32. Each tensor is then decoded with gguf-py's dequantizer and compared with the project's
-weight in GGUF's layout (llama.cpp's row order and norm shift applied), so every error in the report is measured.
+Q4_1; see ``gguf_blocks.exact_type``), a tensor a folder keeps as its GGUF source's blocks (``storage.source_gguf``)
+as those blocks; every other 2-D weight is dequantized and encoded as ``type`` (``f16`` by default), vectors as
+F32. Each tensor is then decoded with gguf-py's dequantizer and compared with the project's weight in GGUF's layout
+(llama.cpp's row order and norm shift applied), so every error in the report is measured.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from ..io import load_compressed
+from ..io import load_compressed, read_manifest
 from ..io.structure import structured_layers
 from ..layers.svdq import SVDQuantLinear
 from ..modeltree import dense_view, is_hf_conv1d
@@ -49,10 +50,11 @@ def export_gguf(model_or_folder: nn.Module | str | Path, path: str | Path, type:
     if type not in TYPES:
         raise UserInputError(f"export type {type!r} is not one gguf-py can write and read back; use one of "
                              f"{', '.join(TYPES)}")
-    folder = None
+    folder, stored = None, {}
     if isinstance(model_or_folder, (str, Path)):
         folder = Path(model_or_folder)
-        model = load_compressed(folder)
+        model = load_compressed(folder)  # checks every file's hash first
+        stored = source_blocks(folder)
     else:
         model = model_or_folder
     config = getattr(model, "config", None)
@@ -65,7 +67,7 @@ def export_gguf(model_or_folder: nn.Module | str | Path, path: str | Path, type:
     writer.add_name(_model_name(config, folder))
     arch.hparams(config, writer)
     vocab = _tokenizer(writer, tokenizer if tokenizer is not None else find_tokenizer(folder), config.vocab_size)
-    rows = _write_tensors(writer, model, arch, config, type)
+    rows = _write_tensors(writer, model, arch, config, type, stored)
     writer.add_file_type(_file_type(rows))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     with atomic_path(path) as tmp:
@@ -126,7 +128,24 @@ def _weights(model: nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor]
             yield key, lambda value=conv1d.get(key, tensor): value, None
 
 
-def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind: str) -> list[dict[str, Any]]:
+def source_blocks(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """State-dict key -> ``(ggml type, raw bytes)`` of the tensors ``folder`` keeps as its GGUF source's blocks
+    (codec ``gguf``), tied names included."""
+    from safetensors import safe_open
+
+    manifest = read_manifest(folder)
+    wanted = {key: entry["ggml_type"] for key, entry in manifest["tensors"].items() if entry["codec"] == "gguf"}
+    found: dict[str, tuple[str, np.ndarray]] = {}
+    for file in sorted(folder.glob("compressed*.safetensors")) if wanted else []:
+        with safe_open(file, framework="np") as handle:
+            for key in set(handle.keys()) & set(wanted):
+                found[key] = (wanted[key].lower(), handle.get_tensor(key))
+    found.update({alias: found[key] for alias, key in manifest.get("aliases", {}).items() if key in found})
+    return found
+
+
+def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind: str,
+                   stored: dict[str, tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
     """Add every tensor to ``writer``; one report row per tensor (with the squared norms the totals need)."""
     to_gguf = name_map(arch, config)
     rows = []
@@ -139,7 +158,8 @@ def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind:
                 target = target + np.float32(shift(arch, name))
             order = row_order(arch, config, name, target.shape[0])
             target = target if order is None else target[order]
-            data, written, origin = _encode(target, layer, kind, order)
+            source = None if shift(arch, name) else stored.get(hf_name)
+            data, written, origin = _encode(target, layer, kind, order, source)
             writer.add_tensor(name, data, raw_dtype=_qtype(written))
             error = decode(data, written).reshape(target.shape).astype(np.float64) - target
             rows.append({"name": name, "hf_name": hf_name, "type": written, "from": origin,
@@ -149,10 +169,14 @@ def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind:
     return rows
 
 
-def _encode(target: np.ndarray, layer: nn.Module | None, kind: str,
-            order: np.ndarray | None) -> tuple[np.ndarray, str, str]:
-    """``(data, type, origin)`` of one tensor: from an svdq layer's codes when they fit a block type, else the
-    float values encoded (vectors as f32; a row that is not whole blocks as f16)."""
+def _encode(target: np.ndarray, layer: nn.Module | None, kind: str, order: np.ndarray | None,
+            source: tuple[str, np.ndarray] | None) -> tuple[np.ndarray, str, str]:
+    """``(data, type, origin)`` of one tensor: the GGUF source's blocks the folder kept; from an svdq layer's
+    codes when they fit a block type; else the float values encoded (vectors as f32; a row that is not whole
+    blocks as f16)."""
+    if source is not None:
+        blocks = source[1].reshape(target.shape[0], -1) if target.ndim > 1 else source[1]
+        return (blocks if order is None else blocks[order]), source[0], "source"
     exact = exact_type(layer) if isinstance(layer, SVDQuantLinear) else None
     if exact is not None:
         blocks = layer_blocks(layer, exact)
@@ -175,8 +199,11 @@ def _file_type(rows: list[dict[str, Any]]) -> int:
     for row in rows:
         if len(row["shape"]) > 1:
             counts[row["type"]] += math.prod(row["shape"])
-    kind = counts.most_common(1)[0][0] if counts else "f32"
-    return gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType[f"MOSTLY_{kind.upper()}"]
+    kind = counts.most_common(1)[0][0].upper() if counts else "F32"
+    if kind == "F32":
+        return gguf.LlamaFileType.ALL_F32
+    names = gguf.LlamaFileType.__members__  # K-quants name a mix: Q4_K -> MOSTLY_Q4_K_M
+    return names.get(f"MOSTLY_{kind}") or names.get(f"MOSTLY_{kind}_M") or gguf.LlamaFileType.GUESSED
 
 
 def _relative(rows: list[dict[str, Any]]) -> float:
@@ -188,10 +215,11 @@ def _report(rows: list[dict[str, Any]], path: Path, arch: Arch, kind: str, vocab
     tensors = [{**{k: v for k, v in row.items() if not k.startswith("_")}, "rel_error": _relative([row])}
                for row in rows]
     from_codes = [row for row in rows if row["from"] == "codes"]
+    from_source = [row for row in rows if row["from"] == "source"]
     return {"file": str(path), "bytes": path.stat().st_size, "architecture": arch.gguf_arch.lower(),
             "type": kind, "tokenizer": vocab, "tensors": tensors,
             "total": {"tensors": len(rows), "exact": sum(row["exact"] for row in rows),
-                      "from_codes": len(from_codes), "rel_error": _relative(rows),
+                      "from_codes": len(from_codes), "from_source": len(from_source), "rel_error": _relative(rows),
                       "rel_error_matrices": _relative([row for row in rows if len(row["shape"]) > 1])}}
 
 
@@ -202,7 +230,8 @@ def log_report(report: dict[str, Any]) -> None:
         lines.append(f"{row['name']:<36} {row['type']:<5} {row['from']:<6} {str(row['exact']).lower():<5} "
                      f"{row['rel_error']:.3e}")
     total = report["total"]
-    lines.append(f"total: {total['exact']}/{total['tensors']} tensors exact ({total['from_codes']} from codes), "
+    lines.append(f"total: {total['exact']}/{total['tensors']} tensors exact ({total['from_codes']} from codes, "
+                 f"{total['from_source']} the source's blocks), "
                  f"relative error {total['rel_error']:.3e} (matrices {total['rel_error_matrices']:.3e}); "
                  f"{report['bytes'] / 1e6:.1f} MB")
     log.info("GGUF export to %s:\n%s", report["file"], "\n".join(lines))
