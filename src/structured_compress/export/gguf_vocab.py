@@ -7,7 +7,6 @@ gguf-py's vocab helpers: SentencePiece ``tokenizer.model``, a LLaMA-style or a B
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,10 @@ def add_tokenizer(writer: Any, source: str, vocab_size: int) -> str:
 
 
 def _copy_from_package(writer: Any, module: str) -> str:
-    """The ``tokenizer.*`` fields of the GGUF an installed package ships (assembled into a temporary folder)."""
-    from ..sources import _import_package
+    """The ``tokenizer.*`` fields of the GGUF an installed package ships (assembled once into the cache)."""
+    from ..sources import gguf_package_file
 
-    package = _import_package(module)
-    with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as tmp:
-        _copy_from_gguf(writer, Path(package.assemble(Path(tmp) / package.MODEL_NAME)))
+    _copy_from_gguf(writer, gguf_package_file(module))
     return f"gguf-package:{module}"
 
 
