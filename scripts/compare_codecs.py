@@ -41,18 +41,20 @@ RATIOS = (2.0, 3.0, 4.0)
 
 @dataclass(frozen=True)
 class Setup:
-    """A model's comparison: its quality column, the storage policies, the codecs run and the axis floor."""
+    """A model's comparison: its quality column, the storage policies, the codecs run and the quality axis's
+    limits (collapsed codecs fall outside them; the table has their figures)."""
 
     metric: str
     storage: tuple[str, ...]
     codecs: tuple[str, ...]
-    ymin: float | None = None
+    ylim: tuple[float | None, float | None] = (None, None)
 
 
 MODELS = {
-    "minilm": Setup("cosine_mean", ("fp16", "emb4"), (*PROJECT_CODECS, "auto-e2e-r3.0", *BASELINE_CODECS), 0.9),
+    "minilm": Setup("cosine_mean", ("fp16", "emb4"), (*PROJECT_CODECS, "auto-e2e-r3.0", *BASELINE_CODECS), (0.9, None)),
     "efficientnet": Setup("top1_agreement", ("fp16",), (*PROJECT_CODECS, "auto-rtn-e2e-r2.25", *BASELINE_CODECS)),
-    "gemma": Setup("perplexity", ("fp16", "emb8"), ("none", "int8-rtn", "int4-rtn-asym-g64", *BASELINE_CODECS)),
+    "gemma": Setup("perplexity", ("fp16", "emb8"), ("none", "int8-rtn", "int4-rtn-asym-g64", *BASELINE_CODECS),
+                   (40.0, 80.0)),
 }
 
 
@@ -134,7 +136,7 @@ def table(records: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], paths: list[Path], metric: str, out: Path, ymin: float | None) -> list[Path]:
+def plot(records: list[dict], paths: list[Path], metric: str, out: Path, ylim: tuple) -> list[Path]:
     """The Pareto plot: make_table's lines for the project's codecs, one hollow dashed line per baseline family
     (``hqq``, ``quanto``, ``gguf`` formats, the ``gguf-source`` file) and storage policy."""
     by_line = {r["line"]: r for r in records}
@@ -152,7 +154,8 @@ def plot(records: list[dict], paths: list[Path], metric: str, out: Path, ymin: f
                        "overrides": record["codec"]}
             rows.append(row)
     series = pareto_series(rows, metric, "bytes_on_disk")
-    return plot_pareto(series, metric, "bytes_on_disk", out / f"compare_{metric}_vs_bytes_on_disk", ymin=ymin)
+    return plot_pareto(series, metric, "bytes_on_disk", out / f"compare_{metric}_vs_bytes_on_disk", ymin=ylim[0],
+                       ymax=ylim[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(records, setup.metric)
     (out / "comparison.md").write_text(text)
     print(text)
-    for file in [out / "comparison.md", *plot(records, paths, setup.metric, out, setup.ymin)]:
+    for file in [out / "comparison.md", *plot(records, paths, setup.metric, out, setup.ylim)]:
         print(f"wrote {file}", file=sys.stderr)
     return 0
 

@@ -125,7 +125,7 @@ def save_figure(fig, out_stem: Path) -> list[Path]:
 
 
 def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx: bool = False,
-                spread: str = "std", ymin: float | None = None) -> list[Path]:
+                spread: str = "std", ymin: float | None = None, ymax: float | None = None) -> list[Path]:
     """Draw the lines (dense: star + dashed line) and write ``out_stem``.png/.svg; returns the files."""
     label, scale = X_AXES.get(x, (x, 1.0))
     labels, shared = legend_labels(series)
@@ -144,8 +144,8 @@ def plot_pareto(series: list[Series], metric: str, x: str, out_stem: Path, logx:
                         markerfacecolor="none" if hollow else colors[i % len(colors)])
     if logx:
         ax.set_xscale("log")
-    if ymin is not None:
-        ax.set_ylim(bottom=ymin)
+    if ymin is not None or ymax is not None:
+        ax.set_ylim(bottom=ymin, top=ymax)
     better = "lower is better" if any(word in metric for word in LOWER_IS_BETTER) else "higher is better"
     ax.set_xlabel(label)
     ax.set_ylabel(f"{metric} ({better})")
@@ -176,7 +176,7 @@ def pareto_main(args: argparse.Namespace) -> list[Path]:
         if not series:
             raise ValueError(f"no finished run has both {metric} and {x}")
         stem = args.out / f"pareto_{metric.replace('/', '_')}_vs_{x}"
-        written += plot_pareto(series, metric, x, stem, args.logx, args.spread, args.ymin)
+        written += plot_pareto(series, metric, x, stem, args.logx, args.spread, args.ymin, args.ymax)
     return written
 
 
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     pareto.add_argument("--logx", action="store_true", help="logarithmic cost axis")
     pareto.add_argument("--ymin", type=float, default=None,
                         help="lower end of the quality axis (points below it are cut off, e.g. a collapsed codec)")
+    pareto.add_argument("--ymax", type=float, default=None,
+                        help="upper end of the quality axis (e.g. cut off a collapsed codec's perplexity)")
     pareto.add_argument("--out", type=Path, default=Path("plots"), help="output folder (default: plots)")
     gaudi = commands.add_parser("gaudi-structure", help="learned Gaudi-GBLR intervals per layer")
     gaudi.add_argument("path", type=Path, help="a training checkpoint (.ckpt) or a save_compressed folder")
