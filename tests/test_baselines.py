@@ -119,3 +119,17 @@ def test_make_table_names_baseline_rows(tmp_path):
     path.write_text('{"model": "m", "codec": "hqq-int4-g64", "storage": "fp16", "baseline": true, "perplexity": 9}\n'
                     '{"model": "m", "codec": "int8-rtn", "storage": "fp16", "baseline": false, "perplexity": 8}\n')
     assert [r["method"] for r in load_rows([path])] == ["hqq-int4 (fp16) (baseline)", "int8-rtn (fp16)"]
+
+
+def test_every_comparison_runs_codecs_whole_file_knows(monkeypatch, tmp_path):
+    import whole_file
+    from scripts import compare_codecs
+
+    known = {"none", *whole_file.curve_codecs(), *baselines.BASELINES}
+    for model, setup in compare_codecs.MODELS.items():
+        assert set(setup.codecs) <= known, model
+        assert set(setup.storage) <= set(whole_file.STORAGE), model
+    commands = []
+    monkeypatch.setattr(compare_codecs.subprocess, "run", lambda command, **kw: commands.append(command))
+    compare_codecs.run_codecs("gemma", compare_codecs.MODELS["gemma"], tmp_path / "rows.jsonl", ["--windows", "8"])
+    assert commands[0][1].endswith("benchmarks/whole_file.py") and commands[0][-2:] == ["--windows", "8"]
