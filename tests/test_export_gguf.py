@@ -134,6 +134,18 @@ def test_gguf_grids_dequantize_like_gguf(grid, rounding):
     assert error < (0.01 if grid == "q8_0" else 0.15)
 
 
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_nearest_rounding_on_a_gguf_grid_is_llama_cpps(grid):
+    """Round-to-nearest on a GGUF grid writes the very blocks llama.cpp's (gguf-py's) quantizer writes, ties
+    included: weights already on a finer grid (a dequantized Q5_0 file, say) are full of exact ties."""
+    torch.manual_seed(2)
+    for weight in (torch.randn(32, 128) * 0.05, torch.randint(-16, 16, (32, 128)) * 0.003):
+        config = SVDQuantConfig(budget=1.0, group_size=32, svd=False, grid="gguf", **GRIDS[grid])
+        layer = SVDQuantLinear.initialize(weight.float(), None, config, Calibration())
+        kind = gguf.GGMLQuantizationType[grid.upper()]
+        assert np.array_equal(layer_blocks(layer, grid), gguf.quants.quantize(weight.float().numpy(), kind))
+
+
 def test_q4_0_grid_uses_all_sixteen_levels():
     """llama.cpp's Q4_0 scale maps the signed extreme to -8: the int grid's symmetric int4 uses 15 levels."""
     weight = torch.randn(16, 64)

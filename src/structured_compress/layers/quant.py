@@ -119,9 +119,35 @@ def quantize_grid(weight: Tensor, bits: int, group_size: int | None = None, symm
     ``(codes, scales, offsets)``; scales and offsets (see :func:`grid`) are ``rows x groups``."""
     rows, cols = weight.shape
     grouped = _grouped(weight.detach().float(), group_size)
-    scales, zeros = grid(grouped, bits, symmetric, gguf)
-    codes = round_to_grid(grouped, scales[..., None], None if zeros is None else zeros[..., None], bits, gguf)
+    if gguf:
+        codes, scales, zeros = llama_rounding(grouped, gguf_type(bits, symmetric))
+    else:
+        scales, zeros = grid(grouped, bits, symmetric)
+        codes = round_to_grid(grouped, scales[..., None], None if zeros is None else zeros[..., None], bits)
     return codes.reshape(rows, -1)[:, :cols].to(torch.int8), scales, zeros
+
+
+def llama_rounding(groups: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """llama.cpp's own round-to-nearest onto a GGUF grid (``ggml-quants.c``'s reference quantizers, which
+    gguf-py reproduces), so a ``grid: gguf`` layer rounded to nearest holds the very codes llama.cpp would
+    write: codes from the float32 scale (not its fp16 rounding), ties rounded as llama.cpp rounds them
+    (Q8_0 away from zero, Q4_0 / Q4_1 up). Returns ``(codes, fp16 scales, fp16 mins or None)``."""
+    if kind == "q8_0":
+        scales = groups.abs().amax(dim=-1) / 127
+    elif kind == "q4_0":
+        scales = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) / -8
+    else:
+        low = groups.amin(dim=-1)
+        scales = (groups.amax(dim=-1) - low) / 15
+    inverse = torch.where(scales == 0, torch.zeros_like(scales), 1 / scales)[..., None]
+    if kind == "q8_0":
+        scaled = groups * inverse
+        magnitude = scaled.abs()
+        return torch.sign(scaled) * (magnitude.floor() + (2 * (magnitude - magnitude.floor())).floor()), \
+            scales.half(), None
+    if kind == "q4_0":
+        return torch.trunc(groups * inverse + 8.5).clamp(0, 15) - 8, scales.half(), None
+    return torch.trunc((groups - low[..., None]) * inverse + 0.5).clamp(0, 15) - 8, scales.half(), low.half()
 
 
 def dequantize(codes: Tensor, scales: Tensor, group_size: int | None = None, zeros: Tensor | None = None,
