@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import math
 import pathlib
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from structured_compress.io import folder_sizes, load_compressed, read_manifest, save_compressed
+from structured_compress.io.gguf_source import decode_blocks, read_source_blocks
+from structured_compress.io.sizes import stored_tensor_bytes
 from structured_compress.io.storage import stored_layout
 from structured_compress.modeltree import dense_view, select_layers
 
@@ -47,7 +48,7 @@ class Baseline:
 
     distribution: str
     module: str
-    make: Callable[..., Quantizer]  # called with the bench's GGUF source file (only gguf-source reads it)
+    make: Callable[..., Quantizer]  # called with the bench's GGUF source file and the model (gguf-source)
     fits: Callable[[Tensor], bool]
 
 
@@ -67,7 +68,7 @@ def hqq(bits: int, group: int) -> Baseline:
         packed = layer.W_q.nbytes + layer.meta["scale"].nbytes + layer.meta["zero"].nbytes
         return layer.dequantize().float().reshape(weight.shape), packed
 
-    return Baseline("hqq", "hqq", lambda source: quantize, _row_multiple(group))
+    return Baseline("hqq", "hqq", lambda source, model: quantize, _row_multiple(group))
 
 
 def quanto(qtype: str) -> Baseline:
@@ -83,7 +84,7 @@ def quanto(qtype: str) -> Baseline:
         qweight = wrapper[0].weight
         return qweight.dequantize().float().reshape(weight.shape), _inner_bytes(qweight)
 
-    return Baseline("optimum-quanto", "optimum.quanto", lambda source: quantize, lambda w: True)
+    return Baseline("optimum-quanto", "optimum.quanto", lambda source, model: quantize, lambda w: True)
 
 
 def _inner_bytes(tensor: Tensor) -> int:
@@ -106,36 +107,21 @@ def gguf_format(kind: str) -> Baseline:
         blocks = quants.quantize(weight.numpy(), qtype)
         return torch.from_numpy(quants.dequantize(blocks, qtype)).reshape(weight.shape), blocks.nbytes
 
-    return Baseline("gguf", "gguf", lambda source: quantize, _row_multiple(GGML_QUANT_SIZES[qtype][0]))
-
-
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}  # HF decoder linear -> llama.cpp tensor name (blk.<i>.<name>.weight)
-
-
-def gguf_tensor_name(layer: str) -> str:
-    """``model.layers.3.mlp.up_proj`` -> ``blk.3.ffn_up.weight``."""
-    prefix, index, rest = layer.split(".", 3)[1:] if layer.startswith("model.") else (None, None, None)
-    if prefix != "layers" or rest not in GGUF_NAMES:
-        raise ValueError(f"layer {layer!r} has no llama.cpp tensor name (known: model.layers.<i>.{{"
-                         f"{', '.join(GGUF_NAMES)}}})")
-    return f"blk.{index}.{GGUF_NAMES[rest]}.weight"
+    return Baseline("gguf", "gguf", lambda source, model: quantize, _row_multiple(GGML_QUANT_SIZES[qtype][0]))
 
 
 def gguf_source() -> Baseline:
-    """The source GGUF file's own blocks (e.g. its K-quants) for each layer: the model as the file holds it."""
-    def make(source: Path | None) -> Quantizer:
-        from gguf import GGUFReader, quants
-
+    """The source GGUF file's own blocks (e.g. its K-quants) for each layer: the model as the file holds it
+    (tensor names mapped as ``storage.source_gguf`` maps them: transformers' GGUF name map)."""
+    def make(source: Path | None, model: nn.Module) -> Quantizer:
         if source is None:
             raise ValueError("gguf-source needs a model loaded from a GGUF file (--model gemma)")
-        tensors = {t.name: t for t in GGUFReader(source).tensors}
+        blocks = read_source_blocks(model, str(source)).blocks
 
         def quantize(name: str, weight: Tensor) -> tuple[Tensor, int]:
-            tensor = tensors[gguf_tensor_name(name)]
-            values = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
-            return values.reshape(weight.shape), int(tensor.n_bytes)
+            ggml_type, raw = blocks[f"{name}.weight"]
+            stored = torch.from_numpy(np.array(raw, dtype=np.uint8))
+            return decode_blocks(stored, ggml_type, list(weight.shape), torch.float32), raw.size
 
         return quantize
 
@@ -182,7 +168,7 @@ def quantize_model(model: nn.Module, include: list[str], name: str, source: Path
     """Quantize every selected layer of ``model`` with baseline ``name`` and put the dequantized weights in
     place (the model then computes as the library's quantized weights do)."""
     baseline = BASELINES[name]
-    quantize = baseline.make(source)
+    quantize = baseline.make(source, model)
     result = Quantized({}, {}, [])
     with torch.no_grad():
         for layer, module in select_layers(model, include).items():
@@ -196,18 +182,6 @@ def quantize_model(model: nn.Module, include: list[str], name: str, source: Path
     return result
 
 
-def _file_tensor_bytes(folder: Path) -> dict[str, int]:
-    """Each stored tensor's byte count, over every safetensors file of a saved folder."""
-    sizes = {}
-    for file in folder.glob("*.safetensors"):
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                      if k != "__metadata__"})
-    return sizes
-
-
 def _ratio(dense: int, stored: int) -> float:
     return round(dense / stored, 3) if stored else 0.0
 
@@ -217,7 +191,7 @@ def baseline_sizes(folder: Path, model: nn.Module, quantized: Quantized) -> dict
     library's packed bytes (module docstring). Dense references are unchanged; the rest's fp16 reference is
     the folder's minus the quantized layers' (embeddings hold only floating tensors)."""
     sizes = folder_sizes(folder)
-    tensors, stored = read_manifest(folder)["tensors"], _file_tensor_bytes(folder)
+    tensors, stored = read_manifest(folder)["tensors"], stored_tensor_bytes(folder)
 
     def on_disk(key: str) -> int:
         return sum(stored[k] for k in stored_layout(key, tensors[key])) if key in tensors else 0

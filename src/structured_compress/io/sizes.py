@@ -37,6 +37,11 @@ def _dense_numbers(entry: dict[str, Any]) -> tuple[int, int]:
     return (numel, 0) if dtype.is_floating_point else (0, numel * dtype.itemsize)
 
 
+def stored_tensor_bytes(directory: Path) -> dict[str, int]:
+    """Each stored tensor's byte count, over every safetensors file of a saved folder."""
+    return {key: size for file in directory.glob("*.safetensors") for key, size in _tensor_bytes(file)[1].items()}
+
+
 def _ratio(dense: int, stored: int) -> float:
     return round(dense / stored, 3) if stored else 0.0
 
