@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from structured_compress.io import folder_sizes, load_compressed, read_manifest, save_compressed
 from structured_compress.io.gguf_source import decode_blocks, read_source_blocks
-from structured_compress.io.sizes import stored_tensor_bytes
+from structured_compress.io.sizes import ratio, stored_tensor_bytes
 from structured_compress.io.storage import stored_layout
 from structured_compress.modeltree import dense_view, select_layers
 
@@ -182,10 +182,6 @@ def quantize_model(model: nn.Module, include: list[str], name: str, source: Path
     return result
 
 
-def _ratio(dense: int, stored: int) -> float:
-    return round(dense / stored, 3) if stored else 0.0
-
-
 def baseline_sizes(folder: Path, model: nn.Module, quantized: Quantized) -> dict:
     """``folder_sizes`` of a saved baseline model with the quantized weights' stored bytes swapped for the
     library's packed bytes (module docstring). Dense references are unchanged; the rest's fp16 reference is
@@ -208,10 +204,10 @@ def baseline_sizes(folder: Path, model: nn.Module, quantized: Quantized) -> dict
     keep = ("dense_fp32_bytes", "dense_fp16_bytes", "embeddings_bytes", "embeddings_ratio_vs_fp16",
             "metadata_bytes", "header_bytes", "storage")
     return {**{key: sizes[key] for key in keep}, "bytes_on_disk": total,
-            "ratio_vs_fp32": _ratio(sizes["dense_fp32_bytes"], total),
-            "ratio_vs_fp16": _ratio(sizes["dense_fp16_bytes"], total), "replaced_bytes": packed + biases,
-            "replaced_ratio_vs_fp16": _ratio(replaced16, packed + biases), "rest_bytes": rest,
-            "rest_ratio_vs_fp16": _ratio(rest16, rest)}
+            "ratio_vs_fp32": ratio(sizes["dense_fp32_bytes"], total),
+            "ratio_vs_fp16": ratio(sizes["dense_fp16_bytes"], total), "replaced_bytes": packed + biases,
+            "replaced_ratio_vs_fp16": ratio(replaced16, packed + biases), "rest_bytes": rest,
+            "rest_ratio_vs_fp16": ratio(rest16, rest)}
 
 
 def save_reload(model: nn.Module, quantized: Quantized, skeleton: Callable[[], nn.Module], storage=None,

@@ -229,14 +229,15 @@ def source_gguf(bench: Bench) -> Path | None:
 
 def exported_gguf(folder: Path, bench: Bench, kind: str) -> dict:
     """The saved ``folder`` exported to GGUF (``kind``: the type of weights that cannot be written from their
-    codes) and read back by transformers' GGUF loader: the file's bytes, how many tensors are exact, and the
-    quality measured on the model read from the file."""
+    codes; the tokenizer copied from the source GGUF, as llama.cpp needs it) and read back by transformers' GGUF
+    loader: the file's bytes, how many tensors are exact, and the quality measured on the model read from it."""
     from transformers import AutoModelForCausalLM
 
     from structured_compress.export import export_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
-        report = export_gguf(folder, Path(tmp) / "model.gguf", type=kind)
+        tokenizer = None if bench.gguf_package is None else f"gguf-package:{bench.gguf_package}"
+        report = export_gguf(folder, Path(tmp) / "model.gguf", type=kind, tokenizer=tokenizer)
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32).eval()
         quality = bench.quality(model)
     total = report["total"]

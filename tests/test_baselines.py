@@ -77,7 +77,7 @@ def test_gguf_formats_take_their_block_bytes(tiny, name, block_bytes):
 
 
 def test_a_missing_library_is_a_note_not_an_error(monkeypatch, capsys):
-    missing = baselines.Baseline("no-such-dist", "no_such_quantizer_module", lambda source: None, lambda w: True)
+    missing = baselines.Baseline("no-such-dist", "no_such_quantizer_module", lambda source, model: None, lambda w: True)
     monkeypatch.setitem(baselines.BASELINES, "nosuch-int4", missing)
     assert not baselines.available("nosuch-int4")
     assert "skipped nosuch-int4: no-such-dist is not installed" in capsys.readouterr().err

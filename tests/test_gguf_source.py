@@ -11,6 +11,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from structured_compress.errors import UserInputError  # noqa: E402
 from structured_compress.io import folder_sizes, load_compressed, save_compressed  # noqa: E402
 from structured_compress.surgery import compress_  # noqa: E402
 
@@ -109,7 +110,7 @@ def test_a_bad_block_type_in_the_manifest_is_refused(tiny_gguf, tmp_path):
 def test_source_gguf_names_a_missing_file(tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
-    with pytest.raises(Exception, match="is not a file"):
+    with pytest.raises(UserInputError, match="is not a file"):
         save_compressed(model, tmp_path / "m", storage={"source_gguf": str(tmp_path / "none.gguf")})
 
 

@@ -28,7 +28,7 @@ from ..progress import bars_enabled, progress_bar
 from ..utils.files import atomic_path
 from .gguf_arch import Arch, arch_of, name_map, row_order, shift
 from .config import TYPES
-from .gguf_blocks import decode, encode, exact_type, fits, layer_blocks
+from .gguf_blocks import decode, encode, exact_type, fits, layer_blocks, qtype
 from .gguf_vocab import add_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _write_tensors(writer: Any, model: nn.Module, arch: Arch, config: Any, kind:
             target = target if order is None else target[order]
             source = None if shift(arch, name) else stored.get(hf_name)
             data, written, origin = _encode(target, layer, kind, order, source)
-            writer.add_tensor(name, data, raw_dtype=_qtype(written))
+            writer.add_tensor(name, data, raw_dtype=qtype(written))
             error = decode(data, written).reshape(target.shape).astype(np.float64) - target
             rows.append({"name": name, "hf_name": hf_name, "type": written, "from": origin,
                          "exact": not error.any(), "shape": list(target.shape), "_error_sq": float((error ** 2).sum()),
@@ -183,12 +183,6 @@ def _encode(target: np.ndarray, layer: nn.Module | None, kind: str, order: np.nd
         return (blocks if order is None else blocks[order]), exact, "codes"
     written = "f32" if target.ndim < 2 else kind if fits(target.shape, kind) else "f16"
     return encode(target, written), written, "float"
-
-
-def _qtype(kind: str):
-    import gguf
-
-    return gguf.GGMLQuantizationType[kind.upper()]
 
 
 def _file_type(rows: list[dict[str, Any]]) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..io.gguf_source import ggml_type_of
 from ..layers.quant import GGUF_BLOCK, gguf_type
 from ..layers.svdq import SVDQuantLinear
 from .config import FLOAT_TYPES
@@ -18,9 +19,7 @@ from .config import FLOAT_TYPES
 
 def qtype(name: str):
     """The ``GGMLQuantizationType`` of a lower-case type name (``q4_0``)."""
-    import gguf
-
-    return gguf.GGMLQuantizationType[name.upper()]
+    return ggml_type_of(name.upper())
 
 
 def exact_type(layer: SVDQuantLinear) -> str | None:

@@ -42,7 +42,7 @@ def stored_tensor_bytes(directory: Path) -> dict[str, int]:
     return {key: size for file in directory.glob("*.safetensors") for key, size in _tensor_bytes(file)[1].items()}
 
 
-def _ratio(dense: int, stored: int) -> float:
+def ratio(dense: int, stored: int) -> float:
     return round(dense / stored, 3) if stored else 0.0
 
 
@@ -78,12 +78,12 @@ def folder_sizes(path: str | Path) -> dict[str, Any]:
     sizes: dict[str, Any] = {"bytes_on_disk": total, "metadata_bytes": total - sum(on_disk.values()),
                              "header_bytes": header_bytes}
     dense32, dense16 = (sum(floats[p] * width + fixed[p] for p in PARTS) for width in (4, 2))
-    sizes.update(dense_fp32_bytes=dense32, dense_fp16_bytes=dense16, ratio_vs_fp32=_ratio(dense32, total),
-                 ratio_vs_fp16=_ratio(dense16, total))
+    sizes.update(dense_fp32_bytes=dense32, dense_fp16_bytes=dense16, ratio_vs_fp32=ratio(dense32, total),
+                 ratio_vs_fp16=ratio(dense16, total))
     for part in PARTS:
         part32, part16 = floats[part] * 4 + fixed[part], floats[part] * 2 + fixed[part]
         sizes.update({f"{part}_bytes": on_disk[part], f"{part}_fp32_bytes": part32,
-                      f"{part}_ratio_vs_fp32": _ratio(part32, on_disk[part]),
-                      f"{part}_ratio_vs_fp16": _ratio(part16, on_disk[part])})
+                      f"{part}_ratio_vs_fp32": ratio(part32, on_disk[part]),
+                      f"{part}_ratio_vs_fp16": ratio(part16, on_disk[part])})
     sizes["storage"] = manifest["storage"]
     return sizes
